@@ -1,0 +1,44 @@
+"""`likeness profiles` and `likeness spec check`: what a user checks first."""
+
+from __future__ import annotations
+
+import argparse
+
+from service.cli import emit
+
+
+def _profiles(args: argparse.Namespace) -> int:
+    from service.errors import LikenessError
+    from service.profiles import best_profile, load_profile, profile_names
+
+    rows = []
+    for name in profile_names():
+        prof = load_profile(name)
+        missing = []
+        for what in ("base_model", "face_pack", "clip"):
+            try:
+                prof.require(what)  # type: ignore[arg-type]
+            except LikenessError as exc:
+                missing.append(str(exc))
+        rows.append({"name": name, "family": prof.family, "device": prof.device,
+                     "description": prof.description, "ready": not missing, "missing": missing})
+    best, why = best_profile()
+    emit({"profiles": rows, "best": best.name, "why": why})
+    return 0
+
+
+def _spec_check(args: argparse.Namespace) -> int:
+    from service.spec import load_spec
+
+    spec = load_spec(args.spec)
+    emit({"ok": True, "spec": spec.to_dict(), "images": spec.grid_size})
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("profiles", help="list model profiles and whether their weights are present")
+    p.set_defaults(func=_profiles)
+    p = sub.add_parser("spec", help="validate a character spec")
+    p.add_argument("action", choices=["check"])
+    p.add_argument("spec")
+    p.set_defaults(func=_spec_check)

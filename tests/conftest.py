@@ -1,0 +1,44 @@
+"""Shared fixtures: offline hub, the tiny models, the real photos and face pack."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_models() -> Path:
+    """The tiny random models (built once, offline, if missing)."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from build_tiny_models import build_all
+
+    return build_all(REPO / "models" / "tiny")
+
+
+@pytest.fixture(scope="session")
+def realdata() -> Path:
+    """../shared/realdata (or $LIKENESS_REALDATA); skipped with the reason if absent."""
+    from service.profiles import realdata_dir
+
+    root = realdata_dir()
+    if not (root / "faces").is_dir():
+        pytest.skip(f"real data not found at {root}; set LIKENESS_REALDATA to the shared realdata folder")
+    return root
+
+
+@pytest.fixture(scope="session")
+def face_pack(realdata: Path) -> Path:
+    pack = realdata / "models"
+    if not (pack / "det_500m.onnx").is_file():
+        pytest.skip(f"real face pack missing in {pack}")
+    return pack

@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import pytest
+
+from service.errors import InvalidInput
+from service.grid import cell_prompts, plan_gallery
+from service.spec import load_spec, spec_from_dict
+
+from conftest import REPO
+
+
+def test_example_spec_loads_with_workflow_defaults():
+    spec = load_spec(REPO / "examples" / "emily.toml")
+    assert spec.token == "3m1ly"
+    assert spec.sampling.sampler == "DPM++ 2M Karras"
+    assert (spec.sampling.steps, spec.sampling.cfg_scale, spec.sampling.width) == (30, 7.0, 512)
+    assert spec.grid_size == 400
+
+
+@pytest.mark.parametrize(
+    "patch, field",
+    [
+        ({"token": "two words"}, "token"),
+        ({"sampling": {"sampler": "Euler b"}}, "sampling.sampler"),
+        ({"sampling": {"width": 500}}, "sampling.width"),
+        ({"per_cell": 0}, "per_cell"),
+        ({"colour": "red"}, "colour"),
+        ({"template": "photo {nope}"}, "template"),
+        ({"template": "photo, {zoom}"}, "template"),
+        ({"zooms": []}, "zooms"),
+        ({"sampling": {"steps": "30"}}, "sampling.steps"),
+    ],
+)
+def test_invalid_specs_name_the_field(patch, field):
+    data = {"name": "E", "token": "3m1ly", **patch}
+    with pytest.raises(InvalidInput) as exc:
+        spec_from_dict(data)
+    assert f"spec.{field}" in str(exc.value)
+
+
+def test_grid_counts_and_seeds():
+    spec = spec_from_dict({"name": "E", "token": "3m1ly"})
+    plan = plan_gallery(spec, base_seed=1000)
+    assert len(plan) == 400 == 5 * 5 * 16
+    assert len({p.id for p in plan}) == 400
+    assert [p.seed for p in plan] == list(range(1000, 1400))
+    assert {(p.zoom, p.angle) for p in plan} == {(z, a) for z in spec.zooms for a in spec.angles}
+    random_plan = plan_gallery(spec)  # seed -1: drawn once, then consecutive
+    assert all(0 <= p.seed < 2**32 for p in random_plan)
+    assert random_plan[1].seed == random_plan[0].seed + 1
+
+
+def test_prompt_sr_replaces_every_occurrence_in_prompt_and_negative():
+    spec = spec_from_dict({
+        "name": "E", "token": "3m1ly",
+        "template": "closeup photo, front shot, closeup detail",
+        "negative_prompt": "bad closeup",
+        "zooms": ["closeup", "full body"], "angles": ["front shot", "side angle"],
+    })
+    prompt, negative = cell_prompts(spec, 1, 1)
+    assert prompt == "full body photo, side angle, full body detail"
+    assert negative == "bad full body"
+    assert cell_prompts(spec, 0, 0)[0] == "closeup photo, front shot, closeup detail"
+
+
+def test_prompt_sr_first_value_must_occur():
+    with pytest.raises(InvalidInput, match="first value 'far away'"):
+        spec_from_dict({"name": "E", "token": "3m1ly", "template": "photo, front shot",
+                        "zooms": ["far away", "near"], "angles": ["front shot"]})
