@@ -1,0 +1,166 @@
+"""Every embedding format round-trips through its loader (ours and diffusers'), with the tiny models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from service.embeddings import (
+    TrainedEmbedding,
+    load_embedding,
+    load_into_pipeline,
+    pipeline_dims,
+    save_embedding,
+    vectors_in_pipeline,
+)
+from service.errors import InvalidInput, NotFound
+
+TOKEN = "3m1ly"
+
+
+def _emb(family: str, n: int = 2, dims: dict[str, int] | None = None, seed: int = 0) -> TrainedEmbedding:
+    g = torch.Generator().manual_seed(seed)
+    dims = dims or ({"clip_l": 32} if family == "sd15" else {"clip_l": 32, "clip_g": 32})
+    vectors = {k: torch.randn(n, d, generator=g) for k, d in dims.items()}
+    return TrainedEmbedding(TOKEN, family, vectors, step=120, base_model="tiny-" + family, base_model_hash="abc123")
+
+
+@pytest.fixture(scope="module")
+def sd15_dir(tiny_models: Path) -> Path:
+    return tiny_models / "sd15"
+
+
+@pytest.fixture(scope="module")
+def sdxl_dir(tiny_models: Path) -> Path:
+    return tiny_models / "sdxl"
+
+
+def _fresh(folder: Path):
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _generate(pipe) -> None:
+    out = pipe(f"photo of {TOKEN} woman", num_inference_steps=2, height=64, width=64, output_type="np",
+               generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == (1, 64, 64, 3)
+
+
+def _assert_same(a: TrainedEmbedding, b: TrainedEmbedding) -> None:
+    assert a.family == b.family and sorted(a.vectors) == sorted(b.vectors)
+    for k in a.vectors:
+        assert torch.equal(a.vectors[k], b.vectors[k]), k
+
+
+@pytest.mark.parametrize("fmt", ["a1111-pt", "safetensors", "diffusers"])
+def test_sd15_format_loads_in_diffusers_and_generates(tmp_path: Path, sd15_dir: Path, fmt: str) -> None:
+    emb = _emb("sd15")
+    path = save_embedding(emb, tmp_path, fmt)
+    assert path.name == ("learned_embeds.safetensors" if fmt == "diffusers" else f"{TOKEN}{path.suffix}")
+    pipe = _fresh(sd15_dir)
+    # diffusers' own loader reads the file from disk (A1111 files get the token from the caller, as in A1111).
+    pipe.load_textual_inversion(str(path), token=TOKEN)
+    rows = vectors_in_pipeline(pipe, TOKEN, emb.n_vectors)
+    assert torch.equal(rows["clip_l"], emb.vectors["clip_l"])
+    _generate(pipe)
+    back = load_embedding(path)
+    _assert_same(emb, back)
+    assert back.token == TOKEN
+    assert back.step == 120 and back.base_model == "tiny-sd15"
+    assert pipeline_dims(pipe) == {"clip_l": 32}
+
+
+@pytest.mark.parametrize("fmt", ["a1111-pt", "safetensors", "diffusers"])
+def test_sdxl_format_loads_per_encoder_and_generates(tmp_path: Path, sdxl_dir: Path, fmt: str) -> None:
+    emb = _emb("sdxl", n=3)
+    path = save_embedding(emb, tmp_path, fmt)
+    if fmt == "a1111-pt":
+        state = torch.load(path, weights_only=True)
+    else:
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    assert sorted(state) == ["clip_g", "clip_l"]
+    pipe = _fresh(sdxl_dir)
+    # diffusers' SDXL convention: one load per text encoder.
+    pipe.load_textual_inversion(state["clip_l"], token=TOKEN, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(state["clip_g"], token=TOKEN, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+    rows = vectors_in_pipeline(pipe, TOKEN, 3)
+    for k in ("clip_l", "clip_g"):
+        assert torch.equal(rows[k], emb.vectors[k])
+    _generate(pipe)
+    back = load_embedding(path)
+    _assert_same(emb, back)
+    assert back.token == TOKEN
+
+
+def test_load_into_pipeline_replaces_and_checks_dims(sdxl_dir: Path, sd15_dir: Path) -> None:
+    pipe = _fresh(sdxl_dir)
+    first, second = _emb("sdxl", seed=1), _emb("sdxl", n=3, seed=2)
+    load_into_pipeline(pipe, first)
+    load_into_pipeline(pipe, second)  # a later checkpoint replaces the earlier one
+    rows = vectors_in_pipeline(pipe, TOKEN, 3)
+    assert all(torch.equal(rows[k], second.vectors[k]) for k in rows)
+    assert f"{TOKEN}_3" not in pipe.tokenizer.get_vocab()
+    _generate(pipe)
+    with pytest.raises(InvalidInput, match="SD 1.x"):
+        load_into_pipeline(pipe, _emb("sd15", dims={"clip_l": 768}))
+    sd15 = _fresh(sd15_dir)
+    with pytest.raises(InvalidInput, match="SDXL"):
+        load_into_pipeline(sd15, _emb("sdxl", dims={"clip_l": 768, "clip_g": 1280}))
+    word = TrainedEmbedding("woman", "sd15", {"clip_l": torch.zeros(1, 32)}, 0, "x")
+    with pytest.raises(InvalidInput, match="already a word"):
+        load_into_pipeline(sd15, word)
+
+
+def test_import_checks_dims_and_names_the_family(tmp_path: Path) -> None:
+    sd15_dims = {"clip_l": 768}
+    sd2 = save_embedding(_emb("sd15", dims={"clip_l": 1024}), tmp_path / "sd2.safetensors", "safetensors")
+    with pytest.raises(InvalidInput, match="SD 2.x"):
+        load_embedding(sd2, expect_dims=sd15_dims)
+    with pytest.raises(InvalidInput, match="SD 2.x"):
+        load_embedding(sd2)  # no family of ours takes a 1024-wide file
+    xl = save_embedding(_emb("sdxl", dims={"clip_l": 768, "clip_g": 1280}), tmp_path / "xl.safetensors", "safetensors")
+    with pytest.raises(InvalidInput, match=r"SDXL \(clip_l 768 \+ clip_g 1280\).*SD 1.x"):
+        load_embedding(xl, expect_dims=sd15_dims)
+    assert load_embedding(xl, expect_dims={"clip_l": 768, "clip_g": 1280}).family == "sdxl"
+
+
+def test_foreign_files_and_bad_inputs(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    # A1111 .safetensors without our metadata: the token is the file name, as in A1111.
+    save_file({"emb_params": torch.ones(4, 32)}, str(tmp_path / "charturner.safetensors"))
+    got = load_embedding(tmp_path / "charturner.safetensors")
+    assert got.token == "charturner" and got.n_vectors == 4 and got.family == "sd15"
+    # An old-style A1111 .pt with a 1-D vector and a Parameter.
+    torch.save({"string_to_param": {"*": torch.nn.Parameter(torch.ones(32))}, "name": "old", "step": 7},
+               tmp_path / "x.pt")
+    old = load_embedding(tmp_path / "x.pt")
+    assert (old.token, old.step, old.n_vectors) == ("old", 7, 1)
+    assert load_embedding(tmp_path / "x.pt", token="renamed").token == "renamed"
+    with pytest.raises(NotFound):
+        load_embedding(tmp_path / "missing.pt")
+    (tmp_path / "notes.pt").write_text("hello")
+    with pytest.raises(InvalidInput, match="not an embedding file"):
+        load_embedding(tmp_path / "notes.pt")
+    save_file({"a": torch.ones(1, 32), "b": torch.ones(1, 32)}, str(tmp_path / "two.safetensors"))
+    with pytest.raises(InvalidInput, match="unknown embedding layout"):
+        load_embedding(tmp_path / "two.safetensors")
+    save_file({"clip_g": torch.ones(1, 32)}, str(tmp_path / "half.safetensors"))
+    with pytest.raises(InvalidInput, match="needs both"):
+        load_embedding(tmp_path / "half.safetensors")
+    with pytest.raises(InvalidInput, match="must end in .pt"):
+        save_embedding(_emb("sd15"), tmp_path / "e.safetensors", "a1111-pt")
+    with pytest.raises(InvalidInput, match="use one of"):
+        save_embedding(_emb("sd15"), tmp_path / "e.pt", "ckpt")  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match="clip_g"):
+        TrainedEmbedding(TOKEN, "sdxl", {"clip_l": torch.ones(1, 32)}, 0, "x")
+    with pytest.raises(InvalidInput, match="same number"):
+        TrainedEmbedding(TOKEN, "sdxl", {"clip_l": torch.ones(1, 32), "clip_g": torch.ones(2, 32)}, 0, "x")
+    assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave nothing behind
