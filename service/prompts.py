@@ -339,12 +339,18 @@ def apply_weights(hidden: "torch.Tensor", weights: "torch.Tensor") -> "torch.Ten
     image's conditioning never depends on what else shares its batch (identical
     for the usual batch of one prompt). Computed in float32 for fp16 encoders.
     """
+    import torch
+
+    if bool((weights == 1).all()):
+        return hidden  # the identity, without adding a 0/0-prone ratio to an autograd graph
     h32 = hidden.float()
     original = h32.mean(dim=(1, 2), keepdim=True)
     weighted = h32 * weights.float().unsqueeze(-1)
     new = weighted.mean(dim=(1, 2), keepdim=True)
-    new = new.where(new != 0, original)  # all-zero weights: nothing to restore, avoid 0/0
-    return (weighted * (original / new)).to(hidden.dtype)
+    # A zero weighted mean leaves nothing to restore; the safe denominator keeps gradients finite.
+    zero = new == 0
+    ratio = torch.where(zero, torch.ones_like(new), original / torch.where(zero, torch.ones_like(new), new))
+    return (weighted * ratio).to(hidden.dtype)
 
 
 def _chunk_tensors(chunks: Sequence[PromptChunk]) -> tuple["torch.Tensor", "torch.Tensor"]:
