@@ -184,21 +184,21 @@ def read_pairs(path: str | os.PathLike[str]) -> list[tuple[str, str, bool | None
 
 
 def resolve_image(name: str, base: Path, realdata: Path | None = None) -> Path:
-    """A pair entry -> file: absolute, relative to the CSV's folder, or (deepface names) found in realdata faces/."""
+    """A pair entry -> file: absolute, relative to the CSV's folder, to the working directory, or (bare deepface names) found in realdata faces/."""
     p = Path(name)
     if p.is_absolute():
         if p.is_file():
             return p
         raise NotFound(f"pair image {p} not found")
-    cand = (base / p)
-    if cand.is_file():
-        return cand
+    for cand in (base / p, Path.cwd() / p):
+        if cand.is_file():
+            return cand
     if realdata is not None and (realdata / "faces").is_dir() and p.name == name:
         for stem in (name, f"deepface_{name}"):
             hits = sorted((realdata / "faces").glob(f"*/{stem}"))
             if hits:
                 return hits[0]
-    raise NotFound(f"pair image {name!r} not found (looked in {base}" + (f" and {realdata}/faces" if realdata else "") + ")")
+    raise NotFound(f"pair image {name!r} not found (looked in {base}, {Path.cwd()}" + (f" and {realdata}/faces" if realdata else "") + ")")
 
 
 # --- the table ---------------------------------------------------------------
