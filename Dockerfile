@@ -1,0 +1,98 @@
+# Likeness gRPC service on an NVIDIA GPU.
+#
+#   docker build -t likeness .
+#   docker run --gpus all -p 50051:50051 \
+#     -v "$PWD/models:/app/models" -v likeness-data:/data likeness
+#
+# Two stages: the builder compiles and installs everything into /opt/venv (it
+# needs compilers for insightface's extension); the runtime image copies only
+# that venv onto NVIDIA's CUDA + cuDNN runtime (cuDNN is what onnxruntime-gpu's
+# CUDA provider loads). Both stages are Ubuntu 24.04, so the venv's python3.12
+# symlink resolves the same in both. See docs/docker.md.
+
+ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+
+# --------------------------------------------------------------------- builder
+FROM ubuntu:24.04 AS builder
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/venv/bin:$PATH
+
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends \
+        build-essential \
+        python3 \
+        python3-dev \
+        python3-venv \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv /opt/venv
+
+WORKDIR /src
+
+# Dependencies first, in their own layer: with an empty package stub, a source
+# change does not reinstall torch and friends; only pyproject.toml does.
+COPY pyproject.toml README.md ./
+# Every version is pinned in pyproject.toml (DL3013 cannot see that).
+# hadolint ignore=DL3013
+RUN mkdir -p service \
+    && touch service/__init__.py \
+    && pip install --no-cache-dir ".[cuda]"
+
+# Then the real package (no dependency resolution: they are all there).
+COPY service/ service/
+RUN pip install --no-cache-dir --no-deps --force-reinstall .
+
+# The tiny random models behind the cpu-tiny profiles (built offline, a few MB):
+# `likeness profiles` and smoke tests work in the image without any weights mounted.
+COPY scripts/build_tiny_models.py scripts/
+RUN HF_HUB_OFFLINE=1 python scripts/build_tiny_models.py --out /opt/models/tiny
+
+# --------------------------------------------------------------------- runtime
+FROM ${CUDA_IMAGE} AS runtime
+
+ENV DEBIAN_FRONTEND=noninteractive
+
+# python3 for the venv; libgomp1 for faiss/onnxruntime; libglib2.0-0 for OpenCV.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends \
+        libglib2.0-0 \
+        libgomp1 \
+        python3 \
+    && rm -rf /var/lib/apt/lists/* \
+    && groupadd --system --gid 10001 likeness \
+    && useradd --system --uid 10001 --gid likeness --home-dir /app --shell /usr/sbin/nologin likeness \
+    && mkdir -p /app/models /data \
+    && chown likeness:likeness /app /app/models /data
+
+COPY --from=builder /opt/venv /opt/venv
+COPY --chown=likeness:likeness models/*.toml /app/models/
+COPY --from=builder --chown=likeness:likeness /opt/models/tiny /app/models/tiny
+
+# Offline at run time: weights come from the models volume, never from a hub.
+# (DL3064 flags the "TOKEN" in TOKENIZERS_PARALLELISM: it is not a secret.)
+# hadolint ignore=DL3064
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    LIKENESS_MODELS_DIR=/app/models \
+    HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1 \
+    TOKENIZERS_PARALLELISM=false \
+    LIKENESS_HEALTH_ADDR=127.0.0.1:50051
+
+WORKDIR /app
+# Numeric, so Kubernetes runAsNonRoot can verify it without /etc/passwd.
+USER 10001:10001
+
+# Weights (profiles + A1111-style folders) and builds/SQLite live outside the image.
+VOLUME ["/app/models", "/data"]
+EXPOSE 50051
+
+# grpc.health.v1: SERVING only once the models are loaded (the service reports
+# NOT_SERVING while loading or when a model is missing).
+HEALTHCHECK --interval=30s --timeout=10s --start-period=180s --retries=3 \
+    CMD ["python", "-c", "import os, sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; ch = grpc.insecure_channel(os.environ.get('LIKENESS_HEALTH_ADDR', '127.0.0.1:50051')); r = g.HealthStub(ch).Check(h.HealthCheckRequest(service=''), timeout=5); sys.exit(0 if r.status == h.HealthCheckResponse.SERVING else 1)"]
+
+ENTRYPOINT ["likeness", "serve", "--listen", "0.0.0.0:50051", "--data", "/data"]
+CMD []
