@@ -1,0 +1,319 @@
+"""The service's data plane: characters, builds, scoring, curation, generation, artifacts.
+
+Plain Python over the store, the worker pool and the stage modules; the gRPC
+servicer (service/server.py) only converts messages and calls these methods,
+and the CLI calls them directly when embedded. Never imports grpc.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from service.build import BuildOptions, build_options, effective_spec, run_build, start_build
+from service.errors import FailedPrecondition, InvalidInput, NotFound
+from service.files import check_name, safe_join
+from service.progress import CancelToken
+from service.spec import CharacterSpec, spec_from_dict
+from service.store import BuildRow, CharacterRow, EventRow, Store
+from service.worker import WorkerPool
+
+log = logging.getLogger(__name__)
+
+EMBEDDING_FORMATS = ("a1111-pt", "safetensors", "diffusers")
+
+
+@dataclass(frozen=True)
+class Limits:
+    # gRPC max send/receive message size: 64 MiB carries ~100 full-size PNGs.
+    max_message_bytes: int = 64 * 1024 * 1024
+    # Images in one ScoreConsistency/Curate request (and reference images).
+    max_images: int = 512
+    # Bytes of one image: a 50 MP PNG fits; anything bigger is not a photo.
+    max_image_bytes: int = 32 * 1024 * 1024
+    # Characters of a prompt: A1111 prompts of several 75-token chunks fit easily.
+    max_prompt_chars: int = 4000
+    # Images one Generate call may make (each occupies the device).
+    max_generate_images: int = 64
+
+
+class ModelCache:
+    """Loaded models per profile, shared by requests and builds (loading is slow)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._models: dict[tuple[str, str], Any] = {}
+        self._locks: dict[tuple[str, str], threading.Lock] = {}
+
+    def get(self, kind: str, profile_name: str, load: Callable[[], Any]) -> Any:
+        key = (kind, profile_name)
+        with self._lock:
+            if key in self._models:
+                return self._models[key]
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:
+            with self._lock:
+                if key in self._models:
+                    return self._models[key]
+            model = load()
+            with self._lock:
+                self._models[key] = model
+            return model
+
+    def faces(self, profile: Any) -> Any:
+        from service.backends.faces import load_face_analyzer
+
+        return self.get("faces", profile.name, lambda: load_face_analyzer(profile))
+
+    def clip(self, profile: Any) -> Any:
+        from service.backends.clip import load_clip
+
+        return self.get("clip", profile.name, lambda: load_clip(profile))
+
+
+def resolve_profile(name: str = "") -> Any:
+    """A named profile, or the best this machine can run."""
+    from service.profiles import best_profile, load_profile
+
+    return load_profile(name) if name else best_profile()[0]
+
+
+class Runtime:
+    """Everything the service does, over one data directory."""
+
+    def __init__(self, data_dir: str | Path, *, devices: list[str] | None = None,
+                 import_roots: Sequence[str | Path] = (), limits: Limits | None = None,
+                 default_profile: str = "", start_workers: bool = True,
+                 stages: dict[str, Any] | None = None) -> None:
+        """``stages`` replaces stage functions by name; only unit tests of the plumbing use it."""
+        self.store = Store(data_dir)
+        self.limits = limits or Limits()
+        self.import_roots = [Path(p).resolve() for p in import_roots]
+        self.default_profile = default_profile
+        self.models = ModelCache()
+        self.ready = threading.Event()
+        self.pool = WorkerPool(self.store, self._run, devices)
+        self._start_workers = start_workers
+        self._reference_cache: dict[str, Any] = {}
+        self._stages = stages
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self, *, load_models: bool = True) -> list[str]:
+        """Start workers (resuming interrupted builds) and load the default models in the background."""
+        resumed = self.pool.start() if self._start_workers else []
+        if load_models:
+            threading.Thread(target=self._load_models, name="likeness-load-models", daemon=True).start()
+        else:
+            self.ready.set()
+        return resumed
+
+    def _load_models(self) -> None:
+        try:
+            prof = resolve_profile(self.default_profile)
+            self.models.faces(prof)
+            self.models.clip(prof)
+            self.ready.set()
+        except Exception:  # noqa: BLE001 - health stays NOT_SERVING; the log says why
+            log.exception("loading models failed; health stays NOT_SERVING")
+
+    def stop(self) -> None:
+        self.pool.stop()
+
+    def _run(self, build_id: str, device: str, cancel: CancelToken) -> None:
+        run_build(self.store, build_id, device=device, cancel=cancel, models=self.models, stages=self._stages)
+
+    # ----------------------------------------------------------- characters
+    def create_character(self, spec: CharacterSpec) -> CharacterRow:
+        return self.store.create_character(check_name(spec.name, "character name"), spec.to_dict())
+
+    def get_character(self, name: str) -> CharacterRow:
+        return self.store.get_character(check_name(name, "character name"))
+
+    def list_characters(self) -> list[CharacterRow]:
+        return self.store.list_characters()
+
+    def delete_character(self, name: str) -> bool:
+        self.get_character(name)
+        return self.store.delete_character(name)
+
+    # --------------------------------------------------------------- builds
+    def check_import_folder(self, folder: str) -> Path:
+        """A server-side folder must lie inside one of the configured import roots."""
+        if not self.import_roots:
+            raise FailedPrecondition(
+                "this server imports no folders; start it with --import-root DIR to allow galleries under DIR"
+            )
+        p = Path(folder)
+        for root in self.import_roots:
+            try:
+                target = safe_join(root, str(p.relative_to(root)) if p.is_absolute() else str(p))
+            except (InvalidInput, ValueError):
+                continue
+            if target.is_dir():
+                return target
+        raise InvalidInput(
+            f"gallery folder {folder!r} is not a folder inside the import roots "
+            f"{[str(r) for r in self.import_roots]}; pass a path inside one of them"
+        )
+
+    def start_build(self, *, character: str = "", spec: CharacterSpec | None = None,
+                    options: dict[str, Any] | None = None) -> BuildRow:
+        if bool(character) == (spec is not None):
+            raise InvalidInput("give either a character name or an inline spec, not both or neither")
+        if character:
+            spec = spec_from_dict(self.get_character(character).spec)
+        assert spec is not None
+        opts = build_options(options)
+        if opts.import_gallery:
+            opts = BuildOptions(**{**opts.__dict__, "import_gallery": str(self.check_import_folder(opts.import_gallery))})
+        build_id = start_build(self.store, spec, opts, character=character)
+        self.pool.wake()
+        return self.store.get_build(build_id)
+
+    def get_build(self, build_id: str) -> BuildRow:
+        return self.store.get_build(check_name(build_id, "build id"))
+
+    def list_builds(self, character: str = "", limit: int = 100) -> list[BuildRow]:
+        if character:
+            check_name(character, "character name")
+        if not 0 <= limit <= 10_000:
+            raise InvalidInput("limit must be 0 (default 100) to 10000")
+        return self.store.list_builds(character, limit or 100)
+
+    def cancel_build(self, build_id: str) -> BuildRow:
+        self.get_build(build_id)
+        row = self.store.request_cancel(build_id)
+        self.pool.cancel(build_id)
+        return row
+
+    def watch_build(self, build_id: str, after: int = 0, active: Callable[[], bool] | None = None) -> Iterator[EventRow]:
+        if after < 0:
+            raise InvalidInput("after_event must be 0 or the number of the last event you saw")
+        return self.store.watch(check_name(build_id, "build id"), after, active=active)
+
+    # ------------------------------------------------------------ artifacts
+    def _latest_build(self, character: str) -> BuildRow:
+        row = self.get_character(character)
+        if not row.latest_build_id:
+            raise FailedPrecondition(f"character {character!r} has no finished build yet; start one with StartBuild")
+        return self.store.get_build(row.latest_build_id)
+
+    def _finished_build(self, build_id: str = "", character: str = "") -> BuildRow:
+        row = self._latest_build(character) if character else self.get_build(build_id)
+        if row.state != "succeeded":
+            raise FailedPrecondition(f"build {row.id} is {row.state}, not succeeded; wait for it (WatchBuild)")
+        return row
+
+    def get_embedding(self, *, build_id: str = "", character: str = "", format: str = "safetensors") -> dict[str, Any]:
+        if format not in EMBEDDING_FORMATS:
+            raise InvalidInput(f"embedding format {format!r} is not valid; use one of {EMBEDDING_FORMATS}")
+        row = self._finished_build(build_id, character)
+        files = row.result.get("embeddings", {})
+        if format not in files:
+            raise NotFound(f"build {row.id} has no {format} embedding (it has {sorted(files)})")
+        path = safe_join(self.store.build_dir(row.id), files[format])
+        return {"filename": path.name, "data": path.read_bytes(), "format": format,
+                "token": row.result.get("token", ""), "build_id": row.id}
+
+    def get_report(self, build_id: str) -> dict[str, Any]:
+        row = self._finished_build(build_id)
+        root = self.store.build_dir(row.id) / "report"
+        js, html = root / "report.json", root / "report.html"
+        if not js.is_file():
+            raise NotFound(f"build {row.id} has no report.json")
+        return {"build_id": row.id, "json": js.read_text(encoding="utf-8"),
+                "html": html.read_bytes() if html.is_file() else b""}
+
+    # -------------------------------------------------------------- scoring
+    def _check_images(self, images: Sequence[tuple[str, bytes]], what: str = "images") -> list[Any]:
+        from service.images import load_image_bytes
+
+        if not images:
+            raise InvalidInput(f"{what}: send at least one image")
+        if len(images) > self.limits.max_images:
+            raise InvalidInput(f"{what}: {len(images)} images is over the limit of {self.limits.max_images} per request; split it")
+        out = []
+        for i, (name, data) in enumerate(images):
+            label = f"{what}[{i}]" + (f" ({name})" if name else "")
+            if len(data) > self.limits.max_image_bytes:
+                raise InvalidInput(f"{label}: {len(data)} bytes is over the {self.limits.max_image_bytes} byte limit")
+            img, _ = load_image_bytes(data, label)
+            out.append(img)
+        return out
+
+    def _embed_main_faces(self, profile: Any, pil_images: Sequence[Any]) -> list[Any]:
+        import numpy as np
+
+        faces = self.models.faces(profile).analyze([np.asarray(im) for im in pil_images])
+        return [f[0].embedding if f else None for f in faces]
+
+    def _reference_centroid(self, profile: Any, character: str = "",
+                            reference: Sequence[tuple[str, bytes]] = ()) -> Any:
+        import numpy as np
+
+        from service import scores
+        from service.images import list_images, load_image
+
+        if character:
+            row = self._finished_build(character=character)
+            key = f"{row.id}:{profile.name}"
+            if key in self._reference_cache:
+                return self._reference_cache[key]
+            curated = self.store.build_dir(row.id) / "curated"
+            pil = [load_image(p)[0] for p in list_images(curated)] if curated.is_dir() else []
+        else:
+            key = ""
+            pil = self._check_images(reference, "reference_images")
+        embs = [e for e in self._embed_main_faces(profile, pil) if e is not None]
+        if not embs:
+            raise InvalidInput("no face found in the reference images; send photos where the face is visible")
+        centroid = scores.identity_centroid(np.stack(embs))
+        if key:
+            self._reference_cache[key] = centroid
+        return centroid
+
+    def score_consistency(self, images: Sequence[tuple[str, bytes]], *, character: str = "",
+                          reference: Sequence[tuple[str, bytes]] = (), profile: str = "") -> dict[str, Any]:
+        """Identity similarity of each image to a character (or reference images), plus set scores."""
+        from service import scores
+
+        if bool(character) == bool(reference):
+            raise InvalidInput("give either a character or reference_images, not both or neither")
+        pil = self._check_images(images)
+        prof = resolve_profile(profile or self.default_profile)
+        centroid = self._reference_centroid(prof, character, reference)
+        embs = self._embed_main_faces(prof, pil)
+        per_image = []
+        for i, e in enumerate(embs):
+            ident = None if e is None else float(scores.identity_similarities(e[None], centroid)[0])
+            per_image.append({"index": i, "name": images[i][0], "face_found": e is not None,
+                              "identity": ident if ident is not None else 0.0,
+                              "same_identity": ident is not None and scores.same_person(ident)})
+        s = scores.set_scores(embs)
+        set_dict = {k: float(v) for k, v in s.to_dict().items() if isinstance(v, (int, float)) and v is not None}
+        found = [p["identity"] for p in per_image if p["face_found"]]
+        set_dict["identity_mean_to_reference"] = float(sum(found) / len(found)) if found else 0.0
+        return {"images": per_image, "set_scores": set_dict, "threshold": float(scores.IDENTITY_THRESHOLD)}
+
+    def character_spec(self, name: str) -> CharacterSpec:
+        return spec_from_dict(self.get_character(name).spec)
+
+    def effective(self, spec: CharacterSpec, options: dict[str, Any] | None) -> CharacterSpec:
+        return effective_spec(spec, build_options(options))
+
+    def check_prompt(self, prompt: str, what: str = "prompt") -> str:
+        if len(prompt) > self.limits.max_prompt_chars:
+            raise InvalidInput(f"{what}: {len(prompt)} characters is over the limit of {self.limits.max_prompt_chars}; shorten it")
+        return prompt
+
+    def check_count(self, n: int) -> int:
+        if n < 1:
+            raise InvalidInput("ask for at least one image: give seeds or count >= 1")
+        if n > self.limits.max_generate_images:
+            raise InvalidInput(
+                f"asked for {n} images; one Generate call makes at most {self.limits.max_generate_images}; split the request"
+            )
+        return n
