@@ -1,0 +1,153 @@
+"""Captions name the token, framing, clothes and background, and never the face."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.caption import (
+    CaptionConfig,
+    CaptionVocabulary,
+    caption_dataset,
+    identity_leaks,
+    identity_words,
+    load_vocabulary,
+    render_caption,
+)
+from service.errors import InvalidInput, NotFound
+from service.spec import load_spec
+
+REPO = Path(__file__).resolve().parent.parent
+ADVERSARIAL = CaptionVocabulary(
+    clothing=("red hair", "freckles", "ginger", "curly hair", "green eyes", "white t-shirt", "leather jacket",
+              "Freckled scarf", "hat"),
+    background=("redhead portrait", "pale skin", "Auburn wall", "brick wall", "forest", "neutral gray background"),
+)
+
+
+@pytest.fixture(scope="module")
+def emily():
+    return load_spec(REPO / "examples" / "emily.toml")
+
+
+def _curated(tmp_path: Path, spec, n: int = 6) -> Path:
+    """A curated folder as curation leaves it: <id>.png + curation.json (curate's own dataclasses)."""
+    from service.curate import CURATION_NAME, SCHEMA_VERSION, CurationResult, ImageDecision
+
+    folder = tmp_path / "curated"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    decisions = []
+    for i in range(n + 1):
+        image_id = f"img-{i:03d}"
+        kept = i < n  # the last one was rejected: no image, no caption
+        if kept:
+            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / f"{image_id}.png")
+        decisions.append(ImageDecision(
+            id=image_id, file=f"images/{image_id}.png", decision="kept" if kept else "rejected",
+            reason_code="kept" if kept else "identity", reason="",
+            zoom=spec.zooms[i % len(spec.zooms)], angle=spec.angles[i % len(spec.angles)],
+        ))
+    result = CurationResult(out_dir=str(folder), selected=tuple(d.id for d in decisions[:n]),
+                            images=tuple(decisions), set_scores={}, clusters={}, config={}, summary={})
+    (folder / CURATION_NAME).write_text(json.dumps({"schema_version": SCHEMA_VERSION, **result.to_dict()}))
+    return folder
+
+
+def _assert_clean(caption: str, spec) -> None:
+    low = caption.lower()
+    for phrase in (*spec.traits, *spec.trait_synonyms):
+        for word in re.findall(r"[a-z0-9]+", phrase.lower()):
+            if word in (spec.class_word, "year", "old") or len(word) < 2:
+                continue
+            assert not re.search(rf"\b{re.escape(word)}s?\b", low), (word, caption)
+    assert not identity_leaks(caption, identity_words(spec))
+
+
+def test_identity_words_cover_traits_and_synonyms(emily) -> None:
+    banned = identity_words(emily)
+    assert {"red", "curly", "hair", "freckle", "green", "eye", "fair", "skin", "ginger", "auburn", "redhead",
+            "scottish", "pale", "curl", "freckled", "eyed"} <= banned
+    assert "woman" not in banned and "3m1ly" not in banned  # class word and token are allowed
+    assert identity_leaks("3m1ly woman, Red Hair", banned) == ["hair", "red"]
+    assert identity_leaks("3m1ly woman, white t-shirt, brick wall", banned) == []
+
+
+def test_metadata_captions_sidecars_and_wardrobe(tmp_path: Path, emily) -> None:
+    folder = _curated(tmp_path, emily)
+    result = caption_dataset(folder, emily, vocabulary=ADVERSARIAL)
+    assert result.clip == "" and len(result.files) == 6
+    for image_id, caption in result.captions.items():
+        sidecar = folder / f"{image_id}.txt"
+        assert sidecar.is_file() and (folder / f"{image_id}.png").is_file()
+        assert sidecar.read_text(encoding="utf-8") == caption
+        assert caption.startswith("3m1ly woman, ")
+        assert "wearing white t-shirt" in caption  # the wardrobe is captioned so it is not learned
+        assert "neutral gray background" in caption
+        _assert_clean(caption, emily)
+    first = result.captions["img-000"]
+    assert first == "3m1ly woman, extreme closeup, front shot, wearing white t-shirt, neutral gray background"
+    assert "medium closeup, rear angle" in result.captions["img-001"]
+    assert {"red hair", "freckles", "ginger", "curly hair", "pale skin", "Auburn wall"} <= set(result.dropped)
+
+
+def test_clip_zero_shot_tags_never_name_the_face(tmp_path: Path, emily) -> None:
+    from service.backends.clip import load_clip
+    from service.profiles import load_profile
+
+    clip = load_clip(load_profile("cpu-tiny"))
+    folder = _curated(tmp_path, emily)
+    config = CaptionConfig(clothing_tags=3, background_tags=3)
+    result = caption_dataset(folder, emily, clip=clip, vocabulary=ADVERSARIAL, config=config)
+    assert result.clip == clip.name
+    allowed = {"leather jacket", "hat", "brick wall", "forest"}
+    saw_tag = False
+    for caption in result.captions.values():
+        _assert_clean(caption, emily)
+        assert caption.count("white t-shirt") == 1  # a vocabulary tag equal to the wardrobe is not repeated
+        saw_tag |= any(tag in caption for tag in allowed)
+    assert saw_tag  # CLIP really added tags from the vocabulary
+    again = caption_dataset(folder, emily, clip=clip, vocabulary=ADVERSARIAL, config=config)
+    assert again.captions == result.captions  # deterministic
+
+
+def test_spec_phrases_lose_identity_words_and_template_leaks_fail(tmp_path: Path, emily) -> None:
+    spec = emily.with_overrides(wardrobe="green dress", background="red brick wall")
+    folder = _curated(tmp_path, spec, n=2)
+    result = caption_dataset(folder, spec, vocabulary=CaptionVocabulary(clothing=(), background=()))
+    for caption in result.captions.values():
+        assert "wearing dress" in caption and "brick wall" in caption
+        _assert_clean(caption, spec)
+    bad = CaptionConfig(template="{token} {class_word} with freckles, {zoom}, {angle}")
+    with pytest.raises(InvalidInput, match="identity words"):
+        caption_dataset(folder, spec, config=bad)
+    with pytest.raises(InvalidInput, match="start with"):
+        caption_dataset(folder, spec, config=CaptionConfig(template="photo of {token}"))
+    with pytest.raises(InvalidInput, match="unknown placeholder"):
+        caption_dataset(folder, spec, config=CaptionConfig(template="{token} {traits}"))
+
+
+def test_plain_folder_vocabulary_file_and_errors(tmp_path: Path, emily) -> None:
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    Image.new("RGB", (32, 32), "gray").save(folder / "a.png")
+    result = caption_dataset(folder, emily)
+    assert result.captions == {"a": "3m1ly woman, wearing white t-shirt, neutral gray background"}
+    vocab_file = tmp_path / "vocab.toml"
+    vocab_file.write_text('clothing = ["cardigan"]\nbackground = ["library"]\n')
+    assert load_vocabulary(vocab_file) == CaptionVocabulary(clothing=("cardigan",), background=("library",))
+    vocab_file.write_text('clothes = ["cardigan"]\n')
+    with pytest.raises(InvalidInput, match="clothes"):
+        load_vocabulary(vocab_file)
+    with pytest.raises(NotFound):
+        caption_dataset(tmp_path / "nope", emily)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(NotFound, match="no images"):
+        caption_dataset(empty, emily)
+    assert render_caption("{token}, {zoom}, x {angle}", {"token": "t", "zoom": "", "angle": "a"}) == "t, x a"
