@@ -35,14 +35,22 @@ WORKDIR /src
 # change does not reinstall torch and friends; only pyproject.toml does.
 COPY pyproject.toml README.md ./
 # Every version is pinned in pyproject.toml (DL3013 cannot see that).
+# faiss-cpu/faiss-gpu and onnxruntime/onnxruntime-gpu install the same module
+# names; the base requirements pull the CPU builds, so the GPU builds (same pins
+# as pyproject's cuda extras) are put back on top of the removed CPU ones.
 # hadolint ignore=DL3013
 RUN mkdir -p service \
     && touch service/__init__.py \
-    && pip install --no-cache-dir ".[cuda]"
+    && pip install --no-cache-dir ".[cuda]" \
+    && pip uninstall -y faiss-cpu onnxruntime \
+    && pip install --no-cache-dir --no-deps --force-reinstall faiss-gpu==1.15.1 onnxruntime-gpu==1.31.1
 
 # Then the real package (no dependency resolution: they are all there).
+# The check fails the build, rather than the service at run time, when a data file
+# of service/ (JSON tables, schemas) did not make it into the wheel.
 COPY service/ service/
-RUN pip install --no-cache-dir --no-deps --force-reinstall .
+RUN pip install --no-cache-dir --no-deps --force-reinstall . \
+    && python -I -c "import pathlib, service; src = pathlib.Path('/src/service'); dst = pathlib.Path(service.__file__).parent; missing = [str(p.relative_to(src)) for p in src.rglob('*') if p.is_file() and p.suffix not in ('.py', '.pyc') and '__pycache__' not in p.parts and not (dst / p.relative_to(src)).exists()]; assert not missing, f'data files missing from the installed package: {missing}; declare them in pyproject.toml [tool.setuptools.package-data]'"
 
 # The tiny random models behind the cpu-tiny profiles (built offline, a few MB):
 # `likeness profiles` and smoke tests work in the image without any weights mounted.

@@ -70,6 +70,16 @@ def test_multi_stage_on_cuda_runtime() -> None:
     assert any(c.startswith("--from=builder /opt/venv") for c in _find("COPY"))
 
 
+def test_gpu_builds_replace_cpu_builds_with_pyproject_pins() -> None:
+    import tomllib
+
+    cuda = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]["cuda"]
+    runs = " ".join(_find("RUN"))
+    assert "pip uninstall -y faiss-cpu onnxruntime" in runs
+    for pin in cuda:
+        assert pin in runs, f"the Dockerfile must reinstall {pin} (pyproject's cuda extras) after removing the CPU build"
+
+
 def test_runs_as_non_root_with_volumes_and_entrypoint() -> None:
     users = _find("USER")
     assert users, "no USER: the container would run as root"
