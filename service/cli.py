@@ -21,6 +21,8 @@ COMMAND_MODULES = (
     "service.commands.info",
     "service.commands.faces",
     "service.commands.prompt",
+    "service.commands.caption",
+    "service.commands.curate",
 )
 
 
