@@ -252,7 +252,8 @@ def strip_token(prompt: str, token: str) -> str:
     out = re.sub(rf"[\(\[]\s*{t}\s*(?::\s*[0-9.]+)?\s*[\)\]]", " ", prompt)
     out = re.sub(rf"(?<![\w]){t}(?![\w])", " ", out)
     out = re.sub(r"\s*,\s*(,\s*)+", ", ", out)
-    return re.sub(r"\s+", " ", out).strip(" ,")
+    out = re.sub(r"\s+,", ",", re.sub(r"\s+", " ", out))
+    return out.strip(" ,")
 
 
 def clip_t(clip: Any, images: Sequence[Any], prompts: Sequence[str], token: str | None = None) -> np.ndarray:
