@@ -151,3 +151,16 @@ def test_plain_folder_vocabulary_file_and_errors(tmp_path: Path, emily) -> None:
     with pytest.raises(NotFound, match="no images"):
         caption_dataset(empty, emily)
     assert render_caption("{token}, {zoom}, x {angle}", {"token": "t", "zoom": "", "angle": "a"}) == "t, x a"
+
+
+def test_cli_caption(tmp_path: Path, emily, capsys) -> None:
+    from service.cli import main
+
+    folder = _curated(tmp_path, emily, n=2)
+    rc = main(["caption", str(folder), "--spec", str(REPO / "examples" / "emily.toml"), "--profile", "cpu-tiny"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["clip"] and len(out["files"]) == 2
+    for caption in out["captions"].values():
+        _assert_clean(caption, emily)
+    rc = main(["caption", str(tmp_path / "missing"), "--spec", str(REPO / "examples" / "emily.toml"), "--no-clip"])
+    assert rc == NotFound.exit_code

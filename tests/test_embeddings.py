@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -164,3 +165,16 @@ def test_foreign_files_and_bad_inputs(tmp_path: Path) -> None:
     with pytest.raises(InvalidInput, match="same number"):
         TrainedEmbedding(TOKEN, "sdxl", {"clip_l": torch.ones(1, 32), "clip_g": torch.ones(2, 32)}, 0, "x")
     assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave nothing behind
+
+
+def test_cli_export_converts_between_formats(tmp_path: Path, capsys) -> None:
+    from service.cli import main
+
+    emb = _emb("sdxl")
+    src = save_embedding(emb, tmp_path / "3m1ly.safetensors", "safetensors")
+    for fmt, name in (("a1111-pt", "out.pt"), ("diffusers", "learned_embeds.safetensors")):
+        assert main(["export", str(src), "--format", fmt, "--out", str(tmp_path / name)]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        assert doc["family"] == "sdxl" and doc["dims"] == {"clip_l": 32, "clip_g": 32}
+        _assert_same(emb, load_embedding(tmp_path / name, token=TOKEN))
+    assert main(["export", str(tmp_path / "nope.pt"), "--format", "a1111-pt", "--out", str(tmp_path / "x.pt")]) == 3
