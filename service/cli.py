@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "service.commands.prompt",
     "service.commands.caption",
     "service.commands.curate",
+    "service.commands.serve", "service.commands.build",
 )
 
 
