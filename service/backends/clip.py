@@ -77,10 +77,19 @@ class OpenClipModel:
                                    "(e.g. ViT-B-32, ViT-L-14) or a path to a JSON config")
         self.device = _device(device)
         dev_precision = precision if self.device.type == "cuda" else "fp32"
-        self.model, _, self.preprocess = open_clip.create_model_and_transforms(
-            arch, pretrained=pretrained or None, device=self.device, precision=dev_precision,
-            pretrained_text=False, pretrained_image=False,
-        )
+        is_tag = bool(pretrained) and not Path(pretrained).exists()
+        try:
+            self.model, _, self.preprocess = open_clip.create_model_and_transforms(
+                arch, pretrained=pretrained or None, device=self.device, precision=dev_precision,
+                pretrained_text=False, pretrained_image=False,
+            )
+        except Exception as exc:  # noqa: BLE001 - a tag offline fails deep inside the hub client
+            if not is_tag:
+                raise
+            raise ModelMissing(
+                f"CLIP pretrained tag {pretrained!r} for {arch} is not available offline ({type(exc).__name__}); "
+                "download the checkpoint once and set clip_pretrained to its local path"
+            ) from exc
         self.model.eval()
         self.tokenizer = open_clip.get_tokenizer(arch)
         self.name = f"open_clip:{Path(model_name).parent.name if model_name.endswith('.json') else model_name}"
