@@ -184,6 +184,10 @@ def test_long_prompt_two_chunks_and_negative_padded(sd15) -> None:
     # Batch items of different length are padded to the same chunk count.
     batch = encode_prompts(sd15, ["a cat", long_prompt], [])
     assert batch["prompt_embeds"].shape == batch["negative_prompt_embeds"].shape == (2, 154, 32)
+    # The kwargs drive a real pipeline call with 154 positions of conditioning.
+    image = sd15(**out, num_inference_steps=1, height=64, width=64, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 64, 64, 3)
 
 
 def test_long_negative_prompt_is_not_truncated(sd15) -> None:
