@@ -19,6 +19,7 @@ from service.errors import LikenessError
 
 COMMAND_MODULES = (
     "service.commands.info",
+    "service.commands.generate",
     "service.commands.faces",
     "service.commands.prompt",
     "service.commands.caption",
