@@ -49,12 +49,25 @@ def _clip(ctx: BuildContext) -> Any:
 
 
 def _pipe(ctx: BuildContext) -> Any:
+    """A freshly loaded pipeline: training and token loading change its tokenizer, so
+    stages never share one (loading is seconds next to the stage's minutes)."""
     from service.backends.diffusion import load_pipeline
 
-    prof = _profile(ctx)
-    if ctx.models is not None:
-        return ctx.models.get("pipe", prof.name, lambda: load_pipeline(prof))
-    return load_pipeline(prof)
+    return load_pipeline(_profile(ctx), sampler=ctx.spec.sampling.sampler)
+
+
+def _refinement_spec(ctx: BuildContext, round_: int) -> Any:
+    """The spec of a refinement round: the token stands in for the traits; fresh seeds."""
+    spec = ctx.spec
+    template = spec.template
+    if "{traits}" in template:
+        template = template.replace("{traits}", "{token} {class_word}")
+    elif "{token}" not in template:
+        template = "{token} {class_word}, " + template
+    seed = spec.sampling.seed
+    if seed >= 0:
+        seed = (seed + round_ * 1_000_003) % (2**32 - 1 - spec.grid_size)
+    return spec.with_overrides(template=template, seed=seed)
 
 
 def _best_embedding_path(ctx: BuildContext, round_: int) -> Path:
@@ -64,21 +77,47 @@ def _best_embedding_path(ctx: BuildContext, round_: int) -> Path:
 # ------------------------------------------------------------------- stages
 def stage_generate(ctx: BuildContext, round_: int) -> dict[str, Any]:
     """Round 0: the gallery from the spec, or the imported folder. Later rounds: with the trained token."""
+    from service.generate import generate_gallery, result_dict
+
     gallery = ctx.round_dir(round_) / "gallery"
     if round_ == 0 and ctx.options.import_gallery:
-        from service.importer import import_gallery
-
+        try:
+            from service.importer import import_gallery
+        except ImportError:  # the importer stage has not landed: copy the folder ourselves
+            import_gallery = _copy_gallery
         res = import_gallery(ctx.options.import_gallery, gallery, progress=ctx.progress, cancel=ctx.cancel)
         return {"gallery": str(gallery.relative_to(ctx.root)), "source": "import", "summary": _summary(res)}
-    from service.generate import generate_gallery
-
-    kwargs: dict[str, Any] = {}
+    spec, pipe = ctx.spec, _pipe(ctx)
     if round_ > 0:
-        # Refinement: the same grid with the token standing in for the traits (The Chosen One's loop).
-        kwargs["embedding"] = _load_best(ctx, round_ - 1)
-    res = generate_gallery(ctx.spec, gallery, pipe=_pipe(ctx), profile=_profile(ctx), progress=ctx.progress,
-                           cancel=ctx.cancel, **kwargs)
-    return {"gallery": str(gallery.relative_to(ctx.root)), "source": "generate", "summary": _summary(res)}
+        # The Chosen One's loop: the same grid, with the trained token in place of the description.
+        from service.embeddings import load_into_pipeline
+
+        spec = _refinement_spec(ctx, round_)
+        load_into_pipeline(pipe, _load_best(ctx, round_ - 1))
+    res = generate_gallery(spec, gallery, _profile(ctx), pipe=pipe, progress=ctx.progress, cancel=ctx.cancel)
+    return {"gallery": str(gallery.relative_to(ctx.root)), "source": "generate", "summary": _summary(result_dict(res))}
+
+
+def _copy_gallery(src: str, gallery: Path, *, progress: Any = None, cancel: Any = None) -> dict[str, Any]:
+    """Copy a folder of images into ``gallery/images`` with manifest rows (resumable per file)."""
+    from service.images import list_images
+    from service.manifest import GalleryImage, append_rows, read_manifest
+    from service.progress import report
+
+    root = Path(src)
+    files = list_images(root)
+    have = {r.id for r in read_manifest(gallery)}
+    for i, p in enumerate(files):
+        rel = p.relative_to(root).as_posix()
+        image_id = "".join(c if c.isalnum() or c in "._-" else "_" for c in rel.rsplit(".", 1)[0])
+        if image_id not in have:
+            target = gallery / "images" / f"{image_id}{p.suffix.lower()}"
+            atomic_save(target, lambda tmp, p=p: shutil.copyfile(p, tmp))
+            append_rows(gallery, [GalleryImage(id=image_id, file=f"images/{target.name}", source="imported")])
+        report(progress, "generate", i + 1, len(files), "importing")
+        if cancel is not None:
+            cancel.check()
+    return {"imported": len(files)}
 
 
 def stage_curate(ctx: BuildContext, round_: int) -> dict[str, Any]:
@@ -100,24 +139,36 @@ def stage_caption(ctx: BuildContext, round_: int) -> dict[str, Any]:
 
 
 def stage_train(ctx: BuildContext, round_: int) -> dict[str, Any]:
+    """Textual inversion on the captioned set; resumes from the last checkpoint in train/."""
+    import dataclasses
+
     from service.embeddings import save_embedding
     from service.train import TrainConfig, train_embedding
 
     rd = ctx.round_dir(round_)
-    overrides: dict[str, Any] = {}
-    if ctx.options.training_steps:
-        overrides["steps"] = ctx.options.training_steps
-    if ctx.options.checkpoint_every:
-        overrides["checkpoint_every"] = ctx.options.checkpoint_every
-    if ctx.options.train_resolution:
-        overrides["resolution"] = ctx.options.train_resolution
-    res = train_embedding(rd / "curated", ctx.spec, rd / "train", TrainConfig(**overrides), pipe=_pipe(ctx),
-                          profile=_profile(ctx), progress=ctx.progress, cancel=ctx.cancel)
-    emb = res.embedding if hasattr(res, "embedding") else res
-    save_embedding(emb, _best_embedding_path(ctx, round_), "safetensors")
-    scores = getattr(res, "scores", {}) or {}
-    return {"step": int(emb.step), "scores": {k: float(v) for k, v in dict(scores).items()
-                                              if isinstance(v, (int, float))}}
+    o = ctx.options
+    cfg = TrainConfig()
+    changes: dict[str, Any] = {}
+    if o.training_steps:
+        changes["steps"] = o.training_steps
+        changes["checkpoint_every"] = min(cfg.checkpoint_every, o.training_steps)
+    if o.checkpoint_every:
+        changes["checkpoint_every"] = o.checkpoint_every
+    if o.train_resolution:
+        changes["resolution"] = o.train_resolution
+    val: dict[str, Any] = {}
+    if o.eval_steps:
+        val["steps"] = min(o.eval_steps, 150)
+    if o.eval_scenes:
+        val["scenes"] = tuple(o.eval_scenes)
+    if val:
+        changes["validation"] = dataclasses.replace(cfg.validation, **val)
+    cfg = dataclasses.replace(cfg, **changes)
+    res = train_embedding(rd / "curated", ctx.spec, rd / "train", cfg, pipe=_pipe(ctx), profile=_profile(ctx),
+                          progress=ctx.progress, cancel=ctx.cancel)
+    save_embedding(res.best, _best_embedding_path(ctx, round_), "safetensors")
+    return {"step": int(res.best_step), "last_step": int(res.last_step), "resumed_from": int(res.resumed_from),
+            "reason": res.best_reason}
 
 
 def _load_best(ctx: BuildContext, round_: int) -> Any:
@@ -145,6 +196,7 @@ def stage_export(ctx: BuildContext, round_: int) -> dict[str, Any]:
 
 
 def stage_evaluate(ctx: BuildContext, round_: int) -> dict[str, Any]:
+    """The token in new scenes beside the no-embedding baseline (eval/)."""
     from service.evaluate import EvalConfig, evaluate
 
     overrides: dict[str, Any] = {}
@@ -152,11 +204,9 @@ def stage_evaluate(ctx: BuildContext, round_: int) -> dict[str, Any]:
         overrides["scenes"] = tuple(ctx.options.eval_scenes)
     if ctx.options.eval_steps:
         overrides["steps"] = ctx.options.eval_steps
-    rd = ctx.round_dir(round_)
-    res = evaluate(rd, ctx.spec, _load_best(ctx, round_), EvalConfig(**overrides), pipe=_pipe(ctx),
-                   faces=_faces(ctx), clip=_clip(ctx), progress=ctx.progress, cancel=ctx.cancel)
-    summary = res.get("summary", {}) if isinstance(res, dict) else getattr(res, "summary", {})
-    return {"scores": {k: float(v) for k, v in dict(summary).items() if isinstance(v, (int, float)) and v is not None}}
+    res = evaluate(ctx.round_dir(round_), ctx.spec, _load_best(ctx, round_), EvalConfig(**overrides),
+                   pipe=_pipe(ctx), faces=_faces(ctx), clip=_clip(ctx), progress=ctx.progress, cancel=ctx.cancel)
+    return {"scores": dict(res.scores)}
 
 
 def stage_report(ctx: BuildContext, round_: int) -> dict[str, Any]:

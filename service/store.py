@@ -293,6 +293,22 @@ class Store:
         self._notify()
         return self.get_build(row["id"])
 
+    def claim(self, build_id: str, device: str) -> BuildRow:
+        """Move one queued build to running on ``device`` (embedded runs claim their own build)."""
+        with self._tx() as c:
+            row = c.execute("SELECT state FROM builds WHERE id=?", (build_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"build {build_id!r} does not exist")
+            if row["state"] == "queued":
+                c.execute(
+                    "UPDATE builds SET state='running', device=?, "
+                    "started_at=CASE WHEN started_at=0 THEN ? ELSE started_at END WHERE id=?",
+                    (device, time.time(), build_id),
+                )
+                self._add_event(c, build_id, "state", message=f"running on {device}", state="running")
+        self._notify()
+        return self.get_build(build_id)
+
     def requeue_interrupted(self) -> list[str]:
         """After a restart: builds that were running go back to the queue (to resume),
         and builds whose cancel was requested are marked cancelled."""
