@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "service.commands.caption",
     "service.commands.curate",
     "service.commands.serve", "service.commands.build",
+    "service.commands.train",
 )
 
 

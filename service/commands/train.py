@@ -1,0 +1,94 @@
+"""`likeness train DATASET --spec SPEC --steps N --out DIR`: textual inversion with a loss bar."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from service.cli import emit, say
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from service.config import from_dict
+    from service.train import TrainConfig
+
+    data: dict[str, Any] = {}
+    for flag, key in (
+        ("steps", "steps"), ("vectors", "n_vectors"), ("batch_size", "batch_size"),
+        ("grad_accum", "gradient_accumulation"), ("resolution", "resolution"), ("flip_p", "flip_p"),
+        ("seed", "seed"), ("checkpoint_every", "checkpoint_every"), ("mixed_precision", "mixed_precision"),
+        ("init_word", "init_word"), ("templates", "templates"),
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            data[key] = value
+    if args.lr is not None:
+        # A bare number stays a number; anything else is an A1111 schedule string.
+        try:
+            data["learning_rate"] = float(args.lr)
+        except ValueError:
+            data["learning_rate"] = args.lr
+    validation: dict[str, Any] = {}
+    if args.no_validate:
+        validation["enabled"] = False
+    if args.val_steps is not None:
+        validation["steps"] = args.val_steps
+    if args.val_seeds:
+        validation["seeds"] = [int(s) for s in args.val_seeds.split(",") if s.strip()]
+    if validation:
+        data["validation"] = validation
+    return from_dict(TrainConfig, data, "train")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from service.generate import resolve_profile
+    from service.progress import TqdmProgress
+    from service.spec import load_spec
+    from service.train import BEST_FILE, train_embedding
+
+    spec = load_spec(args.spec)
+    config = _config(args)
+    profile = resolve_profile(spec, args.profile)
+    say(f"training {spec.token!r} on {args.dataset} with profile {profile.name!r}; resumes from {args.out} if it holds checkpoints")
+    bar = TqdmProgress(disable=args.quiet)
+    try:
+        result = train_embedding(args.dataset, spec, args.out, config, profile=profile, progress=bar)
+    finally:
+        bar.close()
+    emit({
+        "token": spec.token,
+        "best_step": result.best_step,
+        "reason": result.best_reason,
+        "embedding": str(result.out_dir / f"checkpoints/step-{result.best_step}/{spec.token}.safetensors"),
+        "best": str(result.out_dir / BEST_FILE),
+        "last_step": result.last_step,
+        "resumed_from": result.resumed_from,
+        "checkpoints": list(result.checkpoints),
+        "scores": [s.to_dict() | {"images": len(s.images)} for s in result.scores],
+    })
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a textual-inversion embedding on a captioned image folder")
+    p.add_argument("dataset", help="folder of images with .txt caption sidecars (the curated set)")
+    p.add_argument("--spec", required=True, help="character spec TOML (token, class word, sampler)")
+    p.add_argument("--out", required=True, help="output folder (checkpoints/, checkpoint_scores.json, best.json)")
+    p.add_argument("--steps", type=int, help="optimizer updates (default 1500)")
+    p.add_argument("--profile", help="model profile (default: the spec's, else the best this machine runs)")
+    p.add_argument("--lr", help='learning rate: a number or an A1111 schedule such as "0.005:100, 1e-3:1000, 1e-5"')
+    p.add_argument("--vectors", type=int, help="vectors per token (default 8)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--grad-accum", type=int, help="gradient accumulation steps")
+    p.add_argument("--resolution", type=int, help="training side in pixels (default: 512 SD 1.x, 1024 SDXL)")
+    p.add_argument("--flip-p", type=float, help="probability of a mirrored image (default 0.5)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"])
+    p.add_argument("--init-word", help="initialise the vectors from this word (default: the spec's class word)")
+    p.add_argument("--templates", help="A1111-style template file with [name] and [filewords]")
+    p.add_argument("--no-validate", action="store_true", help="skip validation images; the last step is 'best'")
+    p.add_argument("--val-steps", type=int, help="sampling steps of validation images (default 20)")
+    p.add_argument("--val-seeds", help="comma-separated validation seeds")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_train)
