@@ -197,14 +197,17 @@ def import_gallery(
             skipped.append({"file": rel, "reason": str(exc)})
             report(progress, "import", n, len(files), "skipped")
             continue
+        notes = []
         if info.extension_mismatch:
-            warnings.append({"file": rel, "warning": f"the file is {info.format} but named {path.suffix}; imported as PNG"})
+            notes.append(f"the file is {info.format} but named {path.suffix}; imported as PNG")
         meta, raw = _metadata(path, info.text)
         if meta is None:
-            warnings.append({"file": rel, "warning": "no A1111/ComfyUI parameters: prompt, seed, zoom and angle unknown"})
+            notes.append("no A1111/ComfyUI parameters: prompt, seed, zoom and angle unknown")
             meta = InfoText()
         else:
             with_info += 1
+        if notes:
+            warnings.append({"file": rel, "warning": "; ".join(notes)})
         zi, ai = match_label(meta.prompt, zooms), match_label(meta.prompt, angles)
         assigned += zi >= 0 and ai >= 0
         k = counters.get((zi, ai), 0)
