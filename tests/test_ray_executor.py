@@ -1,0 +1,133 @@
+"""The Ray executor on a local CPU cluster: same gallery as local, dead workers' shards re-run."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.executor import ExecutorConfig, LocalExecutor, make_executor
+from service.manifest import read_manifest
+from service.spec import spec_from_dict
+
+ray = pytest.importorskip("ray", reason="the Ray extra is not installed (pip install -e '.[ray]')")
+
+
+def _spec():
+    return spec_from_dict({
+        "name": "Tiny", "token": "t1ny", "profile": "cpu-tiny",
+        "zooms": ["closeup", "full body"], "angles": ["front shot", "side angle"], "per_cell": 2,
+        "sampling": {"sampler": "Euler a", "steps": 2, "width": 64, "height": 64, "seed": 1234},
+    })
+
+
+@dataclass(frozen=True)
+class DieOnceFactory:
+    """Wraps the real worker factory; the worker kills its own process on its first shard.
+
+    A marker file makes it die only once across restarts, as a crashed GPU
+    worker would (OOM-killed, node lost), after which the shard must be re-run.
+    """
+
+    inner: Any
+    marker: str
+
+    def __call__(self):
+        worker = self.inner()
+        marker = self.marker
+
+        class _Dying:
+            def run(self, shard):
+                if not os.path.exists(marker):
+                    Path(marker).write_text(str(os.getpid()))
+                    os._exit(1)
+                return worker.run(shard)
+
+        return _Dying()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import sys
+
+    from ray import cloudpickle
+
+    # Ship this module's helper classes by value: workers cannot import tests/.
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    yield
+    ray.shutdown()
+
+
+def _pixels_and_infotext(gallery: Path) -> dict[str, tuple[Any, str]]:
+    import numpy as np
+    from PIL import Image
+
+    out = {}
+    for r in read_manifest(gallery):
+        with Image.open(gallery / r.file) as im:
+            out[r.id] = (np.asarray(im.convert("RGB"), dtype=np.int16), im.text.get("parameters", ""))
+    return out
+
+
+def test_ray_gallery_equals_local_and_dead_worker_shard_is_rerun(tmp_path, tiny_models, ray_cluster, monkeypatch):
+    import service.generate as gen
+
+    spec = _spec()
+    local = gen.generate_gallery(spec, tmp_path / "local", batch_size=2, executor=LocalExecutor())
+    assert local.generated == 8
+
+    # Same seeds through two Ray actors, one of which dies on its first shard.
+    real_factory = gen.GalleryWorkerFactory
+    marker = tmp_path / "died-once"
+
+    def dying_factory(*args, **kwargs):
+        return DieOnceFactory(real_factory(*args, **kwargs), str(marker))
+
+    monkeypatch.setattr(gen, "GalleryWorkerFactory", dying_factory)
+    executor = make_executor(ExecutorConfig(kind="ray", workers=2, cpus_per_worker=1, max_attempts=3))
+    result = gen.generate_gallery(spec, tmp_path / "ray", batch_size=2, executor=executor)
+
+    assert marker.exists(), "the test worker never died: the retry path was not exercised"
+    assert result.generated == 8
+    rows = read_manifest(tmp_path / "ray")
+    assert len(rows) == 8 and len({r.id for r in rows}) == 8
+    manifest_lines = (tmp_path / "ray" / "manifest.jsonl").read_text().splitlines()
+    assert len(manifest_lines) == 8, "a re-run shard must not append duplicate rows"
+    assert sorted(r.seed for r in rows) == sorted(r.seed for r in read_manifest(tmp_path / "local"))
+    # The same images and infotext for the same seeds, whichever process drew them.
+    # Ray actors run torch with 1 thread (num_cpus=1), the driver with 2: float
+    # summation order differs, so pixels may differ by a rounding step, no more.
+    ray_imgs, local_imgs = _pixels_and_infotext(tmp_path / "ray"), _pixels_and_infotext(tmp_path / "local")
+    assert ray_imgs.keys() == local_imgs.keys()
+    for key, (pixels, info) in ray_imgs.items():
+        assert info == local_imgs[key][1]
+        assert abs(pixels - local_imgs[key][0]).max() <= 2, key
+    assert not list((tmp_path / "ray" / "images").glob(".*tmp*"))
+
+
+def test_ray_shard_that_keeps_dying_fails_with_a_clear_error(tmp_path, ray_cluster):
+    from service.errors import FailedPrecondition
+
+    @dataclass(frozen=True)
+    class AlwaysDie:
+        def __call__(self):
+            class W:
+                def run(self, shard):
+                    os._exit(1)
+            return W()
+
+    executor = make_executor(ExecutorConfig(kind="ray", workers=1, max_attempts=2))
+    with pytest.raises(FailedPrecondition, match="failed 2 times"):
+        executor.map_shards(AlwaysDie(), [1], lambda i, r: None)
+
+
+def test_unknown_executor_lists_valid_ones():
+    from service.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match="'local', 'ray'"):
+        make_executor(ExecutorConfig(kind="dask"))  # type: ignore[arg-type]
