@@ -10,7 +10,7 @@ fi
 stamp=.venv/.likeness-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[dev]'
+  .venv/bin/python -m pip install -q -e '.[dev,ray]'
   touch "$stamp"
 fi
 HF_HUB_OFFLINE=1 .venv/bin/python scripts/build_tiny_models.py
