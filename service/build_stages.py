@@ -85,7 +85,7 @@ def stage_generate(ctx: BuildContext, round_: int) -> dict[str, Any]:
             from service.importer import import_gallery
         except ImportError:  # the importer stage has not landed: copy the folder ourselves
             import_gallery = _copy_gallery
-        res = import_gallery(ctx.options.import_gallery, gallery, progress=ctx.progress, cancel=ctx.cancel)
+        res = import_gallery(ctx.options.import_gallery, gallery, ctx.spec, progress=ctx.progress, cancel=ctx.cancel)
         return {"gallery": str(gallery.relative_to(ctx.root)), "source": "import", "summary": _summary(res)}
     spec, pipe = ctx.spec, _pipe(ctx)
     if round_ > 0:
@@ -98,7 +98,7 @@ def stage_generate(ctx: BuildContext, round_: int) -> dict[str, Any]:
     return {"gallery": str(gallery.relative_to(ctx.root)), "source": "generate", "summary": _summary(result_dict(res))}
 
 
-def _copy_gallery(src: str, gallery: Path, *, progress: Any = None, cancel: Any = None) -> dict[str, Any]:
+def _copy_gallery(src: str, gallery: Path, spec: Any = None, *, progress: Any = None, cancel: Any = None) -> dict[str, Any]:
     """Copy a folder of images into ``gallery/images`` with manifest rows (resumable per file)."""
     from service.images import list_images
     from service.manifest import GalleryImage, append_rows, read_manifest

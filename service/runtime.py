@@ -298,6 +298,101 @@ class Runtime:
         set_dict["identity_mean_to_reference"] = float(sum(found) / len(found)) if found else 0.0
         return {"images": per_image, "set_scores": set_dict, "threshold": float(scores.IDENTITY_THRESHOLD)}
 
+    # ----------------------------------------------------------- curation
+    def curate(self, *, images: Sequence[tuple[str, bytes]] = (), gallery: str = "", character: str = "",
+               k: int = 0, cancel: CancelToken | None = None) -> dict[str, Any]:
+        """Decisions, reasons and scores for sent images or a server-side folder."""
+        import tempfile
+
+        from service.curate import CurateConfig, curate
+        from service.files import atomic_write_bytes
+
+        if bool(images) == bool(gallery):
+            raise InvalidInput("send images or name a server-side gallery folder, not both or neither")
+        if not 0 <= k <= 1000:
+            raise InvalidInput("k must be 0 (default 25) to 1000")
+        spec = self.character_spec(character) if character else None
+        prof = resolve_profile((spec.profile if spec else "") or self.default_profile)
+        with tempfile.TemporaryDirectory(dir=self.store.data_dir) as tmp:
+            if images:
+                self._check_images(images)
+                src = Path(tmp) / "gallery"
+                names = {}
+                for i, (_, data) in enumerate(images):
+                    atomic_write_bytes(src / f"img{i:05d}.png", data)
+                    names[f"img{i:05d}"] = i
+            else:
+                src = self.check_import_folder(gallery)
+                names = {}
+            res = curate(src, spec, Path(tmp) / "out", CurateConfig(k=k or 25), faces=self.models.faces(prof),
+                         clip=self.models.clip(prof), cancel=cancel)
+        decisions = []
+        for j, d in enumerate(res.images):
+            i = names.get(d.id, j)
+            name = images[i][0] if images else d.file
+            decisions.append({"index": i, "name": name or d.id, "kept": d.decision == "kept",
+                              "reasons": [d.reason_code, d.reason],
+                              "scores": {k2: v for k2, v in d.scores.items() if v is not None}})
+        selected = res.set_scores.get("selected", {})
+        return {"decisions": decisions,
+                "set_scores": {k2: v for k2, v in selected.items() if isinstance(v, (int, float)) and v is not None}}
+
+    # ---------------------------------------------------------- generation
+    def generate(self, *, characters: Sequence[str] = (), prompt: str, negative_prompt: str = "",
+                 sampler: str = "", steps: int = 0, cfg_scale: float = 0.0, width: int = 0, height: int = 0,
+                 seeds: Sequence[int] = (), count: int = 0, profile: str = "",
+                 cancel: CancelToken | None = None) -> Iterator[dict[str, Any]]:
+        """Images for an A1111 prompt with trained tokens, one per seed, yielded as they are made."""
+        import random
+
+        from service.backends.diffusion import load_pipeline, model_hash, model_name
+        from service.config import from_dict
+        from service.embeddings import load_embedding, load_into_pipeline
+        from service.generate import render_images
+        from service.grid import PlannedImage
+        from service.spec import SamplingConfig
+
+        if not prompt.strip():
+            raise InvalidInput("prompt: must not be empty")
+        self.check_prompt(prompt)
+        self.check_prompt(negative_prompt, "negative_prompt")
+        if len(characters) > 16:
+            raise InvalidInput("at most 16 characters per prompt")
+        seeds = list(seeds) or [random.SystemRandom().randrange(0, 2**32 - 1) for _ in range(count)]
+        self.check_count(len(seeds))
+        if any(not 0 <= s < 2**32 for s in seeds):
+            raise InvalidInput("seeds must be 0..4294967295")
+        builds = [self._finished_build(character=c) for c in characters]
+        prof_name = profile or next((b.spec.get("profile", "") for b in builds if b.spec.get("profile")), "")
+        prof = resolve_profile(prof_name or self.default_profile)
+        sampling = from_dict(SamplingConfig, {k: v for k, v in {
+            "sampler": sampler or "DPM++ 2M Karras", "steps": steps or 30, "cfg_scale": cfg_scale or 7.0,
+            "width": width or (512 if prof.family == "sd15" else 1024),
+            "height": height or (512 if prof.family == "sd15" else 1024)}.items()}, "generate")
+        spec_check = {"name": "x", "token": "xx", "sampling": {k: getattr(sampling, k) for k in
+                                                               ("sampler", "steps", "cfg_scale", "width", "height")}}
+        spec_from_dict(spec_check, where="request")
+        lock = self.models.get("pipe-lock", prof.name, threading.Lock)
+        with lock:
+            pipe = self.models.get("pipe", prof.name, lambda: load_pipeline(prof))
+            from service.backends.diffusion import set_sampler
+
+            set_sampler(pipe, sampling.sampler)
+            for b in builds:
+                path = safe_join(self.store.build_dir(b.id), b.result["embeddings"]["safetensors"])
+                load_into_pipeline(pipe, load_embedding(path, token=b.result["token"]))
+            model, mhash = model_name(prof), model_hash(prof)
+            for i, seed in enumerate(seeds):
+                if cancel is not None:
+                    cancel.check()
+                item = PlannedImage(id=f"g{i}", zoom_index=-1, angle_index=-1, index_in_cell=i, zoom="", angle="",
+                                    prompt=prompt, negative_prompt=negative_prompt, seed=int(seed))
+                (r,) = render_images(pipe, [item], sampling, model=model, model_hash=mhash)
+                from service.generate import infotext_for
+
+                yield {"index": i, "seed": int(seed), "png": r.png,
+                       "infotext": infotext_for(item, sampling, model, mhash)}
+
     def character_spec(self, name: str) -> CharacterSpec:
         return spec_from_dict(self.get_character(name).spec)
 
