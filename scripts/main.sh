@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The main job: set up, then build the example character (examples/emily.toml) end to end.
+#
+# On a CUDA machine with real weights (models/sd15.toml or sdxl.toml ready): the full
+# workflow - 400 generated images, curation, captions, training, evaluation, report.
+# On a CPU-only machine the `cpu-tiny` profile has tiny RANDOM weights: they run every
+# stage for real but draw noise, never faces. So the CPU build imports a folder of real
+# photos of one person (../shared/realdata/faces/<identity>) in place of generation.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+DATA=${LIKENESS_DATA:-data}
+PY=.venv/bin/python
+best=$($PY -c "from service.profiles import best_profile; print(best_profile()[0].name)")
+if [ "$best" != "cpu-tiny" ]; then
+  echo "main: profile $best on CUDA - full generation of examples/emily.toml" >&2
+  exec $PY -m service build examples/emily.toml --data "$DATA" --profile "$best" "$@"
+fi
+REAL=${LIKENESS_REALDATA:-../shared/realdata}
+IDENTITY=${LIKENESS_MAIN_IDENTITY:-Angelina_Jolie}
+FOLDER="$REAL/faces/$IDENTITY"
+echo "main: no CUDA GPU with real weights - using profile cpu-tiny (tiny random weights draw noise, not faces)." >&2
+if [ ! -d "$FOLDER" ]; then
+  echo "main: $FOLDER not found; set LIKENESS_REALDATA to the shared realdata folder. Without real photos" >&2
+  echo "main: a CPU build would curate noise, so it stops here." >&2
+  exit 1
+fi
+echo "main: building from an imported gallery of real photos ($FOLDER) instead of generation." >&2
+exec $PY -m service build examples/emily.toml --data "$DATA" --profile cpu-tiny --import "$FOLDER" \
+  --k 5 --training-steps 20 --checkpoint-every 10 --train-resolution 64 --eval-steps 4 \
+  --eval-scene "cooking in a kitchen" --eval-scene "tending a garden" "$@"
