@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "service.commands.curate",
     "service.commands.serve", "service.commands.build",
     "service.commands.train",
+    "service.commands.report",
 )
 
 
