@@ -240,7 +240,9 @@ def _load_vae(profile: Profile, dtype: torch.dtype, config_folder: Path | None) 
         return AutoencoderKL.from_pretrained(p, dtype=dtype, local_files_only=True)
     if config_folder is None:
         config_folder = single_file_config(profile)
-    return AutoencoderKL.from_single_file(p, config=str(config_folder / "vae"), dtype=dtype, local_files_only=True)
+    return AutoencoderKL.from_single_file(
+        p, config=str(config_folder), subfolder="vae", dtype=dtype, local_files_only=True
+    )
 
 
 def _load_diffusers(profile: Profile, dtype: torch.dtype) -> Any:
