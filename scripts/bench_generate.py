@@ -37,30 +37,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-# The published Stable Diffusion 1.5 component configs (runwayml/stable-diffusion-v1-5).
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1,
-    act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=768, attention_head_dim=8,
-)
-SD15_VAE = dict(
-    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512), layers_per_block=2, act_fn="silu", latent_channels=4,
-    norm_num_groups=32, sample_size=512, scaling_factor=0.18215,
-)
-SD15_TEXT = dict(
-    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, bos_token_id=49406,
-    eos_token_id=49407, pad_token_id=49407,
-)
-SD15_SCHEDULER = dict(
-    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-    skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False, clip_sample=False,
-)
-# Parameter counts of the real SD 1.5 components: the configs above must reproduce them.
-SD15_PARAMS = {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}
+from service.backends.sd15_config import PARAMS as SD15_PARAMS  # noqa: E402
+from service.backends.sd15_config import SCHEDULER as SD15_SCHEDULER  # noqa: E402
+from service.backends.sd15_config import TEXT_ENCODER as SD15_TEXT  # noqa: E402
+from service.backends.sd15_config import UNET as SD15_UNET  # noqa: E402
+from service.backends.sd15_config import VAE as SD15_VAE  # noqa: E402
+from service.backends.sd15_config import parameter_counts  # noqa: E402
 
 
 def build_sd15_random(out: Path, device: str) -> Path:
@@ -81,18 +63,6 @@ def build_sd15_random(out: Path, device: str) -> Path:
     )
     pipe.save_pretrained(out, safe_serialization=True)
     return out
-
-
-def check_sd15_configs() -> dict[str, int]:
-    """Parameter counts of the configs, built on the meta device (no memory, no time)."""
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    with torch.device("meta"):
-        models = {"unet": UNet2DConditionModel(**SD15_UNET), "vae": AutoencoderKL(**SD15_VAE),
-                  "text_encoder": CLIPTextModel(CLIPTextConfig(**SD15_TEXT))}
-    return {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
 
 
 def _sync(device: str) -> None:
@@ -169,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON line instead of text")
     args = ap.parse_args(argv)
     if args.check_configs:
-        counts = check_sd15_configs()
+        counts = parameter_counts()
         print(json.dumps({"counts": counts, "expected": SD15_PARAMS, "ok": counts == SD15_PARAMS}))
         return 0 if counts == SD15_PARAMS else 1
     cuda = args.device == "cuda"
