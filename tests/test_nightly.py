@@ -207,3 +207,26 @@ def test_real_tiny_build_end_to_end_and_rerun(tmp_path: Path, tiny_models, face_
         assert [b.id for b in store.list_builds(character="Jolie")] == [c.build_id]
     finally:
         store.close()
+
+
+def test_scheduler_files_call_a_valid_command() -> None:
+    """The cron line and the systemd unit run `likeness nightly` with flags the CLI accepts."""
+    import shlex
+
+    from service.cli import build_parser
+
+    scripts = Path(__file__).resolve().parent.parent / "scripts"
+    service = (scripts / "likeness-nightly.service").read_text()
+    timer = (scripts / "likeness-nightly.timer").read_text()
+    cron = (scripts / "likeness-nightly.cron").read_text()
+    assert "OnCalendar=" in timer and "Persistent=true" in timer and "Type=oneshot" in service
+    exec_start = next(line.split("=", 1)[1] for line in service.splitlines() if line.startswith("ExecStart="))
+    cron_line = next(line for line in cron.splitlines() if line and not line.startswith("#") and "nightly" in line)
+    cron_cmd = cron_line.split(".venv/bin/", 1)[1].split(" >>", 1)[0]
+    for command in (exec_start, cron_cmd):
+        argv = shlex.split(command)
+        assert Path(argv[0]).name == "likeness"
+        args = build_parser().parse_args(argv[1:])
+        assert args.command == "nightly" and args.margin == 0.05
+    # five time fields, a user, then the command
+    assert len(cron_line.split()[:6]) == 6 and cron_line.split()[5] == "likeness"
