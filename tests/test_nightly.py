@@ -230,3 +230,43 @@ def test_scheduler_files_call_a_valid_command() -> None:
         assert args.command == "nightly" and args.margin == 0.05
     # five time fields, a user, then the command
     assert len(cron_line.split()[:6]) == 6 and cron_line.split()[5] == "likeness"
+
+
+def test_nightly_through_a_running_service(tmp_path: Path, capsys) -> None:
+    """`likeness nightly --server`: builds go through gRPC (StartBuild, WatchBuild, GetReport).
+
+    The server's stages are stand-ins (plumbing only, as in tests/test_server.py) except the
+    report stage, which writes the real report of what is in the build folder.
+    """
+    from service.auth import AuthConfig
+    from service.cli import main
+    from service.report import write_report
+    from service.runtime import Runtime
+    from service.server import create_server
+
+    def stand_in(name):
+        def run(ctx, round_):
+            if name == "report":
+                return {"files": {k: str(p.relative_to(ctx.root)) for k, p in write_report(ctx.root).items()}}
+            return {"files": {}} if name == "export" else {"scores": {}}
+        return run
+
+    stages = {n: stand_in(n) for n in ("generate", "curate", "caption", "train", "export", "evaluate", "report")}
+    rt = Runtime(tmp_path / "server-data", devices=["cpu"], default_profile="cpu-tiny", stages=stages)
+    server, port, _health = create_server("127.0.0.1:0", rt, auth=AuthConfig(token="t0ken-for-tests"))
+    server.start()
+    rt.start(load_models=False)
+    try:
+        chars = _characters(tmp_path / "chars", {"Ada": "4d4x", "Bea": "b34x"})
+        argv = ["nightly", str(chars), "--data", str(tmp_path / "nightly-data"), "--server", f"127.0.0.1:{port}",
+                "--token", "t0ken-for-tests", "--night", "2026-04-01"]
+        assert main(argv) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert [c["state"] for c in out["characters"]] == ["succeeded", "succeeded"]
+        ids = [c["build_id"] for c in out["characters"]]
+        assert sorted(b.id for b in rt.list_builds()) == sorted(ids)
+        assert main(argv) == 0  # same night: nothing new on the server
+        assert len(rt.list_builds()) == 2
+    finally:
+        server.stop(0)
+        rt.stop()
