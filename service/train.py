@@ -337,8 +337,12 @@ class Trainer:
             target = latents
         return F.mse_loss(pred.float(), target.float(), reduction="mean")
 
-    def train_step(self, step: int) -> tuple[float, float]:
-        """One optimizer update (1-based ``step``); returns (loss, learning rate)."""
+    def train_step(self, step: int, batches: Sequence[dict[str, Any]] | None = None) -> tuple[float, float]:
+        """One optimizer update (1-based ``step``); returns (loss, learning rate).
+
+        ``batches`` (one per accumulation micro-batch, from :meth:`draw`) replaces the
+        step's own random draw: tests and benchmarks use it to train on a fixed batch.
+        """
         import torch
 
         gen = torch.Generator().manual_seed(_seed_for(self.cfg.seed, 2, step))
@@ -349,7 +353,7 @@ class Trainer:
         total = 0.0
         accum = self.cfg.gradient_accumulation
         for micro in range(accum):
-            batch = self.draw(gen, self.batch_indices(step, micro))
+            batch = batches[micro] if batches is not None else self.draw(gen, self.batch_indices(step, micro))
             loss = self.loss(batch) / accum
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += float(loss.detach())
@@ -360,14 +364,19 @@ class Trainer:
             self.optimizer.step()
         return total, lr
 
+    def fixed_batch(self, seed: int = 1234, indices: Sequence[int] | None = None) -> dict[str, Any]:
+        """A reproducible micro-batch (images ``indices``, default all) drawn from ``seed``."""
+        import torch
+
+        gen = torch.Generator().manual_seed(seed)
+        return self.draw(gen, list(indices) if indices is not None else list(range(len(self.items))))
+
     def fixed_loss(self, seed: int = 1234, indices: Sequence[int] | None = None) -> float:
         """Loss on a fixed batch with fixed noise and timesteps (no update): a before/after yardstick."""
         import torch
 
-        gen = torch.Generator().manual_seed(seed)
-        batch = self.draw(gen, list(indices) if indices is not None else list(range(len(self.items))))
         with torch.no_grad():
-            return float(self.loss(batch))
+            return float(self.loss(self.fixed_batch(seed, indices)))
 
     # -- state -----------------------------------------------------------------------------
 
