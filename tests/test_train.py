@@ -300,3 +300,44 @@ def test_sdxl_trains_rows_in_both_encoders(tiny_models, dataset, tmp_path):
         assert torch.equal(new[: old.shape[0]], old), key
         assert not torch.equal(new[old.shape[0]:].float(), init[key]), f"{key} rows did not train"
     assert len(pipe.tokenizer) == len(pipe.tokenizer_2)
+
+
+# ---------------------------------------------------------------- CLI with the real scorers
+
+
+def test_cli_trains_and_validates_with_real_scorers(tiny_models, face_pack, dataset, tmp_path, capsys):
+    """`likeness train` end to end: tiny SD 1.5, the real face pack and the tiny CLIP score each checkpoint."""
+    from service.cli import main
+
+    spec = tmp_path / "emily.toml"
+    spec.write_text('name = "Emily"\ntoken = "3m1ly"\nclass_word = "woman"\nprofile = "cpu-tiny"\n'
+                    '[sampling]\nsampler = "Euler"\n')
+    out = tmp_path / "train"
+    rc = main(["train", str(dataset), "--spec", str(spec), "--steps", "2", "--out", str(out), "--resolution", "64",
+               "--batch-size", "1", "--checkpoint-every", "1", "--lr", "0.05:1, 0.01", "--val-steps", "2",
+               "--val-seeds", "5", "--quiet"])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["checkpoints"] == [1, 2] and result["best_step"] in (1, 2)
+    scores = json.loads((out / "checkpoint_scores.json").read_text())
+    rows = scores["checkpoints"]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["n_images"] == 3 and len(r["images"]) == 3  # three scenes x one seed
+        # Noise from tiny random weights has no face: identity counts 0, CLIP-T is still measured.
+        assert r["faces_found"] == 0 and r["identity"] == 0.0
+        assert all(img["identity"] is None for img in r["images"])
+        assert isinstance(r["clip_t"], float) and -1.0 <= r["clip_t"] <= 1.0
+        assert {img["prompt"] for img in r["images"]} == {
+            "a photo of 3m1ly, cooking in a kitchen", "a photo of 3m1ly, tending a garden",
+            "a photo of 3m1ly, conducting a choir"}
+        assert all((out / img["file"]).is_file() for img in r["images"])
+    best = json.loads((out / "best.json").read_text())
+    expect = choose_best([CheckpointScores.from_dict(r) for r in rows]).step
+    assert best["step"] == expect == result["best_step"]
+    # Running the same command again resumes: nothing left to train, same choice.
+    assert main(["train", str(dataset), "--spec", str(spec), "--steps", "2", "--out", str(out), "--resolution", "64",
+                 "--batch-size", "1", "--checkpoint-every", "1", "--lr", "0.05:1, 0.01", "--val-steps", "2",
+                 "--val-seeds", "5", "--quiet"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["resumed_from"] == 2 and again["best_step"] == expect
