@@ -281,6 +281,14 @@ def _summary(cur: dict[str, Any] | None, training: dict[str, Any] | None, ev: di
     return {"scores": s, "notes": notes}
 
 
+def _build_id(build_dir: Path) -> str:
+    """The build id; a refinement round's folder (<build>/rounds/<r>) reports as "<build> round <r>"."""
+    p = build_dir.resolve()
+    if p.parent.name == "rounds":
+        return f"{p.parent.parent.name} round {p.name}"
+    return p.name
+
+
 def build_report(build_dir: str | Path) -> dict[str, Any]:
     """report.json of a build folder as a dict, validated against the schema."""
     build_dir = Path(build_dir)
@@ -307,7 +315,7 @@ def build_report(build_dir: str | Path) -> dict[str, Any]:
     report = {
         "schema_version": SCHEMA_VERSION,
         "generated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "build": {"id": build_dir.resolve().name, "character": str((spec or {}).get("name", "")),
+        "build": {"id": _build_id(build_dir), "character": str((spec or {}).get("name", "")),
                   "token": str((spec or {}).get("token", "")), "options": options},
         "stages": stages,
         "summary": _summary(curation, training, evaluation),
