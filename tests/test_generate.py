@@ -271,3 +271,15 @@ def test_contact_sheet_marks(gallery, tmp_path):
     assert (46, 160, 67) in colours and (207, 34, 46) in colours
     with pytest.raises(InvalidInput):
         contact_sheet([], out, tmp_path / "empty.png")
+
+
+def test_sd15_config_folder_for_single_file_checkpoints(tmp_path, monkeypatch, tiny_models):
+    from service.backends.diffusion import single_file_config
+    from service.backends.sd15_config import PARAMS, parameter_counts, write_config_folder
+
+    assert parameter_counts() == PARAMS  # the configs are the real SD 1.5 architecture
+    folder = write_config_folder(tmp_path / "configs" / "sd15")
+    assert json.loads((folder / "unet" / "config.json").read_text())["cross_attention_dim"] == 768
+    assert (folder / "tokenizer" / "tokenizer_config.json").is_file()
+    monkeypatch.setenv("LIKENESS_SD_CONFIG", str(folder))
+    assert single_file_config(load_profile("sd15")) == folder.resolve()

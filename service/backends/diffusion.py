@@ -197,10 +197,14 @@ def single_file_config(profile: Profile) -> Path:
     if (folder / "model_index.json").is_file():
         return folder
     repo = _HUB_CONFIG_REPOS[profile.family]
+    offline = (
+        f"Write it offline with `python -m service.backends.sd15_config {folder}`, or get it"
+        if profile.family == "sd15" else "Get it"
+    )
     raise ModelMissing(
         f"profile {profile.name!r}: loading the single-file checkpoint {profile.base_model} needs a local "
         f"diffusers config folder for {profile.family} (model_index.json, unet/vae/text_encoder config.json, "
-        f"tokenizer files, scheduler config), and {folder} has none. Get it once on a machine with internet: "
+        f"tokenizer files, scheduler config), and {folder} has none. {offline} once on a machine with internet: "
         f"`huggingface-cli download {repo} --exclude '*.safetensors' '*.bin' '*.ckpt' '*.onnx' '*.msgpack' "
         f"--local-dir {folder}` (a few MB, no weights), or set LIKENESS_SD_CONFIG to such a folder, or convert "
         "the checkpoint to a diffusers folder and point base_model at it. Nothing is downloaded automatically."
