@@ -243,6 +243,11 @@ def compare_scores(current: dict[str, Any], previous: dict[str, Any], margin: fl
     return out
 
 
+def character_name(spec: Any) -> str:
+    """The spec's name as a store character name ("Emily Rose" -> "Emily_Rose")."""
+    return check_name(spec.name.strip().replace(" ", "_"), "character name")
+
+
 def _night(config: NightlyConfig) -> str:
     night = config.night or _dt.date.today().isoformat()
     try:
@@ -291,7 +296,7 @@ def _one(history: History, build: BuildFn, spec_file: Path, night: str, config: 
     sha = hashlib.sha256(spec_file.read_bytes()).hexdigest()
     try:
         spec = load_spec(spec_file)
-        character = check_name(spec.name.replace(" ", "_"), "character name")
+        character = character_name(spec)
     except Exception as exc:  # noqa: BLE001 - a broken spec is that character's failure only
         return CharacterNight(character=spec_file.stem, spec_file=str(spec_file), state="failed",
                               error=f"spec {spec_file.name}: {exc}")
@@ -323,13 +328,20 @@ def _one(history: History, build: BuildFn, spec_file: Path, night: str, config: 
 # ------------------------------------------------------------------ build functions
 
 def embedded_builder(data_dir: Path, *, device: str = "") -> BuildFn:
-    """Build in this process through service.build over ``data_dir``'s store (resumes an interrupted build)."""
+    """Build in this process through service.build over ``data_dir``'s store (resumes an interrupted build).
+
+    Models are loaded once and shared by every character of the night.
+    """
+    from service.runtime import ModelCache
+
+    models = ModelCache()
 
     def build(spec: Any, spec_file: Path, options: dict[str, Any], resume_build_id: str) -> BuildOutcome:
         from service.build import run_build
         from service.store import Store
         from service.worker import detect_devices
 
+        name = character_name(spec)
         store = Store(data_dir)
         try:
             row = None
@@ -342,11 +354,11 @@ def embedded_builder(data_dir: Path, *, device: str = "") -> BuildFn:
                     row = None
             if row is None:
                 try:
-                    store.get_character(spec.name)
+                    store.get_character(name)
                 except NotFound:
-                    store.create_character(spec.name, spec.to_dict())
-                row = store.create_build(spec.to_dict(), options, character=spec.name)
-            run_build(store, row.id, device=device or detect_devices()[0])
+                    store.create_character(name, spec.to_dict())
+                row = store.create_build(spec.to_dict(), options, character=name)
+            run_build(store, row.id, device=device or detect_devices()[0], models=models)
             final = store.get_build(row.id)
             if final.state != "succeeded":
                 return BuildOutcome(final.id, final.state, {}, final.error or final.state)
