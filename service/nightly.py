@@ -32,11 +32,10 @@ import json
 import os
 import sqlite3
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
-
-from contextlib import contextmanager
 
 from service.errors import FailedPrecondition, InvalidInput, NotFound
 from service.files import atomic_write_json, atomic_write_text, check_name

@@ -7,9 +7,6 @@ the face path end to end.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from pathlib import Path
 
 import pytest

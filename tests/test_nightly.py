@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from service.errors import FailedPrecondition, NotFound
-from service.nightly import (BuildOutcome, History, NightlyConfig, compare_scores, nightly_exit_code, nightly_lock,
+from service.nightly import (BuildOutcome, NightlyConfig, compare_scores, nightly_exit_code, nightly_lock,
                              run_nightly)
 
 SPEC_TOML = """
