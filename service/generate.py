@@ -179,17 +179,55 @@ def effective_spec(
 # ---------------------------------------------------------------- rendering
 
 
-def _chunk_counts(pipe: Any, texts: set[str]) -> dict[str, int]:
-    """How many 75-token chunks each text needs (batches mix only equal counts).
+class PromptCache:
+    """Encoded prompts per distinct (prompt, negative prompt) pair, for one loaded pipeline.
 
-    encode_prompts pads a batch to its longest prompt; grouping by chunk
-    count keeps every image's conditioning independent of its batch-mates.
-    A gallery has few distinct texts (one per cell), so each is tokenized once.
+    A gallery has one prompt per cell (25) but hundreds of images: each pair is
+    tokenized and encoded once by :func:`service.prompts.encode_prompts` and
+    reused by every batch. Batches only mix pairs of equal 75-token chunk
+    count (encode_prompts pads a call to its longest prompt), so a cached
+    encoding is exactly what a batched call would give, and an image's
+    conditioning never depends on its batch-mates. The cache empties itself
+    when the pipeline or its vocabulary (a textual-inversion token) changes.
     """
-    from service.prompts import tokenize_prompt
 
-    tokenizers = [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t is not None]
-    return {text: max(len(tokenize_prompt(t, text).chunks) for t in tokenizers) for text in texts}
+    def __init__(self) -> None:
+        self._key: tuple[int, int, int] | None = None
+        self._counts: dict[str, int] = {}
+        self._embeds: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def _sync(self, pipe: Any, clip_skip: int) -> None:
+        tok = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
+        key = (id(pipe), len(tok) if tok is not None else 0, clip_skip)
+        if key != self._key:
+            self._key, self._counts, self._embeds = key, {}, {}
+
+    def chunk_count(self, pipe: Any, item: PlannedImage, clip_skip: int = 1) -> int:
+        """75-token chunks the item's prompt and negative prompt need (the larger)."""
+        from service.prompts import tokenize_prompt
+
+        self._sync(pipe, clip_skip)
+        tokenizers = [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t is not None]
+        for text in (item.prompt, item.negative_prompt):
+            if text not in self._counts:
+                self._counts[text] = max(len(tokenize_prompt(t, text).chunks) for t in tokenizers)
+        return max(self._counts[item.prompt], self._counts[item.negative_prompt])
+
+    def encode(self, pipe: Any, batch: Sequence[PlannedImage], clip_skip: int = 1) -> dict[str, Any]:
+        """encode_prompts kwargs for ``batch`` (items of equal chunk count), from the cache where possible."""
+        import torch
+
+        from service.prompts import encode_prompts
+
+        self._sync(pipe, clip_skip)
+        pairs = [(b.prompt, b.negative_prompt) for b in batch]
+        missing = list(dict.fromkeys(p for p in pairs if p not in self._embeds))
+        if missing:
+            fresh = encode_prompts(pipe, [p for p, _ in missing], [n for _, n in missing], clip_skip=clip_skip)
+            for i, pair in enumerate(missing):
+                self._embeds[pair] = {k: v[i : i + 1] for k, v in fresh.items()}
+        keys = self._embeds[pairs[0]].keys()
+        return {k: torch.cat([self._embeds[p][k] for p in pairs]) for k in keys}
 
 
 def infotext_for(item: PlannedImage, sampling: SamplingConfig, model: str, model_hash: str = "") -> str:
@@ -221,30 +259,29 @@ def render_images(
     model_hash: str = "",
     batch_size: int = 0,
     clip_skip: int = 1,
+    cache: PromptCache | None = None,
 ) -> list[RenderedImage]:
     """Render planned images with a loaded pipeline; PNG bytes carry A1111 infotext.
 
     Items are denoised in batches of ``batch_size`` (0 = all at once) of equal
     prompt-chunk count, one seeded generator per image, prompts encoded by
-    :func:`service.prompts.encode_prompts`. Order of the result = order of ``items``.
+    :func:`service.prompts.encode_prompts` once per distinct pair (``cache``,
+    kept across calls by :class:`GalleryWorker`). Order of the result = order of ``items``.
     """
     from service.backends.diffusion import denoise
     from service.infotext import png_bytes
-    from service.prompts import encode_prompts
 
-    counts = _chunk_counts(pipe, {t for item in items for t in (item.prompt, item.negative_prompt)})
+    cache = cache if cache is not None else PromptCache()
     groups: dict[int, list[PlannedImage]] = {}
     for item in items:
-        groups.setdefault(max(counts[item.prompt], counts[item.negative_prompt]), []).append(item)
+        groups.setdefault(cache.chunk_count(pipe, item, clip_skip), []).append(item)
     size = batch_size or max(1, len(items))
     out: dict[str, RenderedImage] = {}
     for group in groups.values():
         for start in range(0, len(group), size):
             batch = group[start : start + size]
             t0 = time.perf_counter()
-            embeds = encode_prompts(
-                pipe, [b.prompt for b in batch], [b.negative_prompt for b in batch], clip_skip=clip_skip
-            )
+            embeds = cache.encode(pipe, batch, clip_skip)
             images = denoise(pipe, embeds, [b.seed for b in batch], sampling)
             encoded = [png_bytes(img, infotext_for(b, sampling, model, model_hash)) for b, img in zip(batch, images)]
             share = (time.perf_counter() - t0) / len(batch)
@@ -258,9 +295,11 @@ class GalleryWorker:
 
     def __init__(self, pipe: Any, sampling: SamplingConfig, model: str, model_hash: str = "") -> None:
         self.pipe, self.sampling, self.model, self.model_hash = pipe, sampling, model, model_hash
+        self.cache = PromptCache()
 
     def run(self, shard: Sequence[PlannedImage]) -> list[RenderedImage]:
-        return render_images(self.pipe, shard, self.sampling, model=self.model, model_hash=self.model_hash)
+        return render_images(self.pipe, shard, self.sampling, model=self.model, model_hash=self.model_hash,
+                             cache=self.cache)
 
 
 @dataclass(frozen=True)
