@@ -199,11 +199,14 @@ def _curation(build_dir: Path, cur: dict[str, Any], decisions: dict[str, dict[st
     angles = (gallery or {}).get("angles") or []
     kept_m = [[0] * len(angles) for _ in zooms]
     gen_m = [[0] * len(angles) for _ in zooms]
+    unplaced = 0
     for img in (gallery or {}).get("images", []):
         zi, ai = img["zoom_index"], img["angle_index"]
         if 0 <= zi < len(zooms) and 0 <= ai < len(angles):
             gen_m[zi][ai] += 1
             kept_m[zi][ai] += 1 if img["kept"] else 0
+        else:
+            unplaced += 1  # imported images carry no zoom/angle
     details = {k: v for k, v in cur.items() if k in ("config", "clusters", "summary")}
     if isinstance(sets.get("random_k_ids"), list):
         details["random_k_ids"] = sets["random_k_ids"]
@@ -211,7 +214,7 @@ def _curation(build_dir: Path, cur: dict[str, Any], decisions: dict[str, dict[st
         "kept": kept, "set_scores": set_scores, "gain": gain,
         "identity": {"threshold": threshold, "pool": [v for v in ident_all if v is not None],
                      "kept": [v for v in ident_kept if v is not None]},
-        "heatmap": {"zooms": zooms, "angles": angles, "kept": kept_m, "generated": gen_m},
+        "heatmap": {"zooms": zooms, "angles": angles, "kept": kept_m, "generated": gen_m, "unplaced": unplaced},
         "details": json.loads(json.dumps(details, default=str)),
     }
 

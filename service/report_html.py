@@ -193,18 +193,30 @@ def _contact_sheet(g: dict[str, Any] | None, th: _Thumbs) -> str:
     cells: dict[tuple[int, int], list[dict[str, Any]]] = {}
     for img in g["images"]:
         cells.setdefault((img["zoom_index"], img["angle_index"]), []).append(img)
+    placed = {(zi, ai) for zi in range(len(g["zooms"])) for ai in range(len(g["angles"]))}
+    outside = [img for key, imgs in cells.items() if key not in placed for img in imgs]
+
+    def thumb(img: dict[str, Any]) -> str:
+        cls = "kept" if img["kept"] else ("rej" if img["kept"] is False else "")
+        mark = "✓" if img["kept"] else codes.get(img["reason_code"], "")
+        title = f"{img['id']} seed {img['seed']}" + (
+            " — kept" if img["kept"] else f" — rejected: {img['reason']}" if img["kept"] is False else "")
+        return (f'<div class="th {cls}" title="{_e(title)}">{th.img(img["file"], 80, img["id"])}'
+                + (f"<span>{_e(mark)}</span>" if mark else "") + "</div>")
+
+    if outside:
+        out.append(f"<p>{len(outside)} images carry no zoom/angle (imported, not generated from the grid):</p>"
+                   '<div class="cell" style="grid-template-columns:repeat(16,44px)">'
+                   + "".join(thumb(img) for img in outside) + "</div>")
+    if len(outside) == len(g["images"]):
+        return "".join(out)
     out.append('<table class="sheet"><tr><th></th>' + "".join(f"<th>{_e(a)}</th>" for a in g["angles"]) + "</tr>")
     for zi, zoom in enumerate(g["zooms"]):
         out.append(f"<tr><th>{_e(zoom)}</th>")
         for ai in range(len(g["angles"])):
             out.append('<td><div class="cell">')
             for img in cells.get((zi, ai), []):
-                cls = "kept" if img["kept"] else ("rej" if img["kept"] is False else "")
-                mark = "✓" if img["kept"] else codes.get(img["reason_code"], "")
-                title = f"{img['id']} seed {img['seed']}" + (
-                    " — kept" if img["kept"] else f" — rejected: {img['reason']}" if img["kept"] is False else "")
-                out.append(f'<div class="th {cls}" title="{_e(title)}">{th.img(img["file"], 80, img["id"])}'
-                           + (f"<span>{_e(mark)}</span>" if mark else "") + "</div>")
+                out.append(thumb(img))
             out.append("</div></td>")
         out.append("</tr>")
     out.append("</table>")
@@ -258,7 +270,10 @@ def _curation(c: dict[str, Any] | None, th: _Thumbs) -> str:
     out.append(_plot(plots.identity_histogram(i["pool"], i["kept"], i["threshold"]), "identity similarity histogram"))
 
     h = c["heatmap"]
-    if h["zooms"] and h["angles"]:
+    if not any(map(sum, h["generated"])):
+        out.append("<h2>Kept images per zoom × angle</h2><p class=muted>No image carries a zoom and angle "
+                   "(an imported gallery), so there is no heat map.</p>")
+    elif h["zooms"] and h["angles"]:
         out.append("<h2>Kept images per zoom × angle</h2><p>Each cell: images kept / images generated. "
                    "Empty cells are framings the embedding will not see in training.</p>")
         out.append(_plot(plots.cell_heatmap(h["kept"], h["generated"], h["zooms"], h["angles"]), "zoom by angle heat map"))

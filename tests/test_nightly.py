@@ -194,6 +194,12 @@ def test_real_tiny_build_end_to_end_and_rerun(tmp_path: Path, tiny_models, face_
     report = json.loads((data / "builds" / c.build_id / "report" / "report.json").read_text())
     assert all(s["ran"] for s in report["stages"])
     assert c.scores == report["summary"]["scores"] and "curated_overall" in c.scores
+    # An imported gallery has no zoom/angle: the contact sheet still shows every image, marked.
+    html = (data / "builds" / c.build_id / "report" / "report.html").read_text()
+    n_kept = sum(1 for i in report["gallery"]["images"] if i["kept"])
+    assert n_kept and html.count('class="th kept"') == n_kept
+    assert html.count('class="th rej"') == report["gallery"]["n_images"] - n_kept
+    assert report["curation"]["heatmap"]["unplaced"] == report["gallery"]["n_images"]
 
     # The same night again, through the CLI: nothing is rebuilt, exit status 0, JSON on stdout.
     capsys.readouterr()
