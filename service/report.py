@@ -342,10 +342,32 @@ def render_html(report: dict[str, Any], build_dir: str | Path) -> str:
     return render(report, Path(build_dir))
 
 
+def _marked_contact_sheet(build_dir: Path, report: dict[str, Any], out: Path) -> Path | None:
+    """One PNG of the gallery grid, each image tagged kept or with its rejection reason (generation's drawer)."""
+    g = report["gallery"]
+    if not g or not any(i["zoom_index"] >= 0 for i in g["images"]):
+        return None
+    from service.contact_sheet import contact_sheet
+    from service.errors import LikenessError
+    from service.manifest import read_manifest
+
+    marks = {i["id"]: ("kept" if i["kept"] else i["reason_code"]) for i in g["images"] if i["kept"] is not None}
+    rows = [r for r in read_manifest(build_dir / "gallery") if r.zoom_index >= 0]
+    per_cell = max(Counter((r.zoom_index, r.angle_index) for r in rows).values())
+    try:
+        return contact_sheet(rows, build_dir / "gallery", out, marks, thumb=320, max_per_cell=min(per_cell, 256),
+                             title=f"{report['build']['character']}: kept / rejected (reason)")
+    except LikenessError:
+        return None  # the HTML's own marked grid still shows every image
+
+
 def write_report(build_dir: str | Path) -> dict[str, Path]:
     """Write ``report/report.json`` and ``report/report.html`` atomically; return their paths."""
     build_dir = Path(build_dir)
     report = build_report(build_dir)
     out = build_dir / "report"
+    sheet = _marked_contact_sheet(build_dir, report, out / "contact_sheet.png")
+    if sheet is not None:
+        report["gallery"]["contact_sheet"] = _rel(build_dir, sheet)
     html = render_html(report, build_dir)
     return {"json": atomic_write_json(out / "report.json", report), "html": atomic_write_text(out / "report.html", html)}

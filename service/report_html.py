@@ -190,6 +190,9 @@ def _contact_sheet(g: dict[str, Any] | None, th: _Thumbs) -> str:
         out.append("</table>")
     else:
         out.append(f"<p>{g['n_images']} images. Curation did not run, so none is marked kept or rejected.</p>")
+    if g.get("contact_sheet"):
+        out.append(f"<p class=muted>The same grid as one picture: <code>{_e(g['contact_sheet'])}</code> in the "
+                   "build folder.</p>")
     cells: dict[tuple[int, int], list[dict[str, Any]]] = {}
     for img in g["images"]:
         cells.setdefault((img["zoom_index"], img["angle_index"]), []).append(img)

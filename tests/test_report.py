@@ -158,7 +158,14 @@ def test_report_of_a_build_cancelled_after_curation(build: Path, tmp_path: Path)
 def test_html_is_self_contained(build: Path) -> None:
     paths = write_report(build)
     html = paths["html"].read_text(encoding="utf-8")
-    assert json.loads(paths["json"].read_text())["schema_version"] == SCHEMA_VERSION
+    written = json.loads(paths["json"].read_text())
+    assert written["schema_version"] == SCHEMA_VERSION
+    # the marked contact sheet PNG (generation's drawer) lands beside the report
+    from PIL import Image
+
+    assert written["gallery"]["contact_sheet"] == "report/contact_sheet.png"
+    with Image.open(build / "report" / "contact_sheet.png") as sheet:
+        assert sheet.size[0] > 640
     # no external reference of any kind: every src is a data: URI, no scripts, no links out
     srcs = re.findall(r'\ssrc="([^"]*)"', html)
     assert srcs and all(s.startswith("data:image/") for s in srcs)
