@@ -27,20 +27,21 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
-import re
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 from service.config import to_dict
-from service.errors import FailedPrecondition, InvalidInput
-from service.files import atomic_save, atomic_write_json, read_json
+from service.errors import InvalidInput
+from service.files import atomic_write_json
 from service.lr_schedule import LearnRateSchedule, parse_learn_rate
 from service.progress import CancelToken, ProgressFn, report
 from service.train_data import TrainItem, dataset_fingerprint, fill_template, load_templates, read_dataset
+from service.train_checkpoints import (
+    BEST_FILE, CHECKPOINTS, SCORES_FILE, check_fingerprint, list_checkpoints, load_checkpoint_embedding,
+    load_checkpoint_state, read_scores, save_checkpoint, write_scores,
+)
 from service.validation import CheckpointScores, ValidationConfig, Validator, check_validation_config, choose_best
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -48,10 +49,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from service.profiles import Profile
     from service.spec import CharacterSpec
 
-CHECKPOINTS = "checkpoints"
-SCORES_FILE = "checkpoint_scores.json"
-BEST_FILE = "best.json"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -422,81 +419,6 @@ class Trainer:
         }
 
 
-# ------------------------------------------------------------------ checkpoints on disk
-
-
-def list_checkpoints(out_dir: str | Path) -> list[int]:
-    """Steps of the complete checkpoints under ``<out>/checkpoints`` (sorted)."""
-    root = Path(out_dir) / CHECKPOINTS
-    steps = []
-    if root.is_dir():
-        for d in root.iterdir():
-            m = _STEP_DIR.match(d.name)
-            if m and (d / "meta.json").is_file() and (d / "state.pt").is_file():
-                steps.append(int(m.group(1)))
-    return sorted(steps)
-
-
-def checkpoint_dir(out_dir: str | Path, step: int) -> Path:
-    return Path(out_dir) / CHECKPOINTS / f"step-{step}"
-
-
-def save_checkpoint(out_dir: str | Path, trainer: Trainer, step: int, meta: dict[str, Any]) -> Path:
-    """Write ``checkpoints/step-<n>/`` (embedding, optimizer state, meta) whole or not at all."""
-    import torch
-
-    from service.embeddings import save_embedding
-
-    final = checkpoint_dir(out_dir, step)
-    tmp = final.parent / f".step-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_embedding(trainer.embedding(step), tmp / f"{trainer.token}.safetensors", "safetensors")
-    state = trainer.state_dict(step)
-    atomic_save(tmp / "state.pt", lambda p: torch.save(state, p))
-    atomic_write_json(tmp / "meta.json", {"step": step, "fingerprint": trainer.fingerprint(), **meta})
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    return final
-
-
-def load_checkpoint_state(out_dir: str | Path, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    import torch
-
-    d = checkpoint_dir(out_dir, step)
-    return torch.load(d / "state.pt", map_location="cpu", weights_only=True), read_json(d / "meta.json")
-
-
-def load_checkpoint_embedding(out_dir: str | Path, step: int, token: str) -> "TrainedEmbedding":
-    from service.embeddings import load_embedding
-
-    return load_embedding(checkpoint_dir(out_dir, step) / f"{token}.safetensors", token=token)
-
-
-def _check_fingerprint(have: dict[str, Any], want: dict[str, Any], out_dir: Path) -> None:
-    for k, v in want.items():
-        if have.get(k) != v:
-            raise FailedPrecondition(
-                f"{out_dir} holds checkpoints of a different run ({k}: {have.get(k)!r} there, {v!r} now); "
-                "use a new --out folder, or the same settings and dataset to resume"
-            )
-
-
-def read_scores(out_dir: str | Path) -> list[CheckpointScores]:
-    p = Path(out_dir) / SCORES_FILE
-    if not p.is_file():
-        return []
-    return [CheckpointScores.from_dict(r) for r in read_json(p).get("checkpoints", [])]
-
-
-def _write_scores(out_dir: Path, scores: dict[int, CheckpointScores], cfg: TrainConfig) -> None:
-    atomic_write_json(out_dir / SCORES_FILE, {
-        "rule": {"clip_t_tolerance": cfg.validation.clip_t_tolerance, "no_face_identity": 0.0},
-        "checkpoints": [scores[s].to_dict() for s in sorted(scores)],
-    })
-
-
 # ------------------------------------------------------------------ the stage
 
 
@@ -554,7 +476,7 @@ def _run(
     start = 0
     if existing:
         state, meta = load_checkpoint_state(out, existing[-1])
-        _check_fingerprint(meta.get("fingerprint", {}), trainer.fingerprint(), out)
+        check_fingerprint(meta.get("fingerprint", {}), trainer.fingerprint(), out)
         trainer.load_state_dict(state)
         start = existing[-1]
     out.mkdir(parents=True, exist_ok=True)
@@ -581,7 +503,7 @@ def _run(
             trainer.sync_rows()
             s = validator(step, trainer.pipe, trainer.embedding(step))
             scores[step] = dataclasses.replace(s, loss=mean_loss)
-            _write_scores(out, scores, config)
+            write_scores(out, scores, config)
         losses.clear()
 
     step = start
@@ -603,7 +525,7 @@ def _run(
             if s not in scores:
                 trainer.sync_rows(load_checkpoint_embedding(out, s, trainer.token).vectors)
                 scores[s] = validator(s, trainer.pipe, load_checkpoint_embedding(out, s, trainer.token))
-        _write_scores(out, scores, config)
+        write_scores(out, scores, config)
     steps = sorted(set(saved))
     if validator is not None:
         choice = choose_best([scores[s] for s in steps], config.validation.clip_t_tolerance)
