@@ -8,7 +8,7 @@ from pathlib import Path
 
 from service.cli import emit, say
 
-DEFAULT_DATA = os.environ.get("LIKENESS_DATA", "likeness-data")
+DEFAULT_DATA = os.environ.get("LIKENESS_DATA", "data")  # same default as `likeness build` and `serve`
 
 
 def resolve_build_dir(build: str, data: str) -> Path:
