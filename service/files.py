@@ -18,11 +18,59 @@ from service.errors import InvalidInput
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates files 0600; an artifact must get the mode an ordinary open() gives it
+# (0644 under the usual umask), or A1111/ComfyUI/a web server running as another user
+# cannot read the images, captions and embeddings we hand them. Read once: os.umask is
+# process-wide and setting it from worker threads would race.
+_FILE_MODE = 0o666 & ~_current_umask()
+
+
+def ensure_dir(path: str | os.PathLike[str], what: str = "folder") -> Path:
+    """Create folder ``path`` (and parents) or raise InvalidInput saying why it cannot be.
+
+    A file where the folder should be, or a folder we may not write to, is the
+    caller's input to fix, not a crash.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise InvalidInput(f"{what} {path} cannot be created: a file with that name is in the way; "
+                           "choose another path") from None
+    except NotADirectoryError:
+        raise InvalidInput(f"{what} {path} cannot be created: part of the path is a file, not a folder; "
+                           "choose another path") from None
+    except PermissionError:
+        raise InvalidInput(f"{what} {path} cannot be created: permission denied; choose a folder you can "
+                           "write to") from None
+    if not path.is_dir():
+        raise InvalidInput(f"{what} {path} is not a folder; choose another path")
+    return path
+
+
+def _make_temp(path: Path, prefix: str, suffix: str) -> tuple[int, str]:
+    ensure_dir(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
+    except PermissionError:
+        raise InvalidInput(f"cannot write {path}: permission denied in {path.parent}; choose a folder you can "
+                           "write to") from None
+    os.fchmod(fd, _FILE_MODE)
+    return fd, tmp
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` via a temporary sibling and ``os.replace``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if path.is_dir():
+        raise InvalidInput(f"cannot write {path}: it is a folder; give a file name")
+    fd, tmp = _make_temp(path, f".{path.name}.", ".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -52,8 +100,9 @@ def atomic_save(path: str | os.PathLike[str], save: Any) -> Path:
     The temporary name keeps the real suffix so format-sniffing savers work.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    if path.is_dir():
+        raise InvalidInput(f"cannot write {path}: it is a folder; give a file name")
+    fd, tmp = _make_temp(path, f".{path.stem}.", f".tmp{path.suffix}")
     os.close(fd)
     try:
         save(tmp)
