@@ -189,6 +189,20 @@ def _units(ids: list[int], groups: dict[int, list[int]]) -> list[list[int]]:
     return units
 
 
+def _comma_id(tokenizer: Any) -> int | None:
+    """The id of "," (cached on the tokenizer: get_vocab() copies 49k entries per call)."""
+    cached = getattr(tokenizer, "_likeness_comma_id", False)
+    if cached is False:
+        cached = tokenizer.convert_tokens_to_ids(",</w>")
+        if cached == getattr(tokenizer, "unk_token_id", None):
+            cached = None
+        try:
+            tokenizer._likeness_comma_id = cached
+        except AttributeError:  # a tokenizer that refuses attributes: look it up each time
+            pass
+    return cached
+
+
 def tokenize_prompt(tokenizer: Any, text: str, *, comma_backtrack: int = COMMA_BACKTRACK) -> TokenizedPrompt:
     """Tokenize ``text`` into 77-id chunks with A1111's weights and chunking rules.
 
@@ -199,7 +213,7 @@ def tokenize_prompt(tokenizer: Any, text: str, *, comma_backtrack: int = COMMA_B
     embedding (``name``, ``name_1``, ...) is placed whole in one chunk.
     """
     bos, eos, pad = _special_ids(tokenizer)
-    comma = tokenizer.get_vocab().get(",</w>")
+    comma = _comma_id(tokenizer)
     groups = _added_groups(tokenizer)
     parsed = parse_prompt_attention(text)
     texts = [t for t, _ in parsed]

@@ -1,44 +1,47 @@
-"""Atomic writes: readable modes like open(), and clear errors for unusable output paths."""
-
 from __future__ import annotations
 
 import os
-import stat
-from pathlib import Path
 
 import pytest
 
 from service.errors import InvalidInput
-from service.files import atomic_save, atomic_write_bytes, atomic_write_json, ensure_dir
+from service.files import atomic_save, atomic_write_bytes, atomic_write_json, check_name, read_json, safe_join
 
 
-def _mode(path: Path) -> int:
-    return stat.S_IMODE(path.stat().st_mode)
+def test_atomic_writes_leave_no_temporaries_and_readable_modes(tmp_path):
+    p = atomic_write_bytes(tmp_path / "a" / "x.bin", b"abc")
+    assert p.read_bytes() == b"abc"
+    atomic_write_json(tmp_path / "a" / "y.json", {"k": [1, 2]})
+    assert read_json(tmp_path / "a" / "y.json") == {"k": [1, 2]}
+    atomic_save(tmp_path / "a" / "z.txt", lambda t: open(t, "w").write("z"))
+    assert sorted(os.listdir(tmp_path / "a")) == ["x.bin", "y.json", "z.txt"]
+    mask = os.umask(0)
+    os.umask(mask)
+    # Reports and images are opened by people: not owner-only like mkstemp's default.
+    assert (os.stat(p).st_mode & 0o777) == (0o666 & ~mask)
 
 
-def test_atomic_writes_get_the_mode_open_would_give(tmp_path: Path) -> None:
-    # mkstemp makes 0600 files; A1111/ComfyUI or a web server running as another user
-    # could not read our images, captions and embeddings.
-    plain = tmp_path / "plain.txt"
-    plain.write_text("x")
-    expected = _mode(plain)
-    a = atomic_write_bytes(tmp_path / "a.bin", b"1")
-    b = atomic_write_json(tmp_path / "sub" / "b.json", {"k": 1})
-    c = atomic_save(tmp_path / "c.png", lambda tmp: Path(tmp).write_bytes(b"png"))
-    for p in (a, b, c):
-        assert _mode(p) == expected, (p, oct(_mode(p)), oct(expected))
-    assert not [p for p in tmp_path.rglob("*.tmp*")]
+def test_failed_save_leaves_old_file_and_no_temporary(tmp_path):
+    target = tmp_path / "keep.txt"
+    target.write_text("old")
+
+    def boom(tmp):
+        open(tmp, "w").write("half")
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError):
+        atomic_save(target, boom)
+    assert target.read_text() == "old"
+    assert os.listdir(tmp_path) == ["keep.txt"]
 
 
-def test_output_paths_that_cannot_be_folders_are_invalid_input(tmp_path: Path) -> None:
-    blocker = tmp_path / "a_file"
-    blocker.write_text("x")
-    with pytest.raises(InvalidInput, match="a file with that name is in the way"):
-        ensure_dir(blocker)
-    with pytest.raises(InvalidInput, match="cannot be created"):
-        atomic_write_bytes(blocker / "x.bin", b"1")
-    with pytest.raises(InvalidInput, match="cannot be created"):
-        atomic_save(blocker / "deeper" / "x.pt", lambda tmp: None)
-    with pytest.raises(InvalidInput, match="it is a folder"):
-        atomic_write_bytes(tmp_path, b"1")
-    assert blocker.read_text() == "x"
+@pytest.mark.parametrize("name", ["../x", "a/b", "..", ".hidden", "", "x" * 200, "a b"])
+def test_unsafe_names_are_refused(name):
+    with pytest.raises(InvalidInput, match="not allowed"):
+        check_name(name)
+
+
+def test_safe_join_refuses_escape(tmp_path):
+    assert safe_join(tmp_path, "a", "b.png") == (tmp_path / "a" / "b.png").resolve()
+    with pytest.raises(InvalidInput, match="escapes"):
+        safe_join(tmp_path, "..", "etc")
