@@ -12,12 +12,14 @@ Formats (each proven by loading it through diffusers' ``load_textual_inversion``
 
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from service.errors import InvalidInput, NotFound
-from service.files import atomic_save, check_name
+from service.files import atomic_save, check_name, ensure_dir
 
 if TYPE_CHECKING:  # torch is imported lazily: only backends import it at module level
     import torch
@@ -127,7 +129,12 @@ def save_embedding(emb: TrainedEmbedding, path: str | Path, format: Format) -> P
     from safetensors.torch import save_file
 
     _check_format(format)
+    raw = os.fspath(path)
     path = Path(path)
+    if not path.exists() and (path.suffix == "" or raw.endswith(("/", os.sep))):
+        # `--out exports/` or `--out exports`: a folder to create, as the CLI help promises,
+        # not a file name missing its suffix.
+        ensure_dir(path, "output folder")
     if path.is_dir():
         name = DIFFUSERS_FILENAME if format == "diffusers" else check_name(emb.token, "token") + FORMAT_SUFFIX[format]
         path = path / name
@@ -172,7 +179,11 @@ def _read_file(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     if head[:2] == b"PK" or path.suffix in (".pt", ".bin", ".ckpt") and head[:1] == b"\x80":
         try:
             # weights_only: never run pickled code from a file someone handed us.
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():
+                # A damaged file makes torch warn about its "pickle protocol" before failing;
+                # the InvalidInput below says what is wrong, the warning only adds noise.
+                warnings.simplefilter("ignore", UserWarning)
+                data = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise InvalidInput(
                 f"{path.name}: not a loadable PyTorch embedding ({type(exc).__name__}: {str(exc)[:200]}); "

@@ -178,3 +178,32 @@ def test_cli_export_converts_between_formats(tmp_path: Path, capsys) -> None:
         assert doc["family"] == "sdxl" and doc["dims"] == {"clip_l": 32, "clip_g": 32}
         _assert_same(emb, load_embedding(tmp_path / name, token=TOKEN))
     assert main(["export", str(tmp_path / "nope.pt"), "--format", "a1111-pt", "--out", str(tmp_path / "x.pt")]) == 3
+
+
+def test_cli_export_to_a_new_folder_creates_it(tmp_path: Path, capsys) -> None:
+    # The help says --out may be a folder; a folder that does not exist yet was refused
+    # as "a diffusers embedding file must end in .safetensors".
+    from service.cli import main
+
+    emb = _emb("sd15")
+    src = save_embedding(emb, tmp_path / "3m1ly.safetensors", "safetensors")
+    for fmt, folder, name in (("diffusers", "diff", "learned_embeds.safetensors"), ("a1111-pt", "a1111/", "3m1ly.pt")):
+        assert main(["export", str(src), "--format", fmt, "--out", str(tmp_path / "new" / folder)]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        assert Path(doc["file"]) == tmp_path / "new" / folder.rstrip("/") / name
+        _assert_same(emb, load_embedding(doc["file"], token=TOKEN))
+    # A file name with the wrong suffix is still an error, not a folder.
+    assert main(["export", str(src), "--format", "diffusers", "--out", str(tmp_path / "x.pt")]) == 2
+    assert "must end in .safetensors" in capsys.readouterr().err
+
+
+def test_damaged_pt_is_one_clear_error_without_torch_warnings(tmp_path: Path) -> None:
+    import warnings
+
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x80hello")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(InvalidInput, match="not a loadable PyTorch embedding"):
+            load_embedding(bad)
+    assert not caught, [str(w.message) for w in caught]
