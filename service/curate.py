@@ -46,7 +46,7 @@ from service.curate_checks import (
     validate_config,
 )
 from service.errors import InvalidInput, NotFound
-from service.files import atomic_save, atomic_write_json, read_json, safe_join
+from service.files import atomic_save, atomic_write_json, ensure_dir, read_json, safe_join
 from service.images import list_images, load_image
 from service.manifest import GalleryImage, read_manifest
 from service.progress import CancelToken, ProgressFn, report
@@ -264,6 +264,8 @@ def curate(
     out = Path(out_dir)
     if out.resolve() == root.resolve():
         raise InvalidInput(f"--out {out} must differ from the gallery folder")
+    # Before minutes of face analysis: an --out that cannot be a folder fails now, clearly.
+    ensure_dir(out, "--out folder")
     items = [_Item(r) for r in gallery_rows(root)]
     report(progress, "curate", 0, len(items), "start")
     _analyse(root, items, cfg, faces, clip, progress, cancel)

@@ -334,3 +334,21 @@ def test_cli_curate_prints_json(tmp_path: Path, realdata: Path, tiny_models: Pat
     assert len(doc["selected"]) == 3 and doc["set_scores"]["random_k"]["n_images"] == 3
     assert (tmp_path / "out" / CURATION_NAME).is_file()
     assert main(["curate", str(g), "--out", str(tmp_path / "o2"), "--config", "[1]"]) == 2
+
+
+def test_out_that_cannot_be_a_folder_fails_before_analysis(tmp_path: Path) -> None:
+    # Was a FileExistsError traceback after the whole face analysis.
+    from PIL import Image
+
+    g = tmp_path / "g"
+    g.mkdir()
+    Image.new("RGB", (64, 64), (128, 128, 128)).save(g / "a.png")
+    blocker = tmp_path / "curated"
+    blocker.write_text("not a folder")
+
+    class NoFaces:
+        def analyze(self, images):  # pragma: no cover - must not be reached
+            raise AssertionError("analysis ran before the --out check")
+
+    with pytest.raises(InvalidInput, match="a file with that name is in the way"):
+        curate(g, None, blocker, CurateConfig(k=1), faces=NoFaces())
