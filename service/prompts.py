@@ -142,9 +142,15 @@ class TokenizedPrompt:
 
     @property
     def counter(self) -> str:
-        """The counter the A1111 UI shows next to a prompt box."""
-        target = math.ceil(max(self.token_count, 1) / CHUNK_LENGTH) * CHUNK_LENGTH
-        return f"{self.token_count}/{target}"
+        """The counter the A1111 UI shows next to a prompt box.
+
+        A1111 counts every chunk before the last as a full 75 (a chunk closed by
+        ``BREAK`` or cut at a comma is padded to 75), so ``a BREAK b`` reads
+        ``76/150``: the counter must agree with the chunks the prompt really uses.
+        """
+        shown = CHUNK_LENGTH * (len(self.chunks) - 1) + self.chunks[-1].token_count if self.chunks else 0
+        target = math.ceil(max(shown, 1) / CHUNK_LENGTH) * CHUNK_LENGTH
+        return f"{shown}/{target}"
 
 
 def _special_ids(tokenizer: Any) -> tuple[int, int, int]:

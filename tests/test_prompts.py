@@ -311,3 +311,13 @@ def test_describe_and_cli_json(tiny_models: Path, capsys: pytest.CaptureFixture[
     assert doc["negative_prompt"]["chunk_count"] == 2 and doc["chunks_after_padding"] == 2
     assert doc["negative_prompt"]["positions"] == 154
     assert sum(c["token_count"] for c in doc["negative_prompt"]["chunks"]) == doc["negative_prompt"]["token_count"]
+
+
+def test_counter_counts_padded_chunks_as_a1111_does(tokenizer) -> None:
+    # A1111 (sd_hijack_clip.tokenize_line) adds 75 for every chunk it closes before the
+    # end; the counter said "4/75" for a prompt that takes two chunks.
+    assert tokenize_prompt(tokenizer, "a cat BREAK a dog").counter == "77/150"
+    cut = tokenize_prompt(tokenizer, "cat " * 60 + ", " + "dog " * 20)  # chunks [61, 20]
+    assert cut.counter == "95/150"
+    assert tokenize_prompt(tokenizer, "cat " * 76).counter == "76/150"
+    assert tokenize_prompt(tokenizer, "").counter == "0/75"
