@@ -54,7 +54,7 @@ class GenerateResult:
     gallery_dir: str
     manifest: str
     plan: str
-    # "" when the run was not complete enough to draw one (never: drawn at the end of every run).
+    # Redrawn at the end of every run that has images; "" when the gallery is empty.
     contact_sheet: str
     # Images in the plan; images made by this call; images that were already there.
     planned: int
