@@ -22,10 +22,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from service.config import from_dict, to_dict
-from service.errors import Cancelled, InvalidInput, LikenessError
+from service.errors import Cancelled, FailedPrecondition, InvalidInput, LikenessError
 from service.files import atomic_write_json
 from service.progress import CancelToken, ProgressEvent, ProgressFn
 from service.spec import CharacterSpec, spec_from_dict
@@ -33,7 +33,8 @@ from service.store import Store
 
 log = logging.getLogger(__name__)
 
-ROUND_STAGES = ("generate", "curate", "caption", "train")
+# "refine" (rounds >= 1 only) records the stop rule's decision after a round.
+ROUND_STAGES = ("generate", "curate", "caption", "train", "refine")
 FINAL_STAGES = ("export", "evaluate", "report")
 # Limits that keep one request from occupying a device for days.
 MAX_K = 1000
@@ -121,6 +122,9 @@ class BuildContext:
     # Results of finished stages, keyed "r<round>/<stage>" (filled from the store on resume).
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
     round: int = 0
+    # The build's one diffusion pipeline, loaded on first use and shared by generate, train and
+    # evaluate (see service.build_stages.pipeline for why that is safe); dropped when the build ends.
+    pipe: Any = None
 
     def round_dir(self, round_: int) -> Path:
         """Round 0 lives at the build root (the documented layout); refinements under rounds/<r>/."""
@@ -175,15 +179,86 @@ def _run_stage(ctx: BuildContext, round_: int, stage: str, fn: StageFn) -> dict[
     result = fn(ctx, round_)
     ctx.results[key] = result
     scores = result.get("scores", {})
-    ctx.store.set_stage(ctx.build_id, round_, stage, "done", result,
-                        message=f"{stage} done" + (f" (round {round_})" if round_ else "")
-                        + (": " + ", ".join(f"{k}={v:.3f}" for k, v in list(scores.items())[:4]) if scores else ""))
+    message = result.get("message") or (
+        f"{stage} done" + (f" (round {round_})" if round_ else "")
+        + (": " + ", ".join(f"{k}={v:.3f}" for k, v in list(scores.items())[:4]) if scores else ""))
+    ctx.store.set_stage(ctx.build_id, round_, stage, "done", result, message=message)
     return result
 
 
-def _consistency(ctx: BuildContext, round_: int) -> float:
-    scores = ctx.result(round_, "curate").get("scores", {})
-    return float(scores.get("identity_consistency") or scores.get("identity_mean_to_centroid") or 0.0)
+# ------------------------------------------------------------------ refinement
+@dataclass(frozen=True)
+class RefineDecision:
+    """What the refinement loop does after a round's curation (see :func:`refine_decision`)."""
+
+    # The round whose embedding is exported, evaluated and reported (so far).
+    best_round: int
+    # Stop refining after this round.
+    stop: bool
+    # The latest round is the new best, so its curated set must be captioned and trained.
+    train: bool
+    # Identity consistency gained over the best earlier round (None: the round found no identity).
+    gain: float | None
+    # One sentence for the build's events: what was measured and what happens next.
+    reason: str
+
+
+def refine_decision(consistency: Sequence[float | None], margin: float, max_rounds: int) -> RefineDecision:
+    """The stop rule of the refinement loop, on identity consistencies alone.
+
+    ``consistency[r]`` is round r's curated-set identity consistency (None when
+    curation found no identity: no face passed its checks). Round 0 always
+    counts. The latest round (``len - 1``) is compared with the best earlier
+    round: it becomes the best if it is better at all; refining stops when it
+    found no identity, gained less than ``margin``, or is round ``max_rounds``.
+    Ties keep the earlier round (its embedding already exists).
+    """
+    if not consistency or consistency[0] is None:
+        raise InvalidInput("refine_decision: round 0 needs an identity consistency")
+    r = len(consistency) - 1
+    if r == 0:
+        stop = max_rounds <= 0
+        return RefineDecision(0, stop, True, None,
+                              "no refinement rounds asked for" if stop else "round 0 done; refining")
+    earlier = [(c, -i) for i, c in enumerate(consistency[:r]) if c is not None]
+    best_c, neg_best = max(earlier)
+    prev_best = -neg_best
+    c = consistency[r]
+    if c is None:
+        return RefineDecision(prev_best, True, False, None,
+                              f"refining stopped at round {r}: its curation found no identity (no face passed "
+                              f"the checks); keeping round {prev_best} (identity consistency {best_c:.3f})")
+    gain = float(c) - float(best_c)
+    best = r if gain > 0 else prev_best
+    head = (f"round {r}: identity consistency {c:.3f}, {gain:+.3f} vs round {prev_best}")
+    if gain <= 0 or gain < margin:
+        reason = f"{head}, less than the margin {margin:.3f}: refining stopped; keeping round {best}"
+        return RefineDecision(best, True, best == r, gain, reason)
+    if r >= max_rounds:
+        reason = f"{head}: reached the {max_rounds} refinement round(s) asked for; keeping round {best}"
+        return RefineDecision(best, True, True, gain, reason)
+    return RefineDecision(best, False, True, gain, f"{head} (margin {margin:.3f}): refining again")
+
+
+def _consistency(ctx: BuildContext, round_: int) -> float | None:
+    """Round ``round_``'s curated identity consistency; None when curation kept no face."""
+    res = ctx.result(round_, "curate")
+    scores = res.get("scores", {})
+    if "selected" in res and (not res["selected"] or not scores.get("n_faces", 1)):
+        return None
+    return float(scores.get("identity_consistency") or 0.0)
+
+
+def _refine_stage(decision: RefineDecision, consistency: float | None) -> StageFn:
+    def refine(ctx: BuildContext, round_: int) -> dict[str, Any]:
+        scores = {"best_round": float(decision.best_round)}
+        if consistency is not None:
+            scores["identity_consistency"] = consistency
+        if decision.gain is not None:
+            scores["gain"] = decision.gain
+        return {"best_round": decision.best_round, "stop": decision.stop, "trained": decision.train,
+                "gain": decision.gain, "reason": decision.reason, "message": decision.reason, "scores": scores}
+    return refine
 
 
 def run_build(store: Store, build_id: str, *, device: str = "cpu", cancel: CancelToken | None = None,
@@ -216,20 +291,7 @@ def run_build(store: Store, build_id: str, *, device: str = "cpu", cancel: Cance
         ctx = BuildContext(store, build_id, root, spec, opts, device, cancel, progress=lambda e: None, models=models)
         ctx_ref.append(ctx)
         ctx.progress = _EventProgress(ctx_ref, progress)
-        best_round = 0
-        for round_ in range(opts.refinement_rounds + 1):
-            for stage in ROUND_STAGES:
-                _run_stage(ctx, round_, stage, fns[stage])
-            if round_ == 0:
-                continue
-            gain = _consistency(ctx, round_) - _consistency(ctx, best_round)
-            store.add_event(build_id, "log", stage="train", round_=round_,
-                            message=f"round {round_}: identity consistency {_consistency(ctx, round_):.3f} "
-                                    f"({gain:+.3f} vs round {best_round})", metrics={"gain": gain})
-            if gain > 0:
-                best_round = round_
-            if gain < opts.refinement_margin:
-                break
+        best_round, refinement = _run_rounds(ctx, fns)
         ctx.results["best_round"] = {"round": best_round}
         ctx.round = best_round
         for stage in FINAL_STAGES:
@@ -240,6 +302,7 @@ def run_build(store: Store, build_id: str, *, device: str = "cpu", cancel: Cance
             "embeddings": ctx.result(best_round, "export").get("files", {}),
             "token": spec.token,
             "report": ctx.result(best_round, "report").get("files", {}),
+            "refinement": refinement,
         }
         store.finish_build(build_id, "succeeded", result=result)
         return result
@@ -257,6 +320,36 @@ def run_build(store: Store, build_id: str, *, device: str = "cpu", cancel: Cance
         log.exception("build %s failed", build_id)
         store.finish_build(build_id, "failed", error=f"internal error: {type(exc).__name__}: {exc}")
         raise
+    finally:
+        for ctx in ctx_ref:
+            ctx.pipe = None  # free the build's pipeline (GPU memory) now, not at the next GC
+
+
+def _run_rounds(ctx: BuildContext, fns: dict[str, StageFn]) -> tuple[int, dict[str, Any]]:
+    """Round 0, then refinement rounds until :func:`refine_decision` stops; returns (best round, summary)."""
+    opts = ctx.options
+    consistencies: list[float | None] = []
+    decision = RefineDecision(0, True, True, None, "no refinement rounds asked for")
+    for round_ in range(opts.refinement_rounds + 1):
+        for stage in ("generate", "curate"):
+            _run_stage(ctx, round_, stage, fns[stage])
+        consistencies.append(_consistency(ctx, round_))
+        if round_ == 0 and consistencies[0] is None:
+            raise FailedPrecondition(
+                "curation kept no image with a face: the gallery has no usable identity to train on; "
+                "check the gallery (contact_sheet.png, curated/curation.json reasons) or import real photos")
+        decision = refine_decision(consistencies, opts.refinement_margin, opts.refinement_rounds)
+        if decision.train:
+            for stage in ("caption", "train"):
+                _run_stage(ctx, round_, stage, fns[stage])
+        if round_ > 0:
+            # Recorded as a stage so the decision (and its event) is made once, also across resumes.
+            _run_stage(ctx, round_, "refine", _refine_stage(decision, consistencies[round_]))
+        if decision.stop:
+            break
+    summary = {"best_round": decision.best_round, "rounds_run": len(consistencies),
+               "identity_consistency": consistencies, "stop_reason": decision.reason}
+    return decision.best_round, summary
 
 
 def start_build(store: Store, spec: CharacterSpec, options: dict[str, Any] | BuildOptions | None = None,

@@ -49,11 +49,29 @@ def _clip(ctx: BuildContext) -> Any:
 
 
 def _pipe(ctx: BuildContext) -> Any:
-    """A freshly loaded pipeline: training and token loading change its tokenizer, so
-    stages never share one (loading is seconds next to the stage's minutes)."""
-    from service.backends.diffusion import load_pipeline
+    """The build's one pipeline: loaded on first use, then shared by generate, train and evaluate.
 
-    return load_pipeline(_profile(ctx), sampler=ctx.spec.sampling.sampler)
+    Sharing is safe because each stage leaves the pipeline in a state the next one
+    expects. Only the token's own tokenizer entries and text-encoder rows ever
+    change: training adds them (``train_data.add_placeholder_tokens``, which
+    re-initialises rows it finds from an earlier round) and leaves the best vectors
+    in them; evaluation and a refinement round's generation load the embedding they
+    use with ``embeddings.load_into_pipeline``, which replaces whatever rows the
+    token had. Prompts without the token (round 0's gallery, the evaluation
+    baseline) never read those rows. The sampler is set again before each use
+    (training's noise scheduler is its own copy). Loading once saves one or two
+    pipeline loads per round (seconds each for SD 1.5 / SDXL checkpoints).
+    """
+    from service.backends.diffusion import load_pipeline, pipeline_device, set_sampler
+
+    if ctx.pipe is None:
+        pipe = load_pipeline(_profile(ctx), sampler=ctx.spec.sampling.sampler)
+        # One worker per GPU: the build runs on its worker's device, not always cuda:0.
+        if ctx.device.startswith("cuda:") and pipeline_device(pipe).type == "cuda":
+            pipe.to(ctx.device)
+        ctx.pipe = pipe
+    set_sampler(ctx.pipe, ctx.spec.sampling.sampler)
+    return ctx.pipe
 
 
 def _refinement_spec(ctx: BuildContext, round_: int) -> Any:
@@ -81,10 +99,8 @@ def stage_generate(ctx: BuildContext, round_: int) -> dict[str, Any]:
 
     gallery = ctx.round_dir(round_) / "gallery"
     if round_ == 0 and ctx.options.import_gallery:
-        try:
-            from service.importer import import_gallery
-        except ImportError:  # the importer stage has not landed: copy the folder ourselves
-            import_gallery = _copy_gallery
+        from service.importer import import_gallery
+
         res = import_gallery(ctx.options.import_gallery, gallery, ctx.spec, progress=ctx.progress, cancel=ctx.cancel)
         return {"gallery": str(gallery.relative_to(ctx.root)), "source": "import", "summary": _summary(res)}
     spec, pipe = ctx.spec, _pipe(ctx)
@@ -96,28 +112,6 @@ def stage_generate(ctx: BuildContext, round_: int) -> dict[str, Any]:
         load_into_pipeline(pipe, _load_best(ctx, round_ - 1))
     res = generate_gallery(spec, gallery, _profile(ctx), pipe=pipe, progress=ctx.progress, cancel=ctx.cancel)
     return {"gallery": str(gallery.relative_to(ctx.root)), "source": "generate", "summary": _summary(result_dict(res))}
-
-
-def _copy_gallery(src: str, gallery: Path, spec: Any = None, *, progress: Any = None, cancel: Any = None) -> dict[str, Any]:
-    """Copy a folder of images into ``gallery/images`` with manifest rows (resumable per file)."""
-    from service.images import list_images
-    from service.manifest import GalleryImage, append_rows, read_manifest
-    from service.progress import report
-
-    root = Path(src)
-    files = list_images(root)
-    have = {r.id for r in read_manifest(gallery)}
-    for i, p in enumerate(files):
-        rel = p.relative_to(root).as_posix()
-        image_id = "".join(c if c.isalnum() or c in "._-" else "_" for c in rel.rsplit(".", 1)[0])
-        if image_id not in have:
-            target = gallery / "images" / f"{image_id}{p.suffix.lower()}"
-            atomic_save(target, lambda tmp, p=p: shutil.copyfile(p, tmp))
-            append_rows(gallery, [GalleryImage(id=image_id, file=f"images/{target.name}", source="imported")])
-        report(progress, "generate", i + 1, len(files), "importing")
-        if cancel is not None:
-            cancel.check()
-    return {"imported": len(files)}
 
 
 def stage_curate(ctx: BuildContext, round_: int) -> dict[str, Any]:
@@ -164,8 +158,20 @@ def stage_train(ctx: BuildContext, round_: int) -> dict[str, Any]:
     if val:
         changes["validation"] = dataclasses.replace(cfg.validation, **val)
     cfg = dataclasses.replace(cfg, **changes)
-    res = train_embedding(rd / "curated", ctx.spec, rd / "train", cfg, pipe=_pipe(ctx), profile=_profile(ctx),
-                          progress=ctx.progress, cancel=ctx.cancel)
+    profile = _profile(ctx)
+    validator = None
+    if cfg.validation.enabled:
+        # The build's already-loaded face pack and CLIP model, not a second copy per round.
+        from service.train_data import read_dataset
+        from service.validation import ScoringValidator, dataset_centroid
+
+        faces = _faces(ctx)
+        centroid, _ = dataset_centroid(faces, [i.path for i in read_dataset(rd / "curated")])
+        validator = ScoringValidator(ctx.spec, cfg.validation, faces=faces, clip=_clip(ctx), centroid=centroid,
+                                     size=cfg.resolution or (1024 if profile.family == "sdxl" else 512),
+                                     image_dir=rd / "train" / "validation")
+    res = train_embedding(rd / "curated", ctx.spec, rd / "train", cfg, pipe=_pipe(ctx), profile=profile,
+                          progress=ctx.progress, cancel=ctx.cancel, validator=validator)
     save_embedding(res.best, _best_embedding_path(ctx, round_), "safetensors")
     return {"step": int(res.best_step), "last_step": int(res.last_step), "resumed_from": int(res.resumed_from),
             "reason": res.best_reason}
@@ -215,7 +221,7 @@ def stage_report(ctx: BuildContext, round_: int) -> dict[str, Any]:
     rd = ctx.round_dir(round_)
     if round_ > 0:
         # The report reads one folder in the documented layout: give the round its spec.
-        shutil.copyfile(ctx.root / "spec.json", rd / "spec.json")
+        atomic_save(rd / "spec.json", lambda tmp: shutil.copyfile(ctx.root / "spec.json", tmp))
     paths = write_report(rd)
     files = {}
     for kind, path in paths.items():
