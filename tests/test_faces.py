@@ -258,3 +258,26 @@ def test_score_identity_folder_beats_mixed_folder(capsys, realdata: Path, tmp_pa
     assert ref["deepface_img26.jpg"]["same_person"] is True
     assert ref["deepface_img16.jpg"]["same_person"] is False
     assert ref["skimage_brick.png"]["same_person"] is None
+
+
+def test_score_of_a_curated_folder_reads_zoom_and_angle_from_curation_json(capsys, realdata: Path, tmp_path: Path):
+    # A curation's output has <id>.png + curation.json and no manifest; `score` lost the
+    # grid (grid_coverage null) and so disagreed with the curation's own set scores.
+    from PIL import Image
+
+    from service.curate import CURATION_NAME, SCHEMA_VERSION
+
+    cur = tmp_path / "curated"
+    cur.mkdir()
+    cells = {"z0-a0-0000": ("closeup", "front shot", 0, 0), "z1-a1-0000": ("medium shot", "side angle", 1, 1)}
+    for (ident, cell), src in zip(cells.items(), ["deepface_img26.jpg", "deepface_img27.jpg"]):
+        Image.open(realdata / "faces" / "Katy_Perry" / src).convert("RGB").save(cur / f"{ident}.png")
+    images = [{"id": i, "file": f"images/{i}.png", "decision": "kept", "reason_code": "selected", "reason": "kept",
+               "zoom": z, "angle": a, "zoom_index": zi, "angle_index": ai} for i, (z, a, zi, ai) in cells.items()]
+    (cur / CURATION_NAME).write_text(json.dumps({
+        "schema_version": SCHEMA_VERSION, "selected": list(cells), "images": images,
+        "set_scores": {}, "clusters": {}, "config": {}, "summary": {}}))
+    rc, out = _run(capsys, ["score", str(cur), "--profile", "cpu-tiny"])
+    doc = json.loads(out.out)["set"]
+    assert rc == 0 and doc["n_images"] == 2
+    assert doc["grid_coverage"] == 1.0 and "coverage" in doc["weights"]

@@ -21,8 +21,10 @@ def _profile(name: str | None):
 
     if name:
         return load_profile(name)
-    prof, why = best_profile()
-    say(why)
+    prof, _why = best_profile()
+    # The profile's "why" speaks of its diffusion weights ("images are noise"); face tools
+    # only use its face pack, which is real even in cpu-tiny.
+    say(f"using profile {prof.name!r}: face pack {prof.face_pack_path}")
     return prof
 
 
@@ -205,7 +207,7 @@ def _score(args: argparse.Namespace) -> int:
               "same_person": sum(1 for r in rows if r["same_person"]), "images": rows, "skipped": skipped})
         return 0
 
-    manifest = {Path(r.file).as_posix(): r for r in read_manifest(folder)}
+    manifest = _grid_rows(folder, read_manifest(folder))
     emb = [mains[f].embedding if mains[f] is not None else None for f in ok]
     centroid = scores.identity_centroid(np.stack([e for e in emb if e is not None])) if any(e is not None for e in emb) else None
     background, quality, cells, rows = [], [], [], []
@@ -234,6 +236,26 @@ def _score(args: argparse.Namespace) -> int:
     emit({"folder": str(folder), "set": st.to_dict(), "threshold": cal.threshold, "calibrated": cal.calibrated,
           "images": rows, "skipped": skipped})
     return 0
+
+
+def _grid_rows(folder: Path, manifest_rows: list) -> dict[str, Any]:
+    """file (relative, posix) -> row with ``zoom``/``angle``: the gallery manifest, else curation.json.
+
+    A curated folder holds ``<id>.png`` and ``curation.json`` but no manifest; without
+    this, ``likeness score`` of a curation's output lost every image's zoom and angle
+    (no grid coverage, no zoom-aware face size) and disagreed with the curation's own scores.
+    """
+    rows = {Path(r.file).as_posix(): r for r in manifest_rows}
+    if rows or not (folder / "curation.json").is_file():
+        return rows
+    from service.curate import read_curation
+
+    try:
+        result = read_curation(folder)
+    except Exception as exc:  # noqa: BLE001 - a damaged curation.json only loses grid info
+        say(f"warning: {folder / 'curation.json'} unreadable ({exc}); scoring without zoom/angle")
+        return {}
+    return {f"{d.id}.png": d for d in result.images if d.id in set(result.selected)}
 
 
 def _thumb(img):
