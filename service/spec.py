@@ -177,6 +177,8 @@ def spec_from_dict(data: dict[str, Any], where: str = "spec") -> CharacterSpec:
 def load_spec(path: str | Path) -> CharacterSpec:
     """Read and validate a character spec TOML file."""
     path = Path(path)
+    if path.is_dir():
+        raise InvalidInput(f"spec {path} is a folder; pass the .toml character spec file in it (e.g. examples/emily.toml)")
     if not path.is_file():
         raise InvalidInput(f"spec file {path} does not exist; pass a .toml character spec (see examples/)")
     try:

@@ -67,3 +67,11 @@ def test_prompt_sr_first_value_must_occur():
     with pytest.raises(InvalidInput, match="first value 'far away'"):
         spec_from_dict({"name": "E", "token": "3m1ly", "template": "photo, front shot",
                         "zooms": ["far away", "near"], "angles": ["front shot"]})
+
+
+def test_a_folder_given_as_spec_is_named_a_folder(tmp_path) -> None:
+    # Said "spec file examples does not exist" for a folder that plainly exists.
+    with pytest.raises(InvalidInput, match="is a folder"):
+        load_spec(tmp_path)
+    with pytest.raises(InvalidInput, match="does not exist"):
+        load_spec(tmp_path / "nope.toml")
