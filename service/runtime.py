@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from service.build import BuildOptions, build_options, effective_spec, run_build, start_build
-from service.errors import FailedPrecondition, InvalidInput, NotFound
+from service.errors import Cancelled, FailedPrecondition, InvalidInput, NotFound
 from service.files import check_name, safe_join
 from service.progress import CancelToken
 from service.spec import CharacterSpec, spec_from_dict
@@ -38,6 +40,66 @@ class Limits:
     max_prompt_chars: int = 4000
     # Images one Generate call may make (each occupies the device).
     max_generate_images: int = 64
+    # Images of one build's gallery (zooms x angles x per cell): 50x the hand workflow's 400.
+    max_gallery_images: int = 20_000
+    # Entries of a spec list (traits, zooms, angles, ...) and characters of one spec text field.
+    max_spec_items: int = 64
+    max_spec_text: int = 4000
+    # Images Curate analyses per batch: the call's deadline is checked between batches.
+    curate_batch_size: int = 8
+
+
+class CallRecord:
+    """One long call (Generate, Curate): how many units it finished and how it ended."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.units = 0
+        # "running", then "ok", "cancelled" (its token fired), "closed" (the stream was dropped) or "error".
+        self.outcome = "running"
+
+
+class CallLog:
+    """In-flight long calls and the last finished ones: lets logs and tests see that work stopped."""
+
+    def __init__(self, keep: int = 100) -> None:
+        self._cond = threading.Condition()
+        self._active: set[int] = set()
+        self.finished: deque[CallRecord] = deque(maxlen=keep)
+
+    @contextmanager
+    def track(self, name: str) -> Iterator[CallRecord]:
+        rec = CallRecord(name)
+        with self._cond:
+            self._active.add(id(rec))
+        try:
+            yield rec
+            rec.outcome = "ok"
+        except Cancelled:
+            rec.outcome = "cancelled"
+            raise
+        except GeneratorExit:
+            rec.outcome = "closed"
+            raise
+        except BaseException:
+            rec.outcome = "error"
+            raise
+        finally:
+            with self._cond:
+                self._active.discard(id(rec))
+                self.finished.append(rec)
+                self._cond.notify_all()
+            if rec.outcome in ("cancelled", "closed"):
+                log.info("%s stopped after %d unit(s): the call ended", name, rec.units)
+
+    def active(self) -> int:
+        with self._cond:
+            return len(self._active)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """True once no long call is running (False if ``timeout`` passed first)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._active, timeout)
 
 
 class ModelCache:
@@ -99,6 +161,7 @@ class Runtime:
         self._start_workers = start_workers
         self._reference_cache: dict[str, Any] = {}
         self._stages = stages
+        self.calls = CallLog()
 
     # ------------------------------------------------------------ lifecycle
     def start(self, *, load_models: bool = True) -> list[str]:
@@ -126,8 +189,27 @@ class Runtime:
         run_build(self.store, build_id, device=device, cancel=cancel, models=self.models, stages=self._stages)
 
     # ----------------------------------------------------------- characters
+    def check_spec(self, spec: CharacterSpec) -> CharacterSpec:
+        """Bounds the spec module leaves open: list lengths, text lengths, gallery size."""
+        lim = self.limits
+        d = spec.to_dict()
+        for key, value in d.items():
+            if isinstance(value, str) and len(value) > lim.max_spec_text:
+                raise InvalidInput(f"spec.{key}: {len(value)} characters is over the limit of {lim.max_spec_text}")
+            if isinstance(value, (list, tuple)):
+                if len(value) > lim.max_spec_items:
+                    raise InvalidInput(f"spec.{key}: {len(value)} entries is over the limit of {lim.max_spec_items}")
+                if any(isinstance(v, str) and len(v) > 300 for v in value):
+                    raise InvalidInput(f"spec.{key}: each entry must be at most 300 characters")
+        if spec.grid_size > lim.max_gallery_images:
+            raise InvalidInput(
+                f"the gallery would have {spec.grid_size} images (zooms x angles x per_cell); the limit is "
+                f"{lim.max_gallery_images}: use fewer zooms, angles or images per cell")
+        return spec
+
     def create_character(self, spec: CharacterSpec) -> CharacterRow:
-        return self.store.create_character(check_name(spec.name, "character name"), spec.to_dict())
+        check_name(spec.name, "character name")
+        return self.store.create_character(spec.name, self.check_spec(spec).to_dict())
 
     def get_character(self, name: str) -> CharacterRow:
         return self.store.get_character(check_name(name, "character name"))
@@ -167,6 +249,9 @@ class Runtime:
             spec = spec_from_dict(self.get_character(character).spec)
         assert spec is not None
         opts = build_options(options)
+        eff = self.check_spec(effective_spec(spec, opts))
+        if eff.profile:
+            resolve_profile(eff.profile)  # an unknown profile fails now, listing the valid ones
         if opts.import_gallery:
             opts = BuildOptions(**{**opts.__dict__, "import_gallery": str(self.check_import_folder(opts.import_gallery))})
         build_id = start_build(self.store, spec, opts, character=character)
@@ -313,7 +398,7 @@ class Runtime:
             raise InvalidInput("k must be 0 (default 25) to 1000")
         spec = self.character_spec(character) if character else None
         prof = resolve_profile((spec.profile if spec else "") or self.default_profile)
-        with tempfile.TemporaryDirectory(dir=self.store.data_dir) as tmp:
+        with self.calls.track("curate"), tempfile.TemporaryDirectory(dir=self.store.data_dir) as tmp:
             if images:
                 self._check_images(images)
                 src = Path(tmp) / "gallery"
@@ -324,7 +409,8 @@ class Runtime:
             else:
                 src = self.check_import_folder(gallery)
                 names = {}
-            res = curate(src, spec, Path(tmp) / "out", CurateConfig(k=k or 25), faces=self.models.faces(prof),
+            cfg = CurateConfig(k=k or 25, batch_size=self.limits.curate_batch_size)
+            res = curate(src, spec, Path(tmp) / "out", cfg, faces=self.models.faces(prof),
                          clip=self.models.clip(prof), cancel=cancel)
         decisions = []
         for j, d in enumerate(res.images):
@@ -342,14 +428,14 @@ class Runtime:
                  sampler: str = "", steps: int = 0, cfg_scale: float = 0.0, width: int = 0, height: int = 0,
                  seeds: Sequence[int] = (), count: int = 0, profile: str = "",
                  cancel: CancelToken | None = None) -> Iterator[dict[str, Any]]:
-        """Images for an A1111 prompt with trained tokens, one per seed, yielded as they are made."""
+        """Images for an A1111 prompt with trained tokens, one per seed, yielded as they are made.
+
+        Everything is validated here, before the first image (a bad request fails at once,
+        not when the stream is first read); the images come from the returned iterator.
+        """
         import random
 
-        from service.backends.diffusion import load_pipeline, model_hash, model_name
         from service.config import from_dict
-        from service.embeddings import load_embedding, load_into_pipeline
-        from service.generate import render_images
-        from service.grid import PlannedImage
         from service.spec import SamplingConfig
 
         if not prompt.strip():
@@ -358,11 +444,15 @@ class Runtime:
         self.check_prompt(negative_prompt, "negative_prompt")
         if len(characters) > 16:
             raise InvalidInput("at most 16 characters per prompt")
-        seeds = list(seeds) or [random.SystemRandom().randrange(0, 2**32 - 1) for _ in range(count)]
-        self.check_count(len(seeds))
+        for c in characters:
+            check_name(c, "character name")
+        if seeds and count and count != len(seeds):
+            raise InvalidInput(f"count {count} differs from the {len(seeds)} seeds given; give seeds or count")
+        self.check_count(len(seeds) or count)  # before drawing seeds: a huge count must not allocate
         if any(not 0 <= s < 2**32 for s in seeds):
             raise InvalidInput("seeds must be 0..4294967295")
-        builds = [self._finished_build(character=c) for c in characters]
+        seeds = list(seeds) or [random.SystemRandom().randrange(0, 2**32 - 1) for _ in range(count)]
+        builds = [self._finished_build(character=c) for c in dict.fromkeys(characters)]
         prof_name = profile or next((b.spec.get("profile", "") for b in builds if b.spec.get("profile")), "")
         prof = resolve_profile(prof_name or self.default_profile)
         sampling = from_dict(SamplingConfig, {k: v for k, v in {
@@ -372,24 +462,31 @@ class Runtime:
         spec_check = {"name": "x", "token": "xx", "sampling": {k: getattr(sampling, k) for k in
                                                                ("sampler", "steps", "cfg_scale", "width", "height")}}
         spec_from_dict(spec_check, where="request")
-        lock = self.models.get("pipe-lock", prof.name, threading.Lock)
-        with lock:
-            pipe = self.models.get("pipe", prof.name, lambda: load_pipeline(prof))
-            from service.backends.diffusion import set_sampler
+        return self._generate(builds, prof, sampling, prompt, negative_prompt, seeds, cancel)
 
+    def _generate(self, builds: list[BuildRow], prof: Any, sampling: Any, prompt: str, negative_prompt: str,
+                  seeds: list[int], cancel: CancelToken | None) -> Iterator[dict[str, Any]]:
+        from service.backends.diffusion import load_pipeline, model_hash, model_name, set_sampler
+        from service.embeddings import load_embedding, load_into_pipeline
+        from service.generate import PromptCache, infotext_for, render_images
+        from service.grid import PlannedImage
+
+        lock = self.models.get("pipe-lock", prof.name, threading.Lock)
+        with self.calls.track("generate") as rec, lock:
+            pipe = self.models.get("pipe", prof.name, lambda: load_pipeline(prof))
             set_sampler(pipe, sampling.sampler)
             for b in builds:
                 path = safe_join(self.store.build_dir(b.id), b.result["embeddings"]["safetensors"])
                 load_into_pipeline(pipe, load_embedding(path, token=b.result["token"]))
             model, mhash = model_name(prof), model_hash(prof)
+            cache = PromptCache()  # one prompt: encoded once, not once per image
             for i, seed in enumerate(seeds):
                 if cancel is not None:
                     cancel.check()
                 item = PlannedImage(id=f"g{i}", zoom_index=-1, angle_index=-1, index_in_cell=i, zoom="", angle="",
                                     prompt=prompt, negative_prompt=negative_prompt, seed=int(seed))
-                (r,) = render_images(pipe, [item], sampling, model=model, model_hash=mhash)
-                from service.generate import infotext_for
-
+                (r,) = render_images(pipe, [item], sampling, model=model, model_hash=mhash, cache=cache)
+                rec.units += 1
                 yield {"index": i, "seed": int(seed), "png": r.png,
                        "infotext": infotext_for(item, sampling, model, mhash)}
 

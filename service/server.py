@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service.auth import AuthConfig, TokenAuthInterceptor, check_auth_config, server_credentials
-from service.errors import InvalidInput
+from service.errors import InvalidInput, ResourceExhausted
 from service.pb import likeness_pb2 as pb
 from service.pb import likeness_pb2_grpc as pb_grpc
 from service.runtime import Runtime
@@ -139,8 +139,12 @@ def _images(items: Any) -> list[tuple[str, bytes]]:
 class LikenessServicer(pb_grpc.LikenessServicer):
     """pb <-> Runtime; nothing else lives here."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, max_watchers: int = 16) -> None:
         self.rt = runtime
+        # Each open WatchBuild stream holds a server thread for as long as the build runs; capped
+        # so watchers can never take every thread and starve the other calls.
+        self.max_watchers = max_watchers
+        self._watch_slots = threading.BoundedSemaphore(max_watchers)
 
     @grpc_errors
     def CreateCharacter(self, request: pb.CreateCharacterRequest, context: grpc.ServicerContext) -> pb.Character:
@@ -184,8 +188,16 @@ class LikenessServicer(pb_grpc.LikenessServicer):
 
     @grpc_errors
     def WatchBuild(self, request: pb.WatchBuildRequest, context: grpc.ServicerContext) -> Iterator[pb.BuildEvent]:
-        for ev in self.rt.watch_build(request.id, request.after_event, active=context.is_active):
-            yield event_to_pb(ev)
+        events = self.rt.watch_build(request.id, request.after_event, active=context.is_active)
+        if not self._watch_slots.acquire(blocking=False):
+            raise ResourceExhausted(
+                f"{self.max_watchers} WatchBuild streams are open on this server, the most it serves at once; "
+                "close one, or poll GetBuild (its last_event says when there is news)")
+        try:
+            for ev in events:
+                yield event_to_pb(ev)
+        finally:
+            self._watch_slots.release()
 
     @grpc_errors
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GeneratedImage]:
@@ -229,9 +241,12 @@ class LikenessServicer(pb_grpc.LikenessServicer):
         src = request.WhichOneof("source")
         if src is None:
             raise InvalidInput("GetEmbedding needs a character or a build_id")
+        if request.format not in _FORMATS:
+            raise InvalidInput(f"format {request.format} is not a known EmbeddingFormat; use A1111_PT, SAFETENSORS "
+                               "or DIFFUSERS")
         out = self.rt.get_embedding(build_id=request.build_id if src == "build_id" else "",
                                     character=request.character if src == "character" else "",
-                                    format=_FORMATS.get(request.format, "safetensors"))
+                                    format=_FORMATS[request.format])
         return pb.EmbeddingFile(filename=out["filename"], data=out["data"], format=_FORMAT_ENUM[out["format"]],
                                 token=out["token"], build_id=out["build_id"])
 
@@ -252,18 +267,23 @@ def _cancel_on_done(context: grpc.ServicerContext) -> Any:
 
 # ---------------------------------------------------------------------- server
 def create_server(address: str, runtime: Runtime, *, auth: AuthConfig | None = None,
-                  max_workers: int = 16) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """A started-ready (not yet started) server bound to ``address``; returns (server, port, health)."""
+                  max_workers: int = 32) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """A ready (not yet started) server bound to ``address``; returns (server, port, health).
+
+    ``max_workers`` threads serve calls; at most half of them may hold WatchBuild streams.
+    """
     auth = check_auth_config(address, auth or AuthConfig())
     interceptors = [TokenAuthInterceptor(auth.token)] if auth.token else []
     size = runtime.limits.max_message_bytes
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="likeness-rpc"),
         interceptors=interceptors,
-        options=[("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size)],
+        # so_reuseport 0: a second server on a taken port must fail, not silently share its traffic.
+        options=[("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size),
+                 ("grpc.so_reuseport", 0)],
         maximum_concurrent_rpcs=max_workers * 8,
     )
-    pb_grpc.add_LikenessServicer_to_server(LikenessServicer(runtime), server)
+    pb_grpc.add_LikenessServicer_to_server(LikenessServicer(runtime, max_watchers=max(1, max_workers // 2)), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
@@ -272,7 +292,10 @@ def create_server(address: str, runtime: Runtime, *, auth: AuthConfig | None = N
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
     creds = server_credentials(auth)
-    port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+    try:
+        port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpcio raises instead of returning 0 on a failed bind
+        raise InvalidInput(f"could not listen on {address} ({exc}); is the port in use or the address wrong?") from None
     if port == 0 and not address.endswith(":0"):
         raise InvalidInput(f"could not bind {address}; is the port in use?")
     return server, port, health_servicer

@@ -143,13 +143,15 @@ def new_build_id() -> str:
 class Store:
     """The SQLite store; safe to share between threads."""
 
-    def __init__(self, data_dir: str | Path) -> None:
+    def __init__(self, data_dir: str | Path, *, busy_timeout: float = 30.0) -> None:
+        """``busy_timeout``: seconds a write waits for another process (a CLI on the same data dir)."""
         self.data_dir = Path(data_dir).resolve()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.data_dir / DB_NAME
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
-        self._conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
+        self._conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None,
+                                     timeout=busy_timeout)
         self._conn.row_factory = sqlite3.Row
         self._conn.execute("PRAGMA journal_mode=WAL")
         # FULL: a committed event survives even an OS crash, not only a process kill.
@@ -165,7 +167,13 @@ class Store:
 
         def __enter__(self) -> sqlite3.Connection:
             self.store._lock.acquire()
-            self.store._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self.store._conn.execute("BEGIN IMMEDIATE")
+            except BaseException:
+                # "database is locked" (another process held it past the busy timeout): without
+                # this the lock stayed taken and every later store call in this process hung.
+                self.store._lock.release()
+                raise
             return self.store._conn
 
         def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:

@@ -260,3 +260,87 @@ def test_fifty_concurrent_calls(served, realdata):
         with ThreadPoolExecutor(50) as pool:
             results = list(pool.map(call, range(50)))
     assert all(results), results
+
+
+def test_deadline_stops_long_generate_and_curate(served, realdata, tiny_models):
+    """A short client deadline: DEADLINE_EXCEEDED, and the server-side work stops (its call record
+    says how it ended and how far it got), and the server answers the next call."""
+    rt, addr, _, _ = served
+    rt.start(load_models=False)
+    with LikenessClient(addr, token=TOKEN, timeout=120) as c:
+        # Load the pipeline first so the deadline falls in the middle of the images.
+        assert len(list(c.generate("a photo", steps=1, width=64, height=64, seeds=[1]))) == 1
+        stream = c.generate("a photo", steps=4, width=64, height=64, count=64, timeout=1.5)
+        code, _ = _code(lambda: list(stream))
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert rt.calls.wait_idle(120)
+        gen = [r for r in rt.calls.finished if r.name == "generate"][-1]
+        assert gen.outcome in ("cancelled", "closed") and gen.units < 64, (gen.outcome, gen.units)
+        # Curate ~100 full-size real photos from a server-side folder: stops between batches.
+        req = pb.CurateRequest(gallery=str(realdata / "faces"), k=5)
+        code, _ = _code(lambda: c.stub.Curate(req, timeout=2, metadata=c._metadata))
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert rt.calls.wait_idle(120)
+        cur = [r for r in rt.calls.finished if r.name == "curate"][-1]
+        assert cur.outcome == "cancelled"
+        assert c.list_characters() == [] and rt.calls.active() == 0
+
+
+def test_watch_streams_are_capped_so_other_calls_still_run(tmp_path):
+    gate = Gate()
+    rt = Runtime(tmp_path / "data", devices=["cpu"], stages=gate.stages())
+    server, port, _ = create_server("127.0.0.1:0", rt, max_workers=4)  # at most 2 watchers
+    server.start()
+    rt.start(load_models=False)
+    try:
+        with LikenessClient(f"127.0.0.1:{port}") as c:
+            b = c.start_build(spec=SPEC, options={"k": 3})
+            assert gate.in_train.wait(30)
+            streams = [c.stub.WatchBuild(pb.WatchBuildRequest(id=b.id)) for _ in range(2)]
+            assert all(next(s).number == 1 for s in streams)
+            code, msg = _code(lambda: next(iter(c.stub.WatchBuild(pb.WatchBuildRequest(id=b.id)))))
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "GetBuild" in msg
+            assert c.get_build(b.id).state == pb.RUNNING  # unary calls still have threads
+            streams[0].cancel()
+            # The slot comes back once the server notices the client left.
+            for _ in range(100):
+                try:
+                    assert next(iter(c.stub.WatchBuild(pb.WatchBuildRequest(id=b.id)))).number == 1
+                    break
+                except grpc.RpcError as exc:
+                    assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    threading.Event().wait(0.1)
+            else:
+                raise AssertionError("the watch slot was never freed")
+            streams[1].cancel()
+    finally:
+        gate.open.set()
+        server.stop(0)
+        rt.stop()
+
+
+def test_more_bad_inputs(served, tmp_path):
+    rt, addr, _, _ = served
+    with LikenessClient(addr, token=TOKEN) as c:
+        cases = {
+            "count": lambda: list(c.generate("a photo", count=10**9)),
+            "seeds and count": lambda: list(c.generate("a photo", seeds=[1, 2], count=3)),
+            "character name": lambda: list(c.generate("a photo", characters=["../x"], seeds=[1])),
+            "profile": lambda: list(c.generate("a photo", profile="../../etc/passwd", seeds=[1])),
+            "format": lambda: c.stub.GetEmbedding(pb.GetEmbeddingRequest(build_id="b-x", format=99),
+                                                  metadata=c._metadata),
+            "build profile": lambda: c.start_build(spec=SPEC, options={"profile": "no-such-profile"}),
+            "gallery size": lambda: c.start_build(spec=SPEC, options={"images_per_cell": 1000}),
+            "trait count": lambda: c.create_character(spec_from_dict(
+                {"name": "Many", "token": "m4ny", "traits": [f"trait {i}" for i in range(65)]})),
+            "trait length": lambda: c.create_character(spec_from_dict(
+                {"name": "Long", "token": "l0ng", "traits": ["x" * 301]})),
+            "limit": lambda: c.list_builds(limit=-1),
+        }
+        for what, call in cases.items():
+            code, msg = _code(call)
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and msg, (what, code, msg)
+    # A port that is taken is a clear error, not a traceback from grpc.
+    taken = addr.rsplit(":", 1)[1]
+    with pytest.raises(errors.InvalidInput, match="could not"):
+        create_server(f"127.0.0.1:{taken}", Runtime(tmp_path / "d2", start_workers=False))

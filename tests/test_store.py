@@ -109,3 +109,21 @@ def test_watch_sees_live_events(tmp_path):
     assert s.get_build(b.id).error == "boom"
     with pytest.raises(InvalidInput):
         s.finish_build(b.id, "running")
+
+
+def test_locked_database_fails_the_write_and_frees_the_store(tmp_path):
+    """Another process holding the write lock past the busy timeout: that write fails, nothing hangs."""
+    import sqlite3
+
+    s = Store(tmp_path, busy_timeout=0.1)
+    other = sqlite3.connect(str(tmp_path / "likeness.db"), isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        s.create_character("Emily", SPEC)
+    other.execute("ROLLBACK")
+    other.close()
+    # The store's own lock was released: a write from another thread goes through.
+    t = threading.Thread(target=lambda: s.create_character("Emily", SPEC), daemon=True)
+    t.start()
+    t.join(30)
+    assert not t.is_alive() and s.get_character("Emily").spec == SPEC
