@@ -24,7 +24,8 @@ COMMAND_MODULES = (
     "service.commands.prompt",
     "service.commands.caption",
     "service.commands.curate",
-    "service.commands.serve", "service.commands.build",
+    "service.commands.serve",
+    "service.commands.build",
     "service.commands.train",
     "service.commands.report",
 )
@@ -63,6 +64,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LikenessError as exc:
         say(f"error: {exc}")
         return exc.exit_code
+    except OSError as exc:
+        # Disk full, permission denied, a vanished file: the user's environment to fix, not a bug.
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        say(f"error: {exc.strerror or exc}{where}")
+        return 1
     except KeyboardInterrupt:
         say("interrupted: finished work is kept; run the same command again to resume")
         return 130

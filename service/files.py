@@ -6,6 +6,8 @@ a reader (or a restarted build) never sees a half-written file.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -16,16 +18,6 @@ from typing import Any
 from service.errors import InvalidInput
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-# mkstemp makes 0600 files; artifacts (reports, images) get the mode any new file would.
-_FILE_MODE = 0o666 & ~_umask()
 
 
 def _current_umask() -> int:
@@ -86,7 +78,6 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -117,7 +108,7 @@ def atomic_save(path: str | os.PathLike[str], save: Any) -> Path:
     os.close(fd)
     try:
         save(tmp)
-        os.chmod(tmp, _FILE_MODE)
+        os.chmod(tmp, _FILE_MODE)  # a saver may have replaced the file we made
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -155,3 +146,27 @@ def safe_join(root: str | os.PathLike[str], *parts: str) -> Path:
 def read_json(path: str | os.PathLike[str]) -> Any:
     with open(path, encoding="utf-8") as fh:
         return json.load(fh)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike[str], what: str = "run"):
+    """Hold an exclusive lock on ``folder`` (a ``.lock`` file) or fail at once.
+
+    Two runs writing the same artifacts would interleave rows and images; the
+    second one is refused with a message instead. The lock dies with the
+    process (flock), so a killed run never leaves a stale lock behind.
+    """
+    from service.errors import FailedPrecondition
+
+    folder = ensure_dir(folder)
+    fh = open(folder / ".lock", "a+")
+    try:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FailedPrecondition(
+                f"another {what} is writing into {folder}; wait for it to finish or use another folder"
+            ) from None
+        yield folder
+    finally:
+        fh.close()

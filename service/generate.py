@@ -34,7 +34,7 @@ from typing import Any, Sequence
 
 from service.config import to_dict
 from service.errors import InvalidInput
-from service.files import atomic_write_bytes, atomic_write_json, read_json
+from service.files import atomic_write_bytes, atomic_write_json, ensure_dir, folder_lock, read_json
 from service.grid import PlannedImage, plan_gallery
 from service.manifest import GalleryImage, append_rows, manifest_path, read_manifest
 from service.profiles import Profile, best_profile, load_profile
@@ -388,6 +388,29 @@ def generate_gallery(
     chosen from free memory). ``cancel`` is checked between batches: finished
     batches are kept and :class:`service.errors.Cancelled` is raised.
     """
+    ensure_dir(out_dir, "gallery folder")
+    with folder_lock(out_dir, "generation"):
+        return _generate_locked(
+            spec, out_dir, profile, per_cell=per_cell, zooms=zooms, angles=angles, batch_size=batch_size,
+            progress=progress, cancel=cancel, pipe=pipe, executor=executor, compile_unet=compile_unet,
+        )
+
+
+def _generate_locked(
+    spec: CharacterSpec,
+    out_dir: str | os.PathLike[str],
+    profile: Profile | str | None,
+    *,
+    per_cell: int | None,
+    zooms: Sequence[str] | None,
+    angles: Sequence[str] | None,
+    batch_size: int | None,
+    progress: ProgressFn | None,
+    cancel: CancelToken | None,
+    pipe: Any,
+    executor: Any,
+    compile_unet: bool,
+) -> GenerateResult:
     from service.backends.diffusion import auto_batch_size, load_pipeline, model_hash, model_name, pipeline_device
     from service.contact_sheet import contact_sheet
 

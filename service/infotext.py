@@ -200,6 +200,14 @@ def _decode_user_comment(raw: Any) -> str:
     return raw.decode("utf-8", errors="ignore").rstrip("\x00")
 
 
+_SETTINGS_LINE = re.compile(r"(^|\n)\s*Steps:\s*\d+", re.MULTILINE)
+
+
+def looks_like_parameters(text: str) -> bool:
+    """True when ``text`` carries A1111's settings line (``Steps: N, Sampler: ...``)."""
+    return bool(text) and bool(_SETTINGS_LINE.search(text))
+
+
 def read_parameters(data: bytes) -> str:
     """The A1111 parameters text of an encoded image (PNG chunk or EXIF UserComment), or "".
 
@@ -218,6 +226,9 @@ def read_parameters(data: bytes) -> str:
                 return info["parameters"]
             exif = img.getexif()
             comment = exif.get_ifd(0x8769).get(0x9286) if exif else None
-            return _decode_user_comment(comment) if comment else ""
+            text = _decode_user_comment(comment) if comment else ""
+            # Cameras and agencies write copyright lines there too ("(c)Glenn Francis ...");
+            # only text with A1111's settings line is generation parameters.
+            return text if looks_like_parameters(text) else ""
     except Exception:  # noqa: BLE001 - metadata of a broken file is simply absent
         return ""

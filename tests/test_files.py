@@ -45,3 +45,31 @@ def test_safe_join_refuses_escape(tmp_path):
     assert safe_join(tmp_path, "a", "b.png") == (tmp_path / "a" / "b.png").resolve()
     with pytest.raises(InvalidInput, match="escapes"):
         safe_join(tmp_path, "..", "etc")
+
+
+def test_folder_lock_refuses_a_second_writer_and_releases(tmp_path):
+    from service.errors import FailedPrecondition
+    from service.files import folder_lock
+
+    with folder_lock(tmp_path, "generation"):
+        with pytest.raises(FailedPrecondition, match="another generation is writing"):
+            with folder_lock(tmp_path, "generation"):
+                pass
+    with folder_lock(tmp_path):  # released: a later run gets it
+        pass
+
+
+def test_output_paths_that_cannot_be_folders_are_invalid_input(tmp_path):
+    from service.files import ensure_dir
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(InvalidInput, match="a file with that name is in the way"):
+        ensure_dir(blocker)
+    with pytest.raises(InvalidInput, match="cannot be created"):
+        atomic_write_bytes(blocker / "x.bin", b"1")
+    with pytest.raises(InvalidInput, match="cannot be created"):
+        atomic_save(blocker / "deeper" / "x.pt", lambda tmp: None)
+    with pytest.raises(InvalidInput, match="it is a folder"):
+        atomic_write_bytes(tmp_path, b"1")
+    assert blocker.read_text() == "x"

@@ -283,3 +283,42 @@ def test_sd15_config_folder_for_single_file_checkpoints(tmp_path, monkeypatch, t
     assert (folder / "tokenizer" / "tokenizer_config.json").is_file()
     monkeypatch.setenv("LIKENESS_SD_CONFIG", str(folder))
     assert single_file_config(load_profile("sd15")) == folder.resolve()
+
+
+def test_cli_overrides_sampling_for_a_quick_try(tiny_models, tmp_path, capsys):
+    """The example spec (512 px, 30 steps) shrinks from the command line, no spec copy needed."""
+    from PIL import Image as PILImage
+
+    from service.cli import main
+    from service.infotext import parse_infotext
+
+    out = tmp_path / "quick"
+    args = ["generate", str(REPO_ROOT / "examples" / "emily.toml"), "--out", str(out), "--profile", "cpu-tiny",
+            "--per-cell", "1", "--zooms", "closeup", "--angles", "front shot", "--steps", "2",
+            "--width", "64", "--height", "96", "--cfg", "5", "--sampler", "Euler a", "--seed", "7", "-q"]
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["generated"] == 1
+    png = next((out / "images").glob("*.png"))
+    info = parse_infotext(PILImage.open(png).text["parameters"])
+    assert (info.steps, info.width, info.height, info.cfg_scale, info.sampler, info.seed) == (2, 64, 96, 5.0, "Euler a", 7)
+    # A bad override is a clear error naming the field, not a traceback.
+    assert main(args[:-1] + ["--width", "65", "-q"]) == 2
+    assert "sampling.width" in capsys.readouterr().err
+
+
+def test_two_runs_on_one_gallery_folder_are_refused(tmp_path):
+    from service.files import folder_lock
+    from service.generate import generate_gallery
+
+    with folder_lock(tmp_path / "g", "generation"):
+        with pytest.raises(FailedPrecondition, match="another generation is writing"):
+            generate_gallery(tiny_spec(), tmp_path / "g", "cpu-tiny")
+
+
+def test_an_output_path_that_is_a_file_is_invalid_input(tmp_path):
+    from service.generate import generate_gallery
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(InvalidInput, match="in the way"):
+        generate_gallery(tiny_spec(), blocker, "cpu-tiny")

@@ -72,3 +72,13 @@ def test_exif_user_comment_in_jpeg_and_webp():
         info = parse_infotext(read_parameters(buf.getvalue()))
         assert (info.prompt, info.seed, info.sampler) == ("a dog, full body", 9, "Euler")
     assert read_parameters(b"not an image") == ""
+
+
+def test_exif_comments_that_are_not_generation_parameters_are_ignored():
+    # Press photos carry copyright lines in UserComment; they are not prompts.
+    for text in ("(c)Glenn Francis 858-717-0010", "Screenshot"):
+        exif = Image.Exif()
+        exif.get_ifd(0x8769)[0x9286] = b"ASCII\x00\x00\x00" + text.encode("ascii")
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(buf, "JPEG", exif=exif.tobytes())
+        assert read_parameters(buf.getvalue()) == ""

@@ -75,3 +75,28 @@ def test_a_folder_given_as_spec_is_named_a_folder(tmp_path) -> None:
         load_spec(tmp_path)
     with pytest.raises(InvalidInput, match="does not exist"):
         load_spec(tmp_path / "nope.toml")
+
+
+def test_spec_check_refuses_a_token_the_tokenizer_already_knows(tiny_models, tmp_path, capsys):
+    from service.cli import main
+
+    spec = tmp_path / "w.toml"
+    spec.write_text('name = "W"\ntoken = "woman"\n')
+    assert main(["spec", "check", str(spec)]) == 2
+    assert "already a single token" in capsys.readouterr().err
+    assert main(["spec", "check", str(REPO / "examples" / "emily.toml")]) == 0
+    out = __import__("json").loads(capsys.readouterr().out)
+    assert out["ok"] and len(out["token"]["pieces_before_training"]) > 1
+
+
+def test_cli_turns_os_errors_into_messages(tmp_path, capsys, monkeypatch):
+    from service import cli
+
+    def boom(args):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "x"))
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    parser._subparsers._group_actions[0].choices["profiles"].set_defaults(func=boom)
+    assert cli.main(["profiles"]) == 1
+    assert "error: Permission denied" in capsys.readouterr().err

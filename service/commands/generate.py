@@ -14,8 +14,11 @@ def _generate(args: argparse.Namespace) -> int:
     from service.spec import load_spec
 
     spec = load_spec(args.spec)
-    if args.seed is not None:
-        spec = spec.with_overrides(seed=args.seed)
+    overrides = {k: v for k, v in (("seed", args.seed), ("steps", args.steps), ("width", args.width),
+                                   ("height", args.height), ("cfg_scale", args.cfg), ("sampler", args.sampler))
+                 if v is not None}
+    if overrides:
+        spec = spec.with_overrides(**overrides)
     bar = TqdmProgress(disable=args.quiet)
     try:
         result = generate_gallery(
@@ -64,6 +67,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--angles", nargs="+", default=None, metavar="ANGLE", help="angle phrases replacing the spec's")
     p.add_argument("--batch-size", type=int, default=None, help="images per denoising batch (default: from free memory)")
     p.add_argument("--seed", type=int, default=None, help="base seed (default: the spec's; -1 draws one)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (spec default 30)")
+    p.add_argument("--width", type=int, default=None, help="image width, multiple of 8 (spec default 512)")
+    p.add_argument("--height", type=int, default=None, help="image height, multiple of 8 (spec default 512)")
+    p.add_argument("--cfg", type=float, default=None, help="CFG scale (spec default 7)")
+    p.add_argument("--sampler", default=None, help='A1111 sampler name, e.g. "Euler a" (spec default DPM++ 2M Karras)')
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (CUDA; slow first batch)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_generate)

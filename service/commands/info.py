@@ -28,10 +28,17 @@ def _profiles(args: argparse.Namespace) -> int:
 
 
 def _spec_check(args: argparse.Namespace) -> int:
-    from service.spec import load_spec
+    from service.commands.prompt import load_profile_tokenizer
+    from service.spec import check_token_is_new, load_spec
 
     spec = load_spec(args.spec)
-    emit({"ok": True, "spec": spec.to_dict(), "images": spec.grid_size})
+    # The token must be new to the profile's tokenizer (SD 1.x and SDXL share the CLIP BPE).
+    profile = args.profile or spec.profile or "cpu-tiny"
+    tokenizer, source = load_profile_tokenizer(profile)
+    check_token_is_new(spec.token, tokenizer)
+    pieces = tokenizer.tokenize(spec.token)
+    emit({"ok": True, "spec": spec.to_dict(), "images": spec.grid_size,
+          "token": {"text": spec.token, "tokenizer": source, "pieces_before_training": pieces}})
     return 0
 
 
@@ -41,4 +48,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("spec", help="validate a character spec")
     p.add_argument("action", choices=["check"])
     p.add_argument("spec")
+    p.add_argument("--profile", default=None, help="check the token against this profile's tokenizer (default: the spec's, else cpu-tiny)")
     p.set_defaults(func=_spec_check)
