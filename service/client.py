@@ -135,13 +135,18 @@ class LikenessClient:
         return self._call("CancelBuild", pb.CancelBuildRequest(id=build_id))
 
     def watch_build(self, build_id: str, after_event: int = 0, *, reconnect: bool = True,
-                    max_retries: int = 30) -> Iterator[pb.BuildEvent]:
-        """Events until the build ends; on a dropped stream it reconnects after the last number seen."""
+                    max_retries: int = 30, timeout: float | None = None) -> Iterator[pb.BuildEvent]:
+        """Events until the build ends; on a dropped stream it reconnects after the last number seen.
+
+        ``timeout``: seconds for the whole watch (DEADLINE_EXCEEDED after it); None = until the end.
+        """
         last, retries = after_event, 0
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             try:
+                left = None if deadline is None else max(0.001, deadline - time.monotonic())
                 stream = self.stub.WatchBuild(pb.WatchBuildRequest(id=build_id, after_event=last),
-                                              metadata=self._metadata)
+                                              metadata=self._metadata, timeout=left)
                 for ev in stream:
                     last, retries = ev.number, 0
                     yield ev
@@ -155,10 +160,14 @@ class LikenessClient:
 
     def wait_build(self, build_id: str, timeout: float | None = None) -> pb.Build:
         """Follow events until the build is final; returns the final Build."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for _ in self.watch_build(build_id):
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"build {build_id} not finished after {timeout}s")
+        try:
+            for _ in self.watch_build(build_id, timeout=timeout):
+                pass
+        except grpc.RpcError as exc:
+            # The stream's own deadline: fires even when the build sends no event at all.
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise TimeoutError(f"build {build_id} not finished after {timeout}s") from None
+            raise
         return self.get_build(build_id)
 
     # images
@@ -172,18 +181,19 @@ class LikenessClient:
         return self.stub.Generate(req, timeout=timeout or self.timeout, metadata=self._metadata)
 
     def score_consistency(self, images: Sequence[Any], *, character: str = "",
-                          reference: Sequence[Any] = ()) -> pb.ScoreConsistencyResponse:
+                          reference: Sequence[Any] = (), timeout: float | None = None) -> pb.ScoreConsistencyResponse:
         req = pb.ScoreConsistencyRequest(images=image_inputs(images))
         if character:
             req.character = character
         else:
             req.reference_images.images.extend(image_inputs(reference))
-        return self._call("ScoreConsistency", req)
+        return self._call("ScoreConsistency", req, timeout)
 
     def curate(self, images: Sequence[Any] = (), *, gallery: str = "", character: str = "",
-               k: int = 0) -> pb.CurateResponse:
+               k: int = 0, timeout: float | None = None) -> pb.CurateResponse:
+        """Decisions for images or a server folder; the server stops work when ``timeout`` passes."""
         return self._call("Curate", pb.CurateRequest(images=image_inputs(images), gallery=gallery,
-                                                     character=character, k=k))
+                                                     character=character, k=k), timeout)
 
     # artifacts
     def get_embedding(self, *, character: str = "", build_id: str = "", format: str = "safetensors") -> pb.EmbeddingFile:

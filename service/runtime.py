@@ -300,6 +300,8 @@ class Runtime:
         if format not in files:
             raise NotFound(f"build {row.id} has no {format} embedding (it has {sorted(files)})")
         path = safe_join(self.store.build_dir(row.id), files[format])
+        if not path.is_file():
+            raise NotFound(f"build {row.id}'s {format} embedding file is missing from the data directory; rebuild it")
         return {"filename": path.name, "data": path.read_bytes(), "format": format,
                 "token": row.result.get("token", ""), "build_id": row.id}
 
@@ -453,6 +455,9 @@ class Runtime:
             raise InvalidInput("seeds must be 0..4294967295")
         seeds = list(seeds) or [random.SystemRandom().randrange(0, 2**32 - 1) for _ in range(count)]
         builds = [self._finished_build(character=c) for c in dict.fromkeys(characters)]
+        for b in builds:
+            if "safetensors" not in b.result.get("embeddings", {}):
+                raise FailedPrecondition(f"build {b.id} of {b.character!r} exported no embedding; rebuild the character")
         prof_name = profile or next((b.spec.get("profile", "") for b in builds if b.spec.get("profile")), "")
         prof = resolve_profile(prof_name or self.default_profile)
         sampling = from_dict(SamplingConfig, {k: v for k, v in {

@@ -228,6 +228,9 @@ def test_watch_reconnect_and_cancel(served):
         gate.in_train.clear()
         b2 = c.start_build(spec=SPEC, options={"k": 3})
         assert gate.in_train.wait(30)
+        # wait_build's timeout holds even while the build sends no event.
+        with pytest.raises(TimeoutError):
+            c.wait_build(b2.id, timeout=0.5)
         c.cancel_build(b2.id)
         events = list(c.watch_build(b2.id))
         assert events[-1].state == pb.CANCELLED
@@ -344,3 +347,17 @@ def test_more_bad_inputs(served, tmp_path):
     taken = addr.rsplit(":", 1)[1]
     with pytest.raises(errors.InvalidInput, match="could not"):
         create_server(f"127.0.0.1:{taken}", Runtime(tmp_path / "d2", start_workers=False))
+
+
+def test_generate_with_a_character_without_embedding_is_failed_precondition(served):
+    rt, addr, _, gate = served
+    rt.start(load_models=False)
+    gate.open.set()
+    with LikenessClient(addr, token=TOKEN) as c:
+        c.create_character(SPEC)
+        b = c.start_build(character="Emily", options={"k": 3})
+        assert c.wait_build(b.id, timeout=60).state == pb.SUCCEEDED
+        # The stand-in export wrote no file: a clear status, not INTERNAL.
+        code, msg = _code(lambda: list(c.generate("photo of 3m1ly", characters=["Emily"], seeds=[1])))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "no embedding" in msg
+        assert _code(lambda: c.get_embedding(character="Emily"))[0] == grpc.StatusCode.NOT_FOUND

@@ -15,7 +15,11 @@ def _serve(args: argparse.Namespace) -> int:
     from service.runtime import Limits, Runtime
     from service.server import serve
 
+    from service.errors import InvalidInput
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not 1 <= args.max_message_mb <= 2047:
+        raise InvalidInput(f"--max-message-mb {args.max_message_mb}: use 1 to 2047 (gRPC's limit is 2 GiB)")
     auth = check_auth_config(args.listen, AuthConfig(
         token=token_from_env(args.token), tls_cert=args.tls_cert or "", tls_key=args.tls_key or "",
         insecure_no_auth=args.insecure_no_auth,
