@@ -163,7 +163,26 @@ def test_refinement_round_without_identity_keeps_round_zero(tmp_path, photos, mo
     rep = json.loads((root / "report" / "report.json").read_text())
     assert rep["build"]["id"] == bid  # the build root's report, not "<build> round <r>"
     assert "eval_clip_t_token" in row.result["scores"]
-    # One pipeline served training, round 1's generation and evaluation.
+    # One pipeline served training, round 1's generation and evaluation ...
     assert len(loads) == 1
+    # ... and sharing it was clean: a fresh pipeline with round 0's embedding loaded draws the same
+    # round-1 image, pixel for pixel.
+    import types
+
+    import numpy as np
+    from PIL import Image
+
+    from service.build_stages import _refinement_spec
+    from service.embeddings import load_into_pipeline
+    from service.generate import generate_gallery
+    from service.profiles import load_profile
+
+    fresh = real_load(load_profile("cpu-tiny"), sampler=SPEC.sampling.sampler)
+    load_into_pipeline(fresh, best0)
+    spec1 = _refinement_spec(types.SimpleNamespace(spec=SPEC), 1)
+    generate_gallery(spec1, tmp_path / "fresh", load_profile("cpu-tiny"), pipe=fresh)
+    (shared_png,) = (r1 / "gallery" / "images").glob("*.png")
+    fresh_png = tmp_path / "fresh" / "images" / shared_png.name
+    assert np.array_equal(np.asarray(Image.open(shared_png)), np.asarray(Image.open(fresh_png)))
     # Running it again (a resume after the end) changes nothing.
     assert run_build(store, bid) == row.result
