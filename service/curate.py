@@ -7,7 +7,9 @@ Pipeline (every rule and threshold is in docs/curation.md):
 2. Faces for every image, batched (``FaceAnalyzer.analyze``); CLIP image
    embeddings, batched, when a CLIP model is given.
 3. Per-image face checks (several faces, detection score, size for the zoom
-   level, blur) — ``service.curate_checks``.
+   level, blur) — ``service.curate_checks``. Steps 1-3 run per shard of
+   ``batch_size`` images in ``service.curate_analysis``, in this process or
+   on an executor's workers (``service.executor``, e.g. Ray actors).
 4. Identity clustering over the main faces that passed (faiss range search,
    connected components, largest-then-most-cohesive cluster) and outliers by
    cosine to the identity centroid — ``service.selection``.
@@ -28,18 +30,18 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from service import scores
-from service.background import background_outliers, background_scores, border_features, clip_background_probability
+from service.background import background_outliers, background_scores, clip_background_probability
 from service.config import to_dict
+from service.curate_analysis import CurationWorker, CurationWorkerFactory, LazyShards, ShardAnalysis
 from service.curate_checks import (
     KEPT_CODES,
     REASON_CODES,
     CurateConfig,
-    check_faces,
     curate_config_from_dict,
     is_rear_angle,
     near_duplicate_pairs,
@@ -60,10 +62,6 @@ __all__ = [
 
 CURATION_NAME = "curation.json"
 SCHEMA_VERSION = 1
-# Smallest image side worth analysing: the detector cannot find a face below it.
-_MIN_SIDE = 32
-# Grey thumbnail side kept per image for near-duplicate keypoints.
-_THUMB_SIDE = 512
 
 
 @dataclass(frozen=True)
@@ -179,56 +177,34 @@ class _Item:
         return self.faces[0].embedding if self.faces else None
 
 
-def _decode(root: Path, item: _Item, max_side: int) -> Any:
-    from PIL import Image
+def _analyse(root: Path, items: list[_Item], cfg: CurateConfig, executor: Any, factory: Any,
+             progress: ProgressFn | None, cancel: CancelToken | None) -> dict[str, Any]:
+    """Per-image analysis (``service.curate_analysis``) in shards of ``cfg.batch_size`` on ``executor``.
 
-    try:
-        path = safe_join(root, item.row.file)
-        img, info = load_image(path)
-    except InvalidInput as exc:
-        item.code, item.reason = "undecodable", f"cannot be used: {exc}"
-        return None
-    item.measures.update(format=info.format, mode=info.mode, width=info.width, height=info.height,
-                         extension_mismatch=info.extension_mismatch)
-    if min(img.size) < _MIN_SIDE:
-        item.code, item.reason = "image_too_small", f"{img.size[0]}x{img.size[1]} is too small to hold a face"
-        return None
-    if max(img.size) > max_side:
-        s = max_side / max(img.size)
-        img = img.resize((max(1, round(img.size[0] * s)), max(1, round(img.size[1] * s))), Image.BILINEAR)
-    return img
-
-
-def _analyse(root: Path, items: list[_Item], cfg: CurateConfig, faces: Any, clip: Any,
-             progress: ProgressFn | None, cancel: CancelToken | None) -> None:
-    """Decode once, then faces, CLIP, face checks, border colours and thumbnails per batch."""
-    from PIL import Image
-
+    Returns the models' identity (face backend, recognition sha256, CLIP name)
+    as the workers reported it. A shard's result lands once: a re-run shard
+    (its worker died) overwrites the same items with the same values.
+    """
+    shards = LazyShards(root, [(i, it.row) for i, it in enumerate(items)], cfg)
+    state: dict[str, Any] = {"done": 0, "landed": set(), "models": {}}
     total = len(items)
-    for start in range(0, total, cfg.batch_size):
-        if cancel is not None:
-            cancel.check()
-        batch = items[start:start + cfg.batch_size]
-        decoded = [(it, _decode(root, it, cfg.max_side)) for it in batch]
-        decoded = [(it, img) for it, img in decoded if img is not None]
-        arrays = [np.asarray(img) for _, img in decoded]
-        found = faces.analyze(arrays) if arrays else []
-        embs = clip.embed_images([img for _, img in decoded], batch_size=cfg.batch_size) if (clip is not None and decoded) else None
-        for n, ((it, img), arr, recs) in enumerate(zip(decoded, arrays, found)):
-            it.faces = list(recs)
-            it.border = border_features(arr)
-            if embs is not None:
-                it.clip = np.asarray(embs[n], np.float32)
-            s = min(1.0, _THUMB_SIDE / max(img.size))
-            it.thumb = np.asarray(img.convert("L").resize((max(1, round(img.size[0] * s)), max(1, round(img.size[1] * s))),
-                                                          Image.BILINEAR))
-            if not it.faces:
-                continue
-            chk = check_faces(cfg, it.faces, arr, it.row.zoom, it.row.zoom_index)
-            it.measures.update(chk.measures)
-            if chk.reason_code:
-                it.code, it.reason = chk.reason_code, chk.reason
-        report(progress, "curate", min(start + len(batch), total), total, "faces")
+
+    def on_result(i: int, res: ShardAnalysis) -> None:
+        for a in res.images:
+            it = items[a.index]
+            it.code, it.reason, it.faces = a.code, a.reason, list(a.faces)
+            it.thumb, it.border, it.clip = a.thumb, a.border, a.clip
+            it.measures.update(a.measures)
+        state["models"] = {"face_backend": res.face_backend, "recognition_sha256": res.recognition_sha256,
+                           "clip_backend": res.clip_backend}
+        if i not in state["landed"]:
+            state["landed"].add(i)
+            state["done"] += shards.size(i)
+        report(progress, "curate", min(state["done"], total), total, "faces")
+
+    if len(shards):
+        executor.map_shards(factory, shards, on_result, cancel)
+    return state["models"]
 
 
 def _identity_scale(threshold: float, cal: Any) -> scores.IdentityScale:
@@ -244,10 +220,12 @@ def curate(
     out_dir: str | os.PathLike[str],
     config: CurateConfig | None = None,
     *,
-    faces: Any,
+    faces: Any = None,
     clip: Any | None = None,
     progress: ProgressFn | None = None,
     cancel: CancelToken | None = None,
+    executor: Any = None,
+    worker_factory: Callable[[], Any] | None = None,
 ) -> CurationResult:
     """Decide every image of ``gallery_dir``, keep K, write ``out_dir``; see the module doc.
 
@@ -255,10 +233,24 @@ def curate(
     ``ClipModel`` or None (then no CLIP background term, rear shots are
     rejected with that reason, no prompt adherence). ``spec`` gives the
     background text, the grid size and the token; None for a plain folder.
+
+    ``executor`` (``service.executor.make_executor``) runs the per-image
+    analysis in shards on workers that ``worker_factory`` builds (each loads
+    its own models; ``faces`` may then be None); ``clip`` is still needed
+    here for the text side. Without an executor the analysis runs in this
+    process with ``faces`` and ``clip``. Either way the decisions are the same.
     """
     from service.calibration import calibration_for
+    from service.executor import LocalExecutor
 
     cfg = validate_config(config or CurateConfig())
+    if executor is not None and worker_factory is None and not isinstance(executor, LocalExecutor):
+        raise InvalidInput("curate on a remote executor needs worker_factory=CurationWorkerFactory(profile, use_clip) "
+                           "so each worker loads its own models; or use curate_with_profile(..., executor=...)")
+    if worker_factory is None and faces is None:
+        raise InvalidInput("curate needs faces= (a FaceAnalyzer) or worker_factory= (a CurationWorkerFactory)")
+    if worker_factory is not None and getattr(worker_factory, "use_clip", clip is not None) != (clip is not None):
+        raise InvalidInput("worker_factory.use_clip must match whether clip= is given (the text side runs here)")
     t0 = time.perf_counter()
     root = Path(gallery_dir)
     out = Path(out_dir)
@@ -268,10 +260,19 @@ def curate(
     ensure_dir(out, "--out folder")
     items = [_Item(r) for r in gallery_rows(root)]
     report(progress, "curate", 0, len(items), "start")
-    _analyse(root, items, cfg, faces, clip, progress, cancel)
+    if worker_factory is None:
+        local = CurationWorker(faces, clip)
+        worker_factory = lambda: local  # noqa: E731 - the local executor calls it once
+        executor = executor or LocalExecutor()
+    models = _analyse(root, items, cfg, executor or LocalExecutor(), worker_factory, progress, cancel)
     t_analyse = time.perf_counter() - t0
+    if not models:  # no image reached a worker
+        models = {"face_backend": getattr(faces, "name", type(faces).__name__) if faces is not None
+                  else getattr(worker_factory, "face_backend", "unknown"),
+                  "recognition_sha256": getattr(faces, "recognition_sha256", None),
+                  "clip_backend": getattr(clip, "name", None) if clip is not None else None}
 
-    cal = calibration_for(getattr(faces, "recognition_sha256", None))
+    cal = calibration_for(models["recognition_sha256"])
     threshold = cfg.identity_threshold if cfg.identity_threshold is not None else cal.threshold
     scale = _identity_scale(threshold, cal)
 
@@ -415,8 +416,7 @@ def curate(
         clusters={**clusters.summary(), "threshold": round(float(threshold), 4), "calibrated": bool(cal.calibrated)},
         config=to_dict(cfg),
         summary={"n_images": len(items), "n_selected": len(chosen), "reason_counts": {k: v for k, v in counts.items() if v},
-                 "face_backend": getattr(faces, "name", type(faces).__name__),
-                 "clip_backend": getattr(clip, "name", None) if clip is not None else None,
+                 "face_backend": models["face_backend"], "clip_backend": models["clip_backend"],
                  "spec": spec.name if spec is not None else None,
                  "seconds_analyse": round(t_analyse, 3), "seconds_total": round(time.perf_counter() - t0, 3)},
     )
@@ -539,10 +539,14 @@ def curate_with_profile(
     use_clip: bool = True,
     progress: ProgressFn | None = None,
     cancel: CancelToken | None = None,
+    executor: Any = None,
 ) -> CurationResult:
     """:func:`curate` with the face analyzer (and CLIP) a profile names; ModelMissing if absent.
 
     ``profile``: a Profile, a profile name, or None (the spec's profile, else the best one).
+    ``executor``: run the per-image analysis on its workers, each loading the
+    profile's models (:class:`CurationWorkerFactory`); only CLIP's text side
+    is loaded here. None: everything in this process.
     """
     from service.backends.faces import load_face_analyzer
     from service.profiles import Profile, best_profile, load_profile
@@ -551,10 +555,13 @@ def curate_with_profile(
         profile = load_profile(spec.profile) if spec is not None and spec.profile else best_profile()[0]
     elif not isinstance(profile, Profile):
         profile = load_profile(str(profile))
-    faces = load_face_analyzer(profile)
     clip = None
     if use_clip:
         from service.backends.clip import load_clip
 
         clip = load_clip(profile)
+    if executor is not None:
+        return curate(gallery_dir, spec, out_dir, config, clip=clip, progress=progress, cancel=cancel,
+                      executor=executor, worker_factory=CurationWorkerFactory(profile, use_clip))
+    faces = load_face_analyzer(profile)
     return curate(gallery_dir, spec, out_dir, config, faces=faces, clip=clip, progress=progress, cancel=cancel)

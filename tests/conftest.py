@@ -42,3 +42,17 @@ def face_pack(realdata: Path) -> Path:
     if not (pack / "det_500m.onnx").is_file():
         pytest.skip(f"real face pack missing in {pack}")
     return pack
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster on 2 CPUs for every Ray test module (starting one costs seconds).
+
+    Test modules whose helper classes travel to actors register themselves with
+    ``ray.cloudpickle.register_pickle_by_value`` (workers cannot import tests/).
+    """
+    ray = pytest.importorskip("ray", reason="the Ray extra is not installed (pip install -e '.[ray]')")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    yield ray
+    ray.shutdown()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ from service.manifest import read_manifest
 from service.spec import spec_from_dict
 
 ray = pytest.importorskip("ray", reason="the Ray extra is not installed (pip install -e '.[ray]')")
+# Ship this module's helper classes by value: workers cannot import tests/.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def _spec():
@@ -47,20 +50,6 @@ class DieOnceFactory:
                 return worker.run(shard)
 
         return _Dying()
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import sys
-
-    from ray import cloudpickle
-
-    # Ship this module's helper classes by value: workers cannot import tests/.
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
-    yield
-    ray.shutdown()
 
 
 def _pixels_and_infotext(gallery: Path) -> dict[str, tuple[Any, str]]:

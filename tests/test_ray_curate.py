@@ -1,0 +1,122 @@
+"""Curation on the Ray executor (local CPU cluster): the same decisions as in-process, dead worker's shard re-run.
+
+Real photos from ../shared/realdata are copied into tmp_path (never into the
+repository); the face pack is the real CPU one, CLIP the tiny open_clip model
+of the ``cpu-tiny`` profile.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.curate import CURATION_NAME, CurateConfig, curate, curate_with_profile
+from service.executor import ExecutorConfig, LocalExecutor, make_executor
+from service.spec import spec_from_dict
+
+ray = pytest.importorskip("ray", reason="the Ray extra is not installed (pip install -e '.[ray]')")
+# Ship this module's helper classes by value: workers cannot import tests/.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+# One identity (7 photos and a mirrored copy), two other people, a photo without a face, a corrupt file.
+POOL = [
+    *(f"Angelina_Jolie/deepface_img{n}.jpg" for n in (1, 2, 4, 5, 6, 7, 11)),
+    "Angelina_Jolie/deepface_img11_reflection.jpg",
+    "Katy_Perry/deepface_img26.jpg", "Katy_Perry/deepface_img27.jpg",
+    "Barack_Obama/fr_obama.jpg", "Barack_Obama/fr_obama2.jpg",
+    "_negative_no_face/skimage_coffee.png",
+]
+# 4 images a shard: 4 shards over 2 actors, so one actor runs several.
+CONFIG = CurateConfig(k=5, batch_size=4)
+SPEC = spec_from_dict({"name": "Angelina", "token": "4ng3l", "profile": "cpu-tiny",
+                       "background": "neutral gray background"})
+
+
+@dataclass(frozen=True)
+class DieOnceFactory:
+    """Wraps the real worker factory; the worker kills its own process on its first shard.
+
+    A marker file makes it die only once across restarts, as a crashed GPU
+    worker would (OOM-killed, node lost), after which the shard must be re-run.
+    """
+
+    inner: Any
+    marker: str
+
+    def __call__(self):
+        worker = self.inner()
+        marker = self.marker
+
+        class _Dying:
+            def run(self, shard):
+                if not os.path.exists(marker):
+                    Path(marker).write_text(str(os.getpid()))
+                    os._exit(1)
+                return worker.run(shard)
+
+        return _Dying()
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory: pytest.TempPathFactory, realdata: Path, face_pack: Path, tiny_models: Path) -> Path:
+    root = tmp_path_factory.mktemp("pool")
+    for rel in POOL:
+        shutil.copyfile(realdata / "faces" / rel, root / rel.replace("/", "__"))
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg" * 10)
+    return root
+
+
+def _comparable(result) -> dict[str, Any]:
+    doc = result.to_dict()
+    doc.pop("out_dir")
+    for key in ("seconds_analyse", "seconds_total"):
+        doc["summary"].pop(key)
+    return doc
+
+
+@pytest.mark.realdata
+def test_ray_curation_equals_local_and_dead_worker_shard_is_rerun(pool: Path, tmp_path: Path, ray_cluster,
+                                                                  monkeypatch) -> None:
+    import service.curate as cur
+
+    local = curate_with_profile(pool, SPEC, tmp_path / "local", CONFIG, profile="cpu-tiny")
+    assert len(local.images) == len(POOL) + 1 and len(local.selected) == 5
+    assert all(s.startswith("Angelina_Jolie") for s in local.selected)
+
+    # The same pool through two Ray actors, one of which dies on its first shard.
+    real_factory = cur.CurationWorkerFactory
+    marker = tmp_path / "died-once"
+    monkeypatch.setattr(cur, "CurationWorkerFactory",
+                        lambda *a, **kw: DieOnceFactory(real_factory(*a, **kw), str(marker)))
+    executor = make_executor(ExecutorConfig(kind="ray", workers=2, cpus_per_worker=1, max_attempts=3))
+    remote = curate_with_profile(pool, SPEC, tmp_path / "ray", CONFIG, profile="cpu-tiny", executor=executor)
+
+    assert marker.exists(), "the test worker never died: the retry path was not exercised"
+    ids = [d.id for d in remote.images]
+    assert len(ids) == len(set(ids)) == len(POOL) + 1, "a re-run shard must not duplicate images"
+    # Decisions, reasons, scores, measures, clusters and set scores: all the same.
+    assert _comparable(remote) == _comparable(local)
+    assert sorted(p.stem for p in (tmp_path / "ray").glob("*.png")) == sorted(local.selected)
+    assert (tmp_path / "ray" / CURATION_NAME).is_file()
+    assert not list((tmp_path / "ray").glob(".*tmp*"))
+
+
+@pytest.mark.realdata
+def test_local_executor_with_worker_factory_equals_in_process(pool: Path, tmp_path: Path) -> None:
+    from service.backends.clip import load_clip
+    from service.backends.faces import load_face_analyzer
+    from service.curate_analysis import CurationWorkerFactory
+    from service.profiles import load_profile
+
+    profile = load_profile("cpu-tiny")
+    clip = load_clip(profile)
+    plain = curate(pool, SPEC, tmp_path / "a", CONFIG, faces=load_face_analyzer(profile), clip=clip)
+    sharded = curate(pool, SPEC, tmp_path / "b", CONFIG, clip=clip, executor=LocalExecutor(),
+                     worker_factory=CurationWorkerFactory(profile, use_clip=True))
+    assert _comparable(sharded) == _comparable(plain)
