@@ -306,11 +306,23 @@ class Runtime:
                 "token": row.result.get("token", ""), "build_id": row.id}
 
     def get_report(self, build_id: str) -> dict[str, Any]:
-        row = self._finished_build(build_id)
-        root = self.store.build_dir(row.id) / "report"
+        """The build's report; a cancelled or failed build gets one made from what it left.
+
+        Such a report says which stages did not run (issue: a build cancelled
+        after curation still gets a report). A running or queued build has none yet.
+        """
+        row = self.get_build(build_id)
+        if row.state in ("queued", "running"):
+            raise FailedPrecondition(f"build {row.id} is {row.state}; its report is written when it ends (WatchBuild)")
+        build_dir = self.store.build_dir(row.id)
+        root = build_dir / "report"
         js, html = root / "report.json", root / "report.html"
         if not js.is_file():
-            raise NotFound(f"build {row.id} has no report.json")
+            if row.state == "succeeded":
+                raise NotFound(f"build {row.id} has no report.json; run `likeness report {row.id}` to write it")
+            from service.report import write_report
+
+            write_report(build_dir)
         return {"build_id": row.id, "json": js.read_text(encoding="utf-8"),
                 "html": html.read_bytes() if html.is_file() else b""}
 

@@ -7,6 +7,8 @@ tests/test_build.py. Scoring uses the real CPU face pack on real photos.
 
 from __future__ import annotations
 
+import json
+
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -237,6 +239,12 @@ def test_watch_reconnect_and_cancel(served):
         done = c.get_build(b2.id)
         assert done.state == pb.CANCELLED and "cancel" in done.error
         assert not (Path(rt.store.build_dir(b2.id)) / "train.done").exists()
+        # A cancelled build still gets a report, which names the stages that did not run.
+        rep = c.get_report(b2.id)
+        report = json.loads(rep.json)
+        missing = {st["name"] for st in report["stages"] if not st["ran"]}
+        assert {"train", "evaluate"} <= missing, report["stages"]
+        assert rep.html.startswith(b"<!DOCTYPE html") or b"<html" in rep.html[:200]
 
 
 def test_fifty_concurrent_calls(served, realdata):
