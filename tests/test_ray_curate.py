@@ -120,3 +120,42 @@ def test_local_executor_with_worker_factory_equals_in_process(pool: Path, tmp_pa
     sharded = curate(pool, SPEC, tmp_path / "b", CONFIG, clip=clip, executor=LocalExecutor(),
                      worker_factory=CurationWorkerFactory(profile, use_clip=True))
     assert _comparable(sharded) == _comparable(plain)
+
+
+# --- command-line executor options -------------------------------------------------
+
+
+def _args(*argv: str):
+    from service.cli import build_parser
+
+    return build_parser().parse_args(["curate", "g", "--out", "o", *argv])
+
+
+def test_executor_options_build_the_config() -> None:
+    from service.commands.executor_options import executor_config_from_args
+
+    assert executor_config_from_args(_args()) == ExecutorConfig(kind="local")
+    cfg = executor_config_from_args(_args("--executor", "ray", "--ray-address", "auto", "--workers", "8",
+                                          "--gpus-per-worker", "1"))
+    assert cfg == ExecutorConfig(kind="ray", ray_address="auto", workers=8, gpus_per_worker=1.0)
+    assert executor_config_from_args(_args("--executor", "ray")) == ExecutorConfig(kind="ray")
+
+
+@pytest.mark.parametrize("command", ["curate", "generate"])
+@pytest.mark.parametrize("argv, message", [
+    (["--ray-address", "auto"], "--ray-address only apply to the Ray executor"),
+    (["--executor", "local", "--workers", "2", "--gpus-per-worker", "1"], "--workers, --gpus-per-worker only apply"),
+    (["--executor", "ray", "--workers", "0"], "--workers 0: must be at least 1"),
+    (["--executor", "ray", "--gpus-per-worker", "-1"], "must not be negative"),
+    (["--executor", "ray", "--ray-address", " "], "--ray-address is empty"),
+])
+def test_bad_executor_options_are_invalid_input(command: str, argv: list[str], message: str, tmp_path: Path,
+                                                capsys) -> None:
+    from service.cli import main
+
+    spec = tmp_path / "s.toml"
+    spec.write_text('name = "Tiny"\ntoken = "t1ny"\n')
+    target = [str(tmp_path), "--spec", str(spec)] if command == "curate" else [str(spec)]
+    assert main([command, *target, "--out", str(tmp_path / "out"), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists(), "nothing is written before the options are checked"

@@ -8,11 +8,13 @@ import json
 
 def _curate(args: argparse.Namespace) -> int:
     from service.cli import emit
+    from service.commands.executor_options import executor_config_from_args, executor_from_args
     from service.curate import curate_config_from_dict, curate_with_profile
     from service.errors import InvalidInput
     from service.progress import TqdmProgress
     from service.spec import load_spec
 
+    executor_config_from_args(args)  # a bad option combination fails before any model loads
     spec = load_spec(args.spec) if args.spec else None
     overrides = {}
     if args.config:
@@ -29,10 +31,11 @@ def _curate(args: argparse.Namespace) -> int:
     if args.no_spread:
         overrides["spread_over_cells"] = False
     cfg = curate_config_from_dict(overrides)
+    executor = executor_from_args(args)
     bar = TqdmProgress(disable=args.quiet)
     try:
         result = curate_with_profile(args.gallery, spec, args.out, cfg, profile=args.profile or None,
-                                     use_clip=not args.no_clip, progress=bar)
+                                     use_clip=not args.no_clip, progress=bar, executor=executor)
     finally:
         bar.close()
     emit({
@@ -47,6 +50,8 @@ def _curate(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from service.commands.executor_options import add_executor_options
+
     p = sub.add_parser("curate", help="keep the K images that look like one person on one background")
     p.add_argument("gallery", help="gallery folder (manifest.jsonl) or any folder of images")
     p.add_argument("--spec", default="", help="character spec TOML (background text, grid, token); optional")
@@ -58,4 +63,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-spread", action="store_true", help="pick the top K without spreading over grid cells")
     p.add_argument("--config", default="", help="JSON object of CurateConfig overrides")
     p.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
+    add_executor_options(p)
     p.set_defaults(func=_curate)

@@ -8,6 +8,7 @@ from service.cli import emit, say
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from service.commands.executor_options import executor_from_args
     from service.config import to_dict
     from service.generate import generate_gallery
     from service.progress import TqdmProgress
@@ -19,6 +20,7 @@ def _generate(args: argparse.Namespace) -> int:
                  if v is not None}
     if overrides:
         spec = spec.with_overrides(**overrides)
+    executor = executor_from_args(args)
     bar = TqdmProgress(disable=args.quiet)
     try:
         result = generate_gallery(
@@ -31,6 +33,7 @@ def _generate(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             progress=bar,
             compile_unet=args.compile,
+            executor=executor,
         )
     finally:
         bar.close()
@@ -58,6 +61,8 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from service.commands.executor_options import add_executor_options
+
     p = sub.add_parser("generate", help="generate the zoom x angle gallery of a character spec (resumable)")
     p.add_argument("spec", help="character spec .toml")
     p.add_argument("--out", required=True, help="gallery folder; run again with the same folder to resume")
@@ -74,6 +79,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sampler", default=None, help='A1111 sampler name, e.g. "Euler a" (spec default DPM++ 2M Karras)')
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (CUDA; slow first batch)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_executor_options(p)
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("import", help="make a gallery from an existing A1111/ComfyUI output folder")
