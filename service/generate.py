@@ -260,6 +260,7 @@ def render_images(
     batch_size: int = 0,
     clip_skip: int = 1,
     cache: PromptCache | None = None,
+    cancel: CancelToken | None = None,
 ) -> list[RenderedImage]:
     """Render planned images with a loaded pipeline; PNG bytes carry A1111 infotext.
 
@@ -282,7 +283,7 @@ def render_images(
             batch = group[start : start + size]
             t0 = time.perf_counter()
             embeds = cache.encode(pipe, batch, clip_skip)
-            images = denoise(pipe, embeds, [b.seed for b in batch], sampling)
+            images = denoise(pipe, embeds, [b.seed for b in batch], sampling, cancel=cancel)
             encoded = [png_bytes(img, infotext_for(b, sampling, model, model_hash)) for b, img in zip(batch, images)]
             share = (time.perf_counter() - t0) / len(batch)
             for b, img, png in zip(batch, images, encoded):
@@ -293,13 +294,17 @@ def render_images(
 class GalleryWorker:
     """Renders shards (lists of PlannedImage) with one loaded pipeline (an executor worker)."""
 
-    def __init__(self, pipe: Any, sampling: SamplingConfig, model: str, model_hash: str = "") -> None:
+    def __init__(
+        self, pipe: Any, sampling: SamplingConfig, model: str, model_hash: str = "", cancel: CancelToken | None = None
+    ) -> None:
         self.pipe, self.sampling, self.model, self.model_hash = pipe, sampling, model, model_hash
+        # In-process workers stop mid-batch on cancel; Ray workers stop between shards.
+        self.cancel = cancel
         self.cache = PromptCache()
 
     def run(self, shard: Sequence[PlannedImage]) -> list[RenderedImage]:
         return render_images(self.pipe, shard, self.sampling, model=self.model, model_hash=self.model_hash,
-                             cache=self.cache)
+                             cache=self.cache, cancel=self.cancel)
 
 
 @dataclass(frozen=True)
@@ -438,7 +443,7 @@ def _generate_locked(
         load_seconds = time.perf_counter() - t0
         device = str(pipeline_device(pipe))
         size = size or auto_batch_size(pipe, sampling.width, sampling.height, prof.family)
-        worker = GalleryWorker(pipe, sampling, model, model_hash(prof))
+        worker = GalleryWorker(pipe, sampling, model, model_hash(prof), cancel=cancel)
         worker_factory = lambda: worker  # noqa: E731 - the local executor calls it once
     else:
         size = size or 8

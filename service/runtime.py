@@ -502,7 +502,7 @@ class Runtime:
                     cancel.check()
                 item = PlannedImage(id=f"g{i}", zoom_index=-1, angle_index=-1, index_in_cell=i, zoom="", angle="",
                                     prompt=prompt, negative_prompt=negative_prompt, seed=int(seed))
-                (r,) = render_images(pipe, [item], sampling, model=model, model_hash=mhash, cache=cache)
+                (r,) = render_images(pipe, [item], sampling, model=model, model_hash=mhash, cache=cache, cancel=cancel)
                 rec.units += 1
                 yield {"index": i, "seed": int(seed), "png": r.png,
                        "infotext": infotext_for(item, sampling, model, mhash)}

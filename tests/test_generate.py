@@ -322,3 +322,32 @@ def test_an_output_path_that_is_a_file_is_invalid_input(tmp_path):
     blocker.write_text("x")
     with pytest.raises(InvalidInput, match="in the way"):
         generate_gallery(tiny_spec(), blocker, "cpu-tiny")
+
+
+def test_cancel_stops_inside_a_batch_within_one_step(pipe):
+    """A cancelled call (or a passed deadline) stops after the current denoising step."""
+    from service.backends.diffusion import denoise, set_sampler
+    from service.progress import CancelToken
+    from service.prompts import encode_prompts
+
+    spec = tiny_spec(steps=20)
+    set_sampler(pipe, spec.sampling.sampler)  # the scheduler class denoise will use
+    embeds = encode_prompts(pipe, ["a photo"], [""])
+    steps_seen = []
+    original = pipe.scheduler.__class__.step
+
+    token = CancelToken()
+
+    def counting_step(self, *args, **kwargs):
+        steps_seen.append(1)
+        if len(steps_seen) == 3:
+            token.cancel("deadline passed")
+        return original(self, *args, **kwargs)
+
+    pipe.scheduler.__class__.step = counting_step
+    try:
+        with pytest.raises(Cancelled, match="deadline passed"):
+            denoise(pipe, embeds, [1], spec.sampling, cancel=token)
+    finally:
+        pipe.scheduler.__class__.step = original
+    assert len(steps_seen) == 3, "denoising went on after the cancel"

@@ -386,12 +386,16 @@ def draw_latents(seeds: Sequence[int], width: int, height: int, channels: int = 
     return latents, gens
 
 
-def denoise(pipe: Any, embeds: dict[str, torch.Tensor], seeds: Sequence[int], sampling: SamplingConfig) -> list[Any]:
+def denoise(
+    pipe: Any, embeds: dict[str, torch.Tensor], seeds: Sequence[int], sampling: SamplingConfig, cancel: Any = None
+) -> list[Any]:
     """Run one batch: ``embeds`` from :func:`service.prompts.encode_prompts`, one seed per image.
 
     Returns PIL images in the order of ``seeds``. Each image's noise comes
     from its own generator (see the module docstring), so the result does not
-    depend on the batch it ran in.
+    depend on the batch it ran in. ``cancel`` (a :class:`service.progress.CancelToken`)
+    is checked after every denoising step, so a cancelled call or a passed
+    deadline stops within one step instead of one batch.
     """
     n = len(seeds)
     if embeds["prompt_embeds"].shape[0] != n:
@@ -406,9 +410,17 @@ def denoise(pipe: Any, embeds: dict[str, torch.Tensor], seeds: Sequence[int], sa
     if device.type == "cuda":
         latents = latents.contiguous(memory_format=torch.channels_last)
     _fit_vae(pipe, n, sampling.width, sampling.height)
+    step_kwargs: dict[str, Any] = {}
+    if cancel is not None:
+        def _check(_pipe: Any, _step: int, _t: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+            cancel.check()
+            return callback_kwargs
+
+        step_kwargs["callback_on_step_end"] = _check
     with torch.inference_mode():
         out = pipe(
             **embeds,
+            **step_kwargs,
             num_inference_steps=sampling.steps,
             guidance_scale=sampling.cfg_scale,
             width=sampling.width,
