@@ -263,7 +263,6 @@ def curate(
     if worker_factory is None:
         local = CurationWorker(faces, clip)
         worker_factory = lambda: local  # noqa: E731 - the local executor calls it once
-        executor = executor or LocalExecutor()
     models = _analyse(root, items, cfg, executor or LocalExecutor(), worker_factory, progress, cancel)
     t_analyse = time.perf_counter() - t0
     if not models:  # no image reached a worker
