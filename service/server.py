@@ -77,15 +77,19 @@ def spec_to_pb(data: dict[str, Any]) -> pb.CharacterSpec:
 def options_to_dict(msg: pb.BuildOptions) -> dict[str, Any]:
     """Proto3 zeros mean "default": only non-zero fields override."""
     out: dict[str, Any] = {}
-    for f in ("profile", "images_per_cell", "k", "training_steps", "refinement_rounds", "refinement_margin",
+    for f in ("profile", "images_per_cell", "k", "training_steps", "refinement_rounds",
               "import_gallery", "train_resolution", "eval_steps", "checkpoint_every"):
         v = getattr(msg, f)
         if v:
             out[f] = v
-    if msg.base_seed > 0:
-        out["base_seed"] = msg.base_seed
-    elif msg.base_seed < -1:
-        raise InvalidInput("options.base_seed must be -1 (spec's) or 0..4294967295")
+    # Explicit presence: 0 is a real seed and a real margin.
+    if msg.HasField("refinement_margin"):
+        out["refinement_margin"] = msg.refinement_margin
+    if msg.HasField("base_seed"):
+        if msg.base_seed < -1:
+            raise InvalidInput("options.base_seed must be -1 (spec's) or 0..4294967295")
+        if msg.base_seed >= 0:
+            out["base_seed"] = msg.base_seed
     if msg.eval_scenes:
         out["eval_scenes"] = list(msg.eval_scenes)
     return out

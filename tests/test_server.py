@@ -369,3 +369,14 @@ def test_generate_with_a_character_without_embedding_is_failed_precondition(serv
         code, msg = _code(lambda: list(c.generate("photo of 3m1ly", characters=["Emily"], seeds=[1])))
         assert code == grpc.StatusCode.FAILED_PRECONDITION and "no embedding" in msg
         assert _code(lambda: c.get_embedding(character="Emily"))[0] == grpc.StatusCode.NOT_FOUND
+
+
+def test_zero_seed_and_zero_margin_are_real_values_over_grpc():
+    from service.server import options_to_dict
+
+    assert options_to_dict(pb.BuildOptions()) == {}
+    got = options_to_dict(pb.BuildOptions(base_seed=0, refinement_margin=0.0, k=5))
+    assert got == {"base_seed": 0, "refinement_margin": 0.0, "k": 5}
+    assert "base_seed" not in options_to_dict(pb.BuildOptions(base_seed=-1))
+    with pytest.raises(errors.InvalidInput, match="base_seed"):
+        options_to_dict(pb.BuildOptions(base_seed=-5))
