@@ -125,6 +125,8 @@ class BuildContext:
     # The build's one diffusion pipeline, loaded on first use and shared by generate, train and
     # evaluate (see service.build_stages.pipeline for why that is safe); dropped when the build ends.
     pipe: Any = None
+    # service.executor executor for generation and curation shards (None = in this process).
+    executor: Any = None
 
     def round_dir(self, round_: int) -> Path:
         """Round 0 lives at the build root (the documented layout); refinements under rounds/<r>/."""
@@ -263,7 +265,7 @@ def _refine_stage(decision: RefineDecision, consistency: float | None) -> StageF
 
 def run_build(store: Store, build_id: str, *, device: str = "cpu", cancel: CancelToken | None = None,
               progress: ProgressFn | None = None, models: Any = None,
-              stages: dict[str, StageFn] | None = None) -> dict[str, Any]:
+              stages: dict[str, StageFn] | None = None, executor: Any = None) -> dict[str, Any]:
     """Run (or resume) one build to a final state and return its result.
 
     ``stages`` replaces stage functions by name (used only to isolate plumbing in
@@ -288,7 +290,8 @@ def run_build(store: Store, build_id: str, *, device: str = "cpu", cancel: Cance
         root.mkdir(parents=True, exist_ok=True)
         if not (root / "spec.json").exists():
             atomic_write_json(root / "spec.json", {"spec": spec.to_dict(), "options": to_dict(opts)})
-        ctx = BuildContext(store, build_id, root, spec, opts, device, cancel, progress=lambda e: None, models=models)
+        ctx = BuildContext(store, build_id, root, spec, opts, device, cancel, progress=lambda e: None, models=models,
+                           executor=executor)
         ctx_ref.append(ctx)
         ctx.progress = _EventProgress(ctx_ref, progress)
         best_round, refinement = _run_rounds(ctx, fns)

@@ -103,14 +103,16 @@ def stage_generate(ctx: BuildContext, round_: int) -> dict[str, Any]:
 
         res = import_gallery(ctx.options.import_gallery, gallery, ctx.spec, progress=ctx.progress, cancel=ctx.cancel)
         return {"gallery": str(gallery.relative_to(ctx.root)), "source": "import", "summary": _summary(res)}
-    spec, pipe = ctx.spec, _pipe(ctx)
+    spec, embedding = ctx.spec, None
     if round_ > 0:
         # The Chosen One's loop: the same grid, with the trained token in place of the description.
-        from service.embeddings import load_into_pipeline
-
         spec = _refinement_spec(ctx, round_)
-        load_into_pipeline(pipe, _load_best(ctx, round_ - 1))
-    res = generate_gallery(spec, gallery, _profile(ctx), pipe=pipe, progress=ctx.progress, cancel=ctx.cancel)
+        embedding = _load_best(ctx, round_ - 1)
+    # With an executor (Ray) each worker loads its own pipeline (and the embedding); otherwise
+    # the build's shared one is used.
+    pipe = None if ctx.executor is not None else _pipe(ctx)
+    res = generate_gallery(spec, gallery, _profile(ctx), pipe=pipe, progress=ctx.progress, cancel=ctx.cancel,
+                           executor=ctx.executor, embedding=embedding)
     return {"gallery": str(gallery.relative_to(ctx.root)), "source": "generate", "summary": _summary(result_dict(res))}
 
 
@@ -118,8 +120,17 @@ def stage_curate(ctx: BuildContext, round_: int) -> dict[str, Any]:
     from service.curate import CurateConfig, curate
 
     rd = ctx.round_dir(round_)
-    res = curate(rd / "gallery", ctx.spec, rd / "curated", CurateConfig(k=ctx.options.k), faces=_faces(ctx),
-                 clip=_clip(ctx), progress=ctx.progress, cancel=ctx.cancel)
+    clip = _clip(ctx)
+    if ctx.executor is not None:
+        # Face analysis and CLIP image embeddings run in shards on the executor's workers.
+        from service.curate_analysis import CurationWorkerFactory
+
+        res = curate(rd / "gallery", ctx.spec, rd / "curated", CurateConfig(k=ctx.options.k), clip=clip,
+                     progress=ctx.progress, cancel=ctx.cancel, executor=ctx.executor,
+                     worker_factory=CurationWorkerFactory(_profile(ctx), use_clip=clip is not None))
+    else:
+        res = curate(rd / "gallery", ctx.spec, rd / "curated", CurateConfig(k=ctx.options.k), faces=_faces(ctx),
+                     clip=clip, progress=ctx.progress, cancel=ctx.cancel)
     selected = res.set_scores.get("selected", {})
     return {"selected": list(res.selected),
             "scores": {k: float(v) for k, v in selected.items() if isinstance(v, (int, float)) and v is not None}}

@@ -314,11 +314,18 @@ class GalleryWorkerFactory:
     profile: Profile
     sampling: SamplingConfig
     compile_unet: bool = False
+    # A TrainedEmbedding (its tensors travel with the factory) for galleries drawn with the
+    # character's token, e.g. refinement rounds; None for the first gallery.
+    embedding: Any = None
 
     def __call__(self) -> GalleryWorker:
         from service.backends.diffusion import load_pipeline, model_hash, model_name
 
         pipe = load_pipeline(self.profile, compile_unet=self.compile_unet, sampler=self.sampling.sampler)
+        if self.embedding is not None:
+            from service.embeddings import load_into_pipeline
+
+            load_into_pipeline(pipe, self.embedding)
         return GalleryWorker(pipe, self.sampling, model_name(self.profile), model_hash(self.profile))
 
 
@@ -384,6 +391,7 @@ def generate_gallery(
     pipe: Any = None,
     executor: Any = None,
     compile_unet: bool = False,
+    embedding: Any = None,
 ) -> GenerateResult:
     """Generate (or finish) the gallery of ``spec`` in ``out_dir``; see the module docstring.
 
@@ -392,12 +400,16 @@ def generate_gallery(
     that each load their own. ``batch_size`` overrides the spec's (0/None =
     chosen from free memory). ``cancel`` is checked between batches: finished
     batches are kept and :class:`service.errors.Cancelled` is raised.
+    ``embedding`` (a :class:`service.embeddings.TrainedEmbedding`) is loaded
+    into the pipeline (every worker's, with an executor) so prompts can use
+    the character's token.
     """
     ensure_dir(out_dir, "gallery folder")
     with folder_lock(out_dir, "generation"):
         return _generate_locked(
             spec, out_dir, profile, per_cell=per_cell, zooms=zooms, angles=angles, batch_size=batch_size,
             progress=progress, cancel=cancel, pipe=pipe, executor=executor, compile_unet=compile_unet,
+            embedding=embedding,
         )
 
 
@@ -415,6 +427,7 @@ def _generate_locked(
     pipe: Any,
     executor: Any,
     compile_unet: bool,
+    embedding: Any,
 ) -> GenerateResult:
     from service.backends.diffusion import auto_batch_size, load_pipeline, model_hash, model_name, pipeline_device
     from service.contact_sheet import contact_sheet
@@ -440,6 +453,10 @@ def _generate_locked(
         t0 = time.perf_counter()
         if pipe is None:
             pipe = load_pipeline(prof, compile_unet=compile_unet, sampler=sampling.sampler)
+        if embedding is not None:
+            from service.embeddings import load_into_pipeline
+
+            load_into_pipeline(pipe, embedding)
         load_seconds = time.perf_counter() - t0
         device = str(pipeline_device(pipe))
         size = size or auto_batch_size(pipe, sampling.width, sampling.height, prof.family)
@@ -447,7 +464,7 @@ def _generate_locked(
         worker_factory = lambda: worker  # noqa: E731 - the local executor calls it once
     else:
         size = size or 8
-        worker_factory = GalleryWorkerFactory(prof, sampling, compile_unet)
+        worker_factory = GalleryWorkerFactory(prof, sampling, compile_unet, embedding)
         device = "executor" if pending else device
     shards = [pending[i : i + size] for i in range(0, len(pending), size)]
 

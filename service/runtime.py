@@ -149,8 +149,12 @@ class Runtime:
     def __init__(self, data_dir: str | Path, *, devices: list[str] | None = None,
                  import_roots: Sequence[str | Path] = (), limits: Limits | None = None,
                  default_profile: str = "", start_workers: bool = True,
-                 stages: dict[str, Any] | None = None) -> None:
-        """``stages`` replaces stage functions by name; only unit tests of the plumbing use it."""
+                 stages: dict[str, Any] | None = None, executor: Any = None) -> None:
+        """``stages`` replaces stage functions by name; only unit tests of the plumbing use it.
+
+        ``executor`` (:func:`service.executor.make_executor`) spreads builds' generation and
+        curation shards over Ray actors; None runs them in the worker's process.
+        """
         self.store = Store(data_dir)
         self.limits = limits or Limits()
         self.import_roots = [Path(p).resolve() for p in import_roots]
@@ -161,6 +165,7 @@ class Runtime:
         self._start_workers = start_workers
         self._reference_cache: dict[str, Any] = {}
         self._stages = stages
+        self.executor = executor
         self.calls = CallLog()
 
     # ------------------------------------------------------------ lifecycle
@@ -186,7 +191,8 @@ class Runtime:
         self.pool.stop()
 
     def _run(self, build_id: str, device: str, cancel: CancelToken) -> None:
-        run_build(self.store, build_id, device=device, cancel=cancel, models=self.models, stages=self._stages)
+        run_build(self.store, build_id, device=device, cancel=cancel, models=self.models, stages=self._stages,
+                  executor=self.executor)
 
     # ----------------------------------------------------------- characters
     def check_spec(self, spec: CharacterSpec) -> CharacterSpec:

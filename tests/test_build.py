@@ -192,3 +192,55 @@ def test_sigkill_mid_training_resumes_to_the_same_result(tmp_path, photos, unint
     _check_artifacts(build_dir, "j0l1e")
     train_result = json.loads((build_dir / "train" / "best.json").read_text())
     assert train_result
+
+
+def test_build_with_ray_executor_curates_like_the_local_one(tmp_path, photos, uninterrupted, ray_cluster):
+    """An embedded build whose curation shards run on Ray actors selects the same images."""
+    from service.build import run_build, start_build
+    from service.executor import ExecutorConfig, make_executor
+    from service.store import Store
+
+    store = Store(tmp_path / "data")
+    build_id = start_build(store, SPEC, dict(OPTIONS, import_gallery=str(photos)))
+    store.claim(build_id, "embedded")
+    executor = make_executor(ExecutorConfig(kind="ray", workers=2, cpus_per_worker=1))
+    run_build(store, build_id, device="embedded", executor=executor)
+    assert store.get_build(build_id).state == "succeeded", store.get_build(build_id).error
+    build_dir = store.build_dir(build_id)
+    assert _selected(build_dir) == _selected(uninterrupted["dir"])
+    _check_artifacts(build_dir, SPEC.token)
+
+
+def test_refinement_gallery_through_an_executor_loads_the_embedding_in_each_worker(tmp_path, tiny_models):
+    """Galleries drawn with the trained token (refinement rounds) are the same through workers."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from service.backends.diffusion import load_pipeline
+    from service.embeddings import TrainedEmbedding
+    from service.executor import LocalExecutor
+    from service.generate import generate_gallery
+    from service.profiles import load_profile
+
+    spec = spec_from_dict({
+        "name": "Tok", "token": "t0k3n", "class_word": "woman", "template": "photo of t0k3n, {zoom}, {angle}",
+        "per_cell": 2, "zooms": ["closeup"], "angles": ["front shot"], "profile": "cpu-tiny",
+        "sampling": {"steps": 2, "width": 64, "height": 64, "seed": 5},
+    })
+    g = torch.Generator().manual_seed(0)
+    emb = TrainedEmbedding(token="t0k3n", family="sd15", vectors={"clip_l": torch.randn(2, 32, generator=g) * 3},
+                           step=1, base_model="sd15")
+    pipe = load_pipeline(load_profile("cpu-tiny"))
+    direct = generate_gallery(spec, tmp_path / "direct", "cpu-tiny", pipe=pipe, embedding=emb, batch_size=2)
+    workers = generate_gallery(spec, tmp_path / "workers", "cpu-tiny", executor=LocalExecutor(), embedding=emb,
+                               batch_size=2)
+    plain = generate_gallery(spec, tmp_path / "plain", "cpu-tiny", batch_size=2)
+    assert direct.generated == workers.generated == plain.generated == 2
+
+    def px(folder):
+        return [np.asarray(Image.open(p), dtype=np.int16) for p in sorted((folder / "images").glob("*.png"))]
+
+    for a, b, c in zip(px(tmp_path / "direct"), px(tmp_path / "workers"), px(tmp_path / "plain")):
+        assert abs(a - b).max() <= 2
+        assert abs(a - c).max() > 2, "the embedding did not change the picture: it was not loaded"

@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 from service.cli import emit, say
+from service.commands.executor_options import add_executor_options
 
 STATE_NAMES = {0: "unspecified", 1: "queued", 2: "running", 3: "succeeded", 4: "failed", 5: "cancelled"}
 
@@ -79,8 +80,15 @@ def _follow_remote(client: Any, build_id: str, no_progress: bool, after: int = 0
 def _build(args: argparse.Namespace) -> int:
     from service.spec import load_spec
 
+    from service.commands.executor_options import executor_config_from_args, executor_from_args
+
     spec = load_spec(args.spec)
     options = _options(args)
+    if args.server and executor_config_from_args(args).kind != "local":
+        from service.errors import InvalidInput
+
+        raise InvalidInput("--executor applies to embedded builds; a server's executor is set with "
+                           "`likeness serve --executor ray ...`")
     if args.server:
         with _client(args) as c:
             b = c.start_build(spec=spec, options=options)
@@ -107,10 +115,11 @@ def _build(args: argparse.Namespace) -> int:
         same = store.get_character(spec.name).spec == spec.to_dict()
         build_id = start_build(store, spec, options, character=spec.name if same else "")
         say(f"build {build_id} in {store.data_dir}")
+    executor = executor_from_args(args)
     store.claim(build_id, "embedded")
     bars = _bars(args.no_progress)
     try:
-        run_build(store, build_id, device="embedded", progress=bars)
+        run_build(store, build_id, device="embedded", progress=bars, executor=executor)
     finally:
         bars.close()
     final = store.get_build(build_id)
@@ -186,6 +195,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-steps", type=int, help="sampler steps of evaluation images")
     p.add_argument("--resume", metavar="BUILD_ID", help="embedded: resume this interrupted build")
     p.add_argument("--detach", action="store_true", help="with --server: print the queued build and return")
+    add_executor_options(p)
     p.set_defaults(func=_build)
 
     p = sub.add_parser("builds", help="list, show, cancel or watch builds")

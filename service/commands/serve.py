@@ -24,9 +24,12 @@ def _serve(args: argparse.Namespace) -> int:
         token=token_from_env(args.token), tls_cert=args.tls_cert or "", tls_key=args.tls_key or "",
         insecure_no_auth=args.insecure_no_auth,
     ))
+    from service.commands.executor_options import executor_from_args
+
     runtime = Runtime(
         args.data, devices=args.device or None, import_roots=args.import_root or (),
         limits=Limits(max_message_bytes=args.max_message_mb * 1024 * 1024), default_profile=args.profile or "",
+        executor=executor_from_args(args),
     )
 
     def bound(port: int, resumed: list[str]) -> None:
@@ -54,4 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", help="default model profile (default: the best this machine has)")
     p.add_argument("--device", action="append", help="worker device, e.g. cuda:0 (repeatable; default: all GPUs or cpu)")
     p.add_argument("--max-message-mb", type=int, default=64, help="largest gRPC message in MiB (default %(default)s)")
+    from service.commands.executor_options import add_executor_options
+
+    add_executor_options(p)
     p.set_defaults(func=_serve)
