@@ -135,13 +135,6 @@ class LazyShards(SequenceABC):
         return len(self._chunks[i])
 
 
-def _ext_mismatch(name: str, fmt: str) -> bool:
-    from service.images import _EXT_FORMATS  # the one table load_image uses
-
-    expected = _EXT_FORMATS.get(Path(name).suffix.lower())
-    return bool(expected and fmt and expected != fmt)
-
-
 def _decode(item: AnalysisInput, max_side: int) -> tuple[Any, dict[str, Any], str, str]:
     """(image or None, measures, code, reason): decode once, reduce to ``max_side``."""
     from PIL import Image
@@ -153,7 +146,7 @@ def _decode(item: AnalysisInput, max_side: int) -> tuple[Any, dict[str, Any], st
     except InvalidInput as exc:
         return None, {}, "undecodable", f"cannot be used: {exc}"
     measures = dict(format=info.format, mode=info.mode, width=info.width, height=info.height,
-                    extension_mismatch=_ext_mismatch(item.name, info.format))
+                    extension_mismatch=info.extension_mismatch)
     if min(img.size) < MIN_SIDE:
         return None, measures, "image_too_small", f"{img.size[0]}x{img.size[1]} is too small to hold a face"
     if max(img.size) > max_side:

@@ -64,12 +64,23 @@ class LocalExecutor:
 
 
 class _RayWorkerHost:
-    """The Ray actor body: builds the worker once, then runs shards."""
+    """The Ray actor body: builds the worker once, then runs shards.
+
+    A factory that raises (a model missing on this node) is not a dead worker:
+    the error is kept and raised by ``run``, so the driver gets the original
+    error (e.g. ModelMissing with the path) at once instead of three restarts.
+    """
 
     def __init__(self, factory: WorkerFactory) -> None:
-        self._worker = factory()
+        self._error: BaseException | None = None
+        try:
+            self._worker = factory()
+        except Exception as exc:  # noqa: BLE001 - handed to the driver by run()
+            self._error = exc
 
     def run(self, shard: Any) -> Any:
+        if self._error is not None:
+            raise self._error
         return self._worker.run(shard)
 
     def pid(self) -> int:

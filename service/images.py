@@ -87,8 +87,15 @@ def _open(data: bytes, name: str, max_pixels: int):
 
 
 def load_image_bytes(data: bytes, name: str = "image", max_pixels: int = MAX_PIXELS):
-    """Decode ``data`` to an RGB ``PIL.Image`` plus :class:`ImageInfo`."""
-    return _open(data, name, max_pixels)
+    """Decode ``data`` to an RGB ``PIL.Image`` plus :class:`ImageInfo`.
+
+    ``name`` labels errors; when it has an image suffix (``photo.jpg``),
+    ``extension_mismatch`` says whether the bytes are of another format.
+    """
+    img, info = _open(data, name, max_pixels)
+    expected = _EXT_FORMATS.get(Path(name).suffix.lower())
+    mismatch = bool(expected and info.format and expected != info.format)
+    return img, ImageInfo(info.format, info.mode, info.width, info.height, mismatch, info.text)
 
 
 def load_image(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS):
@@ -98,10 +105,7 @@ def load_image(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS):
         data = p.read_bytes()
     except OSError as exc:
         raise InvalidInput(f"{p}: cannot be read ({exc.strerror or exc})") from exc
-    img, info = _open(data, str(p), max_pixels)
-    expected = _EXT_FORMATS.get(p.suffix.lower())
-    mismatch = bool(expected and info.format and expected != info.format)
-    return img, ImageInfo(info.format, info.mode, info.width, info.height, mismatch, info.text)
+    return load_image_bytes(data, str(p), max_pixels)
 
 
 def list_images(folder: str | os.PathLike[str]) -> list[Path]:

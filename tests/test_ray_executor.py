@@ -120,3 +120,16 @@ def test_unknown_executor_lists_valid_ones():
 
     with pytest.raises(InvalidInput, match="'local', 'ray'"):
         make_executor(ExecutorConfig(kind="dask"))  # type: ignore[arg-type]
+
+
+def test_a_worker_that_cannot_load_its_model_fails_at_once_with_the_original_error(ray_cluster):
+    from service.errors import ModelMissing
+
+    @dataclass(frozen=True)
+    class MissingModel:
+        def __call__(self):
+            raise ModelMissing("face pack /nodes/gpu7/models/buffalo_l has no .onnx models")
+
+    executor = make_executor(ExecutorConfig(kind="ray", workers=1, max_attempts=3))
+    with pytest.raises(ModelMissing, match="gpu7"):
+        executor.map_shards(MissingModel(), [1, 2], lambda i, r: None)
