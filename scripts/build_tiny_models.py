@@ -101,8 +101,6 @@ def _vae():
 
 
 def _scheduler():
-    from diffusers import DDIMScheduler, EulerDiscreteScheduler  # noqa: F401
-
     from diffusers import PNDMScheduler
 
     # SD 1.5's own training schedule, so sampler swaps behave as on real models.

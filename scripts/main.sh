@@ -26,7 +26,18 @@ if [ ! -d "$FOLDER" ]; then
   echo "main: a CPU build would curate noise, so it stops here." >&2
   exit 1
 fi
-echo "main: building from an imported gallery of real photos ($FOLDER) instead of generation." >&2
-exec $PY -m service build examples/emily.toml --data "$DATA" --profile cpu-tiny --import "$FOLDER" \
+# A realistic pool, like a gallery with failures in it: the character's photos plus other people,
+# photos without a usable face and group photos, linked (not copied) from the real data.
+POOL="$DATA/main-gallery-$IDENTITY"
+rm -rf "$POOL" && mkdir -p "$POOL"
+link() { for f in "$@"; do [ -f "$f" ] && ln -s "$(cd "$(dirname "$f")" && pwd)/$(basename "$f")" "$POOL/$(basename "$(dirname "$f")")__$(basename "$f")"; done; return 0; }
+link "$FOLDER"/*
+for other in Barack_Obama Katy_Perry George_Clooney; do
+  [ "$other" != "$IDENTITY" ] && link $(ls "$REAL/faces/$other"/* 2>/dev/null | head -n 2)
+done
+link "$REAL"/faces/_negative_no_face/* "$REAL"/faces/_negative_back_of_head/* $(ls "$REAL"/faces/_multi_person/* | head -n 2)
+echo "main: building from an imported gallery of real photos instead of generation: $(ls "$POOL" | wc -l) photos," >&2
+echo "main: $(ls "$FOLDER" | wc -l) of $IDENTITY plus other people, faceless and group photos (curation must reject those)." >&2
+exec $PY -m service build examples/emily.toml --data "$DATA" --profile cpu-tiny --import "$POOL" \
   --k 5 --training-steps 20 --checkpoint-every 10 --train-resolution 64 --eval-steps 4 \
   --eval-scene "cooking in a kitchen" --eval-scene "tending a garden" "$@"

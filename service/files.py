@@ -69,23 +69,12 @@ def _make_temp(path: Path, prefix: str, suffix: str) -> tuple[int, str]:
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` via a temporary sibling and ``os.replace``."""
-    path = Path(path)
-    if path.is_dir():
-        raise InvalidInput(f"cannot write {path}: it is a folder; give a file name")
-    fd, tmp = _make_temp(path, f".{path.name}.", ".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
             fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+
+    return atomic_save(path, write)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
@@ -97,9 +86,10 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
 
 
 def atomic_save(path: str | os.PathLike[str], save: Any) -> Path:
-    """Call ``save(tmp_path)`` (e.g. ``torch.save``/``Image.save``), then rename.
+    """Call ``save(tmp_path)`` (e.g. ``torch.save``/``Image.save``), fsync, then rename.
 
     The temporary name keeps the real suffix so format-sniffing savers work.
+    A kill at any moment leaves either the old file or the new one, never half.
     """
     path = Path(path)
     if path.is_dir():
@@ -109,6 +99,8 @@ def atomic_save(path: str | os.PathLike[str], save: Any) -> Path:
     try:
         save(tmp)
         os.chmod(tmp, _FILE_MODE)  # a saver may have replaced the file we made
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -345,7 +345,7 @@ def resolve_profile(spec: CharacterSpec, profile: Profile | str | None) -> Profi
 
 
 def _clean_temporaries(images_dir: Path) -> None:
-    # Leftovers of a kill during atomic_write_bytes: hidden ".<name>.*.tmp" siblings.
+    # Leftovers of a kill during an atomic write: hidden ".<stem>.*.tmp.png" siblings.
     if images_dir.is_dir():
         for p in images_dir.glob(".*.tmp*"):
             try:

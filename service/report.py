@@ -270,7 +270,7 @@ def _summary(cur: dict[str, Any] | None, training: dict[str, Any] | None, ev: di
         if best and training["metric"] in best["scores"] and isinstance(best["scores"][training["metric"]], (int, float)):
             s["train_best_score"] = _num(best["scores"][training["metric"]])
     if ev:
-        t, b = ev["summary"].get("token", {}), ev["summary"].get("baseline", {})
+        t = ev["summary"].get("token", {})
         s["eval_identity_token"] = _num(t.get("identity_mean"))
         s["eval_clip_t_token"] = _num(t.get("clip_t_mean"))
         s["eval_face_rate_token"] = _num(t.get("face_rate"))

@@ -39,7 +39,7 @@ from service.lr_schedule import LearnRateSchedule, parse_learn_rate
 from service.progress import CancelToken, ProgressFn, report
 from service.train_data import TrainItem, dataset_fingerprint, fill_template, load_templates, read_dataset
 from service.train_checkpoints import (
-    BEST_FILE, CHECKPOINTS, SCORES_FILE, check_fingerprint, list_checkpoints, load_checkpoint_embedding,
+    BEST_FILE, CHECKPOINTS, check_fingerprint, list_checkpoints, load_checkpoint_embedding,
     load_checkpoint_state, read_scores, save_checkpoint, write_scores,
 )
 from service.validation import CheckpointScores, ValidationConfig, Validator, check_validation_config, choose_best

@@ -151,7 +151,7 @@ def encode_latents(vae: Any, items: Sequence[TrainItem], resolution: int, *, bat
     import torch
 
     device, dtype = vae.device, vae.dtype
-    means, stds, tids = [], [], []
+    means, stds = [], []
     pixels, metas = [], []
     for item in items:
         img, _info = load_image(item.path)

@@ -13,7 +13,6 @@ import pytest
 from service.prompts import (
     CHUNK_LENGTH,
     apply_weights,
-    describe_prompt,
     empty_chunk,
     encode_chunk_batch,
     encode_for_training,

@@ -7,14 +7,13 @@ of the ``cpu-tiny`` profile.
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from ray_helpers import DieOnceFactory
 
 from service.curate import CURATION_NAME, CurateConfig, curate, curate_with_profile
 from service.executor import ExecutorConfig, LocalExecutor, make_executor
@@ -23,6 +22,7 @@ from service.spec import spec_from_dict
 ray = pytest.importorskip("ray", reason="the Ray extra is not installed (pip install -e '.[ray]')")
 # Ship this module's helper classes by value: workers cannot import tests/.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+ray.cloudpickle.register_pickle_by_value(sys.modules["ray_helpers"])
 
 # One identity (7 photos and a mirrored copy), two other people, a photo without a face, a corrupt file.
 POOL = [
@@ -36,31 +36,6 @@ POOL = [
 CONFIG = CurateConfig(k=5, batch_size=4)
 SPEC = spec_from_dict({"name": "Angelina", "token": "4ng3l", "profile": "cpu-tiny",
                        "background": "neutral gray background"})
-
-
-@dataclass(frozen=True)
-class DieOnceFactory:
-    """Wraps the real worker factory; the worker kills its own process on its first shard.
-
-    A marker file makes it die only once across restarts, as a crashed GPU
-    worker would (OOM-killed, node lost), after which the shard must be re-run.
-    """
-
-    inner: Any
-    marker: str
-
-    def __call__(self):
-        worker = self.inner()
-        marker = self.marker
-
-        class _Dying:
-            def run(self, shard):
-                if not os.path.exists(marker):
-                    Path(marker).write_text(str(os.getpid()))
-                    os._exit(1)
-                return worker.run(shard)
-
-        return _Dying()
 
 
 @pytest.fixture(scope="module")

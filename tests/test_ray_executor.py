@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ray_helpers import DieOnceFactory
 
 from service.executor import ExecutorConfig, LocalExecutor, make_executor
 from service.manifest import read_manifest
@@ -17,6 +18,7 @@ from service.spec import spec_from_dict
 ray = pytest.importorskip("ray", reason="the Ray extra is not installed (pip install -e '.[ray]')")
 # Ship this module's helper classes by value: workers cannot import tests/.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+ray.cloudpickle.register_pickle_by_value(sys.modules["ray_helpers"])
 
 
 def _spec():
@@ -25,31 +27,6 @@ def _spec():
         "zooms": ["closeup", "full body"], "angles": ["front shot", "side angle"], "per_cell": 2,
         "sampling": {"sampler": "Euler a", "steps": 2, "width": 64, "height": 64, "seed": 1234},
     })
-
-
-@dataclass(frozen=True)
-class DieOnceFactory:
-    """Wraps the real worker factory; the worker kills its own process on its first shard.
-
-    A marker file makes it die only once across restarts, as a crashed GPU
-    worker would (OOM-killed, node lost), after which the shard must be re-run.
-    """
-
-    inner: Any
-    marker: str
-
-    def __call__(self):
-        worker = self.inner()
-        marker = self.marker
-
-        class _Dying:
-            def run(self, shard):
-                if not os.path.exists(marker):
-                    Path(marker).write_text(str(os.getpid()))
-                    os._exit(1)
-                return worker.run(shard)
-
-        return _Dying()
 
 
 def _pixels_and_infotext(gallery: Path) -> dict[str, tuple[Any, str]]:
