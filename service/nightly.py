@@ -101,8 +101,10 @@ class BuildOutcome:
     error: str = ""
 
 
-# build_fn(spec, spec_file, options, resume_build_id) -> BuildOutcome
-BuildFn = Callable[[Any, Path, dict[str, Any], str], BuildOutcome]
+# build_fn(spec, spec_file, options, resume_build_id, started) -> BuildOutcome. ``started(build_id)``
+# must be called as soon as the build exists: the night's history records the id, so a run killed
+# mid-build resumes that build the next time instead of starting over.
+BuildFn = Callable[[Any, Path, dict[str, Any], str, Callable[[str], None]], BuildOutcome]
 
 
 @dataclass
@@ -306,10 +308,16 @@ def _one(history: History, build: BuildFn, spec_file: Path, night: str, config: 
     else:
         resume = row["build_id"] if row is not None and row["state"] == "running" else ""
         history.start(night, character, str(spec_file), sha)
+        started = [resume]
+
+        def record(build_id: str) -> None:
+            started[0] = build_id
+            history.set_build(night, character, build_id)
+
         try:
-            outcome = build(spec, spec_file, config.build_options(), resume)
+            outcome = build(spec, spec_file, config.build_options(), resume, record)
         except Exception as exc:  # noqa: BLE001 - one failing character must not stop the others
-            outcome = BuildOutcome(build_id=resume, state="failed", error=f"{type(exc).__name__}: {exc}")
+            outcome = BuildOutcome(build_id=started[0], state="failed", error=f"{type(exc).__name__}: {exc}")
         scores = outcome.scores if outcome.state == "succeeded" else {}
         history.finish(night, character, outcome.state, outcome.build_id, scores,
                        outcome.error or ("" if outcome.state == "succeeded" else outcome.state))
@@ -335,7 +343,8 @@ def embedded_builder(data_dir: Path, *, device: str = "") -> BuildFn:
 
     models = ModelCache()
 
-    def build(spec: Any, spec_file: Path, options: dict[str, Any], resume_build_id: str) -> BuildOutcome:
+    def build(spec: Any, spec_file: Path, options: dict[str, Any], resume_build_id: str,
+              started: Callable[[str], None]) -> BuildOutcome:
         from service.build import run_build
         from service.store import Store
         from service.worker import detect_devices
@@ -357,6 +366,7 @@ def embedded_builder(data_dir: Path, *, device: str = "") -> BuildFn:
                 except NotFound:
                     store.create_character(name, spec.to_dict())
                 row = store.create_build(spec.to_dict(), options, character=name)
+            started(row.id)
             run_build(store, row.id, device=device or detect_devices()[0], models=models)
             final = store.get_build(row.id)
             if final.state != "succeeded":
@@ -382,7 +392,8 @@ def _report_scores(build_dir: Path) -> dict[str, float | None]:
 def service_builder(address: str, *, token: str = "", timeout: float | None = None) -> BuildFn:
     """Build through a running Likeness service (``likeness nightly --server HOST:PORT``)."""
 
-    def build(spec: Any, spec_file: Path, options: dict[str, Any], resume_build_id: str) -> BuildOutcome:
+    def build(spec: Any, spec_file: Path, options: dict[str, Any], resume_build_id: str,
+              started: Callable[[str], None]) -> BuildOutcome:
         from service.client import LikenessClient
 
         with LikenessClient(address, token=token) as client:
@@ -390,11 +401,12 @@ def service_builder(address: str, *, token: str = "", timeout: float | None = No
             if resume_build_id:
                 try:
                     b = client.get_build(resume_build_id)
-                    build_id = b.id if b.state not in ("failed", "cancelled") else ""
+                    build_id = b.id if _state_name(b) not in ("failed", "cancelled") else ""
                 except Exception:  # noqa: BLE001 - gone: start a new one
                     build_id = ""
             if not build_id:
                 build_id = client.start_build(spec=spec, options=options).id
+            started(build_id)
             final = client.wait_build(build_id, timeout=timeout)
             state = str(final.state).lower() if not isinstance(final.state, int) else _state_name(final)
             if state != "succeeded":

@@ -47,8 +47,9 @@ class FakeBuilds:
     def __init__(self, scores: dict[str, dict[str, float]], fail: tuple[str, ...] = ()) -> None:
         self.scores, self.fail, self.calls = scores, fail, []
 
-    def __call__(self, spec, spec_file, options, resume_build_id) -> BuildOutcome:
+    def __call__(self, spec, spec_file, options, resume_build_id, started) -> BuildOutcome:
         self.calls.append(spec.name)
+        self.resumed = getattr(self, "resumed", []) + [resume_build_id]
         if spec.name in self.fail:
             raise RuntimeError(f"GPU fell off the bus while building {spec.name}")
         return BuildOutcome(build_id=f"b-{spec.name}-{len(self.calls)}", state="succeeded", scores=self.scores[spec.name])
@@ -121,6 +122,60 @@ def test_second_run_the_same_night_rebuilds_nothing(tmp_path: Path) -> None:
     third = FakeBuilds({"Ada": GOOD, "Bea": GOOD})
     run_nightly(chars, data_dir=tmp_path / "data", config=NightlyConfig(night="2026-02-04"), build_fn=third)
     assert third.calls == ["Ada", "Bea"]
+
+
+def test_a_run_killed_mid_build_resumes_that_build(tmp_path: Path) -> None:
+    """The night's history records the build id as soon as the build exists (not only when it ends),
+    so a nightly killed mid-build hands that build to the next run to resume, not a fresh one."""
+    chars = _characters(tmp_path / "chars", {"Ada": "4d4x"})
+    data = tmp_path / "data"
+
+    class Killed(BaseException):
+        pass
+
+    def dies_mid_build(spec, spec_file, options, resume_build_id, started):
+        assert resume_build_id == ""
+        started("b-ada-1")
+        raise Killed()  # what a SIGKILL looks like from here: nothing after this line runs
+
+    with pytest.raises(Killed):
+        run_nightly(chars, data_dir=data, config=NightlyConfig(night="2026-05-01"), build_fn=dies_mid_build)
+    again = FakeBuilds({"Ada": GOOD})
+    res = run_nightly(chars, data_dir=data, config=NightlyConfig(night="2026-05-01"), build_fn=again)
+    assert again.resumed == ["b-ada-1"] and res.ok
+
+
+def test_service_builder_does_not_resume_a_failed_build(monkeypatch) -> None:
+    """A build that failed on the server while the nightly was down is rebuilt, not waited on again."""
+    from service import client as client_mod
+    from service.nightly import service_builder
+    from service.pb import likeness_pb2 as pb
+
+    class FakeClient:
+        started = []
+
+        def __init__(self, *a, **k):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+        def get_build(self, build_id):
+            return pb.Build(id=build_id, state=pb.FAILED)
+
+        def start_build(self, spec, options):
+            return pb.Build(id="b-new", state=pb.QUEUED)
+
+        def wait_build(self, build_id, timeout=None):
+            return pb.Build(id=build_id, state=pb.FAILED, error="boom")
+
+    monkeypatch.setattr(client_mod, "LikenessClient", FakeClient)
+    ids = []
+    out = service_builder("127.0.0.1:1")(None, Path("x.toml"), {}, "b-old", ids.append)
+    assert ids == ["b-new"] and out.build_id == "b-new" and out.state == "failed"
 
 
 def test_lock_refuses_a_second_run(tmp_path: Path) -> None:
