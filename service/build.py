@@ -161,10 +161,19 @@ class _EventProgress:
             self._last[ev.stage] = now
         ctx.store.add_event(ctx.build_id, "progress", stage=ev.stage, round_=ctx.round, done=ev.done,
                             total=ev.total, message=ev.message, metrics=dict(ev.metrics))
-        # A cancel asked through another process (CLI on the same data dir) shows up in the
-        # store; the stage sees the token at its next unit boundary (never mid-write).
-        if not ctx.cancel.cancelled and ctx.store.get_build(ctx.build_id).cancel_requested:
-            ctx.cancel.cancel("cancelled on request")
+        _sync_cancel(ctx)
+
+
+def _sync_cancel(ctx: BuildContext) -> None:
+    """Fire the build's token when the store says a cancel was requested.
+
+    The store is the one record of a cancel: one asked through another process (a CLI
+    on the same data dir), or one that landed between a worker claiming the build and
+    registering its token, reaches the build only this way. The stage sees the token at
+    its next unit boundary (never mid-write).
+    """
+    if not ctx.cancel.cancelled and ctx.store.get_build(ctx.build_id).cancel_requested:
+        ctx.cancel.cancel("cancelled on request")
 
 
 def _run_stage(ctx: BuildContext, round_: int, stage: str, fn: StageFn) -> dict[str, Any]:
@@ -173,6 +182,7 @@ def _run_stage(ctx: BuildContext, round_: int, stage: str, fn: StageFn) -> dict[
     if done is not None and done.state == "done":
         ctx.results[key] = done.result
         return done.result
+    _sync_cancel(ctx)
     ctx.cancel.check()
     ctx.round = round_
     ctx.store.set_stage(ctx.build_id, round_, stage, "running",

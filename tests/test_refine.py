@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from service.build import refine_decision, run_build, start_build
-from service.errors import InvalidInput
+from service.errors import Cancelled, InvalidInput
 from service.progress import report
 from service.spec import spec_from_dict
 from service.store import Store
@@ -95,6 +95,19 @@ def test_refinement_loop_stops_on_margin_and_exports_the_best(tmp_path):
     store.claim(bid, "cpu")
     result = run_build(store, bid, stages=_stand_in_stages([0.5, 0.4], calls))
     assert result["best_round"] == 0 and "caption1" not in calls and calls[-3:] == ["export0", "evaluate0", "report0"]
+
+
+def test_cancel_requested_before_the_worker_holds_a_token_still_stops_the_build(tmp_path):
+    """CancelBuild can land after a worker claimed the build but before it registered its token
+    (or come from another process): the store's flag alone must stop the build at the next stage."""
+    store = Store(tmp_path)
+    calls: list[str] = []
+    bid = start_build(store, SPEC, {})
+    store.claim(bid, "cpu")
+    store.request_cancel(bid)  # the worker's token (below, a fresh one) never hears of it
+    with pytest.raises(Cancelled):
+        run_build(store, bid, stages=_stand_in_stages([0.5], calls))
+    assert calls == [] and store.get_build(bid).state == "cancelled"
 
 
 # ------------------------------------------------------------------ (a) the real stages
