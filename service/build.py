@@ -29,7 +29,7 @@ from service.errors import Cancelled, FailedPrecondition, InvalidInput, Likeness
 from service.files import atomic_write_json
 from service.progress import CancelToken, ProgressEvent, ProgressFn
 from service.spec import CharacterSpec, spec_from_dict
-from service.store import Store
+from service.store import BuildRow, Store
 
 log = logging.getLogger(__name__)
 
@@ -273,6 +273,21 @@ def _refine_stage(decision: RefineDecision, consistency: float | None) -> StageF
     return refine
 
 
+def prepare_build_dir(store: Store, row: BuildRow) -> tuple[Path, CharacterSpec, BuildOptions]:
+    """The build's folder with its ``spec.json`` (effective spec and options); returns (root, spec, options).
+
+    Written once, before any stage; also for a build cancelled before it started, so its
+    report can say that no stage ran.
+    """
+    opts = build_options(row.options)
+    spec = effective_spec(spec_from_dict(row.spec), opts)
+    root = store.build_dir(row.id)
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / "spec.json").exists():
+        atomic_write_json(root / "spec.json", {"spec": spec.to_dict(), "options": to_dict(opts)})
+    return root, spec, opts
+
+
 def run_build(store: Store, build_id: str, *, device: str = "cpu", cancel: CancelToken | None = None,
               progress: ProgressFn | None = None, models: Any = None,
               stages: dict[str, StageFn] | None = None, executor: Any = None) -> dict[str, Any]:
@@ -294,12 +309,7 @@ def run_build(store: Store, build_id: str, *, device: str = "cpu", cancel: Cance
         fns = dict(stages)
     ctx_ref: list[BuildContext] = []
     try:
-        opts = build_options(row.options)
-        spec = effective_spec(spec_from_dict(row.spec), opts)
-        root = store.build_dir(build_id)
-        root.mkdir(parents=True, exist_ok=True)
-        if not (root / "spec.json").exists():
-            atomic_write_json(root / "spec.json", {"spec": spec.to_dict(), "options": to_dict(opts)})
+        root, spec, opts = prepare_build_dir(store, row)
         ctx = BuildContext(store, build_id, root, spec, opts, device, cancel, progress=lambda e: None, models=models,
                            executor=executor)
         ctx_ref.append(ctx)

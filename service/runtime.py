@@ -326,8 +326,11 @@ class Runtime:
         if not js.is_file():
             if row.state == "succeeded":
                 raise NotFound(f"build {row.id} has no report.json; run `likeness report {row.id}` to write it")
+            from service.build import prepare_build_dir
             from service.report import write_report
 
+            # A build cancelled while queued never got a folder: its report says no stage ran.
+            prepare_build_dir(self.store, row)
             write_report(build_dir)
         return {"build_id": row.id, "json": js.read_text(encoding="utf-8"),
                 "html": html.read_bytes() if html.is_file() else b""}

@@ -380,3 +380,14 @@ def test_zero_seed_and_zero_margin_are_real_values_over_grpc():
     assert "base_seed" not in options_to_dict(pb.BuildOptions(base_seed=-1))
     with pytest.raises(errors.InvalidInput, match="base_seed"):
         options_to_dict(pb.BuildOptions(base_seed=-5))
+
+
+def test_report_of_a_build_cancelled_while_queued_says_no_stage_ran(tmp_path):
+    """Such a build never got a folder; GetReport still answers, with every stage marked as not run."""
+    rt = Runtime(tmp_path / "data", devices=["cpu"], default_profile="cpu-tiny", start_workers=False)
+    b = rt.start_build(spec=SPEC)
+    assert rt.cancel_build(b.id).state == "cancelled"
+    out = rt.get_report(b.id)
+    report = json.loads(out["json"])
+    assert report["build"]["character"] == "Emily" and not any(s["ran"] for s in report["stages"])
+    assert b"<html" in out["html"][:200]
