@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import string
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,11 +79,14 @@ class CharacterSpec:
         "photo of a {traits}, {wardrobe}, {zoom}, {angle}, {background}, "
         "detailed skin, sharp focus, natural light"
     )
+    # What every image must avoid; long ones are encoded in 75-token chunks, never cut.
     negative_prompt: str = ""
+    # Grid axes: framing and camera angle vary so the embedding learns the face, not one shot.
     zooms: tuple[str, ...] = DEFAULT_ZOOMS
     angles: tuple[str, ...] = DEFAULT_ANGLES
     # 16 per cell x 25 cells = 400: enough to keep ~25 after three passes.
     per_cell: int = 16
+    # A1111's generation settings, shared by every image of the gallery.
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     # Model profile from models/*.toml; empty = the best one the machine has.
     profile: str = ""
@@ -139,7 +143,7 @@ def _validate(spec: CharacterSpec) -> None:
     if not 0 <= s.batch_size <= 256:
         raise InvalidInput(f"sampling.batch_size: {s.batch_size} must be 0 (auto) to 256")
     try:
-        names = {n for _, n, _, _ in __import__("string").Formatter().parse(spec.template) if n is not None}
+        names = {n for _, n, _, _ in string.Formatter().parse(spec.template) if n is not None}
     except ValueError as exc:
         raise InvalidInput(f"template: {exc}; double braces {{{{ }}}} for literal braces") from exc
     unknown = names - set(TEMPLATE_FIELDS)
@@ -147,6 +151,13 @@ def _validate(spec: CharacterSpec) -> None:
         raise InvalidInput(
             f"template: unknown placeholder {{{sorted(unknown)[0]}}}; use {', '.join('{'+f+'}' for f in TEMPLATE_FIELDS)}"
         )
+    try:
+        # A format spec or conversion ("{traits:d}", "{zoom!z}") only fails when filled in.
+        spec.template.format(**{f: "x" for f in TEMPLATE_FIELDS})
+    except (ValueError, TypeError) as exc:
+        raise InvalidInput(
+            f"template: {exc}; write placeholders plainly, e.g. {{traits}} (no ':' format or '!' conversion)"
+        ) from exc
     if ("zoom" in names) != ("angle" in names):
         raise InvalidInput(
             "template: use both {zoom} and {angle}, or neither (then zooms/angles are "

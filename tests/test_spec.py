@@ -27,6 +27,9 @@ def test_example_spec_loads_with_workflow_defaults():
         ({"colour": "red"}, "colour"),
         ({"template": "photo {nope}"}, "template"),
         ({"template": "photo, {zoom}"}, "template"),
+        # Format specs and conversions only fail when the prompt is built: caught up front.
+        ({"template": "photo {traits:d}"}, "template"),
+        ({"template": "photo {traits!z}"}, "template"),
         ({"zooms": []}, "zooms"),
         ({"sampling": {"steps": "30"}}, "sampling.steps"),
     ],
