@@ -116,7 +116,8 @@ def load_or_create_plan(
 
     Returns ``(base_seed, planned images)``. A spec whose plan differs from the
     saved one (other prompts, seeds, grid, sampler, size or model) raises
-    :class:`InvalidInput` saying what changed and how to proceed.
+    :class:`InvalidInput` saying what changed and how to proceed; so does a
+    folder holding manifest rows but no plan (an imported gallery).
     """
     path = Path(gallery_dir) / PLAN_NAME
     settings = _plan_settings(spec, profile, model)
@@ -143,6 +144,12 @@ def load_or_create_plan(
                 f"{path.name}, images/ and manifest.jsonl there to start over"
             )
         return base_seed, plan
+    if read_manifest(gallery_dir):
+        # Imported rows use the same ids (z0-a0-0000) as planned images: they would pass for done.
+        raise InvalidInput(
+            f"{Path(gallery_dir)} already holds a gallery without a plan (an imported one, see import.json); "
+            "generating into it would mix the two. Use a new --out folder"
+        )
     plan = plan_gallery(spec)
     base_seed = plan[0].seed if plan else 0
     atomic_write_json(
@@ -404,6 +411,9 @@ def generate_gallery(
     into the pipeline (every worker's, with an executor) so prompts can use
     the character's token.
     """
+    if batch_size is not None and not 0 <= batch_size <= 256:
+        # A negative size made range() empty: the run "succeeded" without drawing anything.
+        raise InvalidInput(f"batch size {batch_size} must be 0 (chosen from free memory) to 256; e.g. --batch-size 4")
     ensure_dir(out_dir, "gallery folder")
     with folder_lock(out_dir, "generation"):
         return _generate_locked(

@@ -350,3 +350,28 @@ def test_cancel_stops_inside_a_batch_within_one_step(pipe):
     finally:
         pipe.scheduler.__class__.step = original
     assert len(steps_seen) == 3, "denoising went on after the cancel"
+
+
+def test_generating_into_an_imported_gallery_is_refused(tmp_path):
+    """Imported rows share the planned ids (z0-a0-0000): they were counted as done and mixed in."""
+    from service.generate import generate_gallery
+    from service.importer import import_gallery
+    from service.infotext import InfoText, format_infotext, png_bytes
+
+    src = tmp_path / "src"
+    src.mkdir()
+    text = format_infotext(InfoText("photo, extreme closeup, front shot", "", 30, "Euler", 7.0, 5, 32, 32))
+    (src / "a.png").write_bytes(png_bytes(Image.new("RGB", (32, 32), (200, 0, 0)), text))
+    import_gallery(src, tmp_path / "g")
+    with pytest.raises(InvalidInput, match="without a plan"):
+        generate_gallery(tiny_spec(), tmp_path / "g", "cpu-tiny")
+    assert [r.source for r in read_manifest(tmp_path / "g")] == ["imported"]
+
+
+@pytest.mark.parametrize("size", [-1, 257])
+def test_a_bad_batch_size_is_invalid_input(tmp_path, size):
+    """A negative --batch-size made every shard empty: 'success' with nothing drawn."""
+    from service.generate import generate_gallery
+
+    with pytest.raises(InvalidInput, match="batch size"):
+        generate_gallery(tiny_spec(), tmp_path / "g", "cpu-tiny", batch_size=size)
