@@ -376,9 +376,13 @@ def _run_rounds(ctx: BuildContext, fns: dict[str, StageFn]) -> tuple[int, dict[s
 
 
 def start_build(store: Store, spec: CharacterSpec, options: dict[str, Any] | BuildOptions | None = None,
-                character: str = "") -> str:
-    """Validate and queue a build; returns its id at once."""
+                character: str = "", running_on: str = "") -> str:
+    """Validate and queue a build; returns its id at once.
+
+    ``running_on``: an embedded run's device; the build is created already claimed by it
+    (see :meth:`Store.create_build`), so no server worker on the same data dir can take it.
+    """
     opts = options if isinstance(options, BuildOptions) else build_options(options)
     effective_spec(spec, opts)  # validate overrides now, not an hour later
-    row = store.create_build(spec.to_dict(), to_dict(opts), character=character)
+    row = store.create_build(spec.to_dict(), to_dict(opts), character=character, running_on=running_on)
     return row.id

@@ -350,6 +350,7 @@ def embedded_builder(data_dir: Path, *, device: str = "") -> BuildFn:
         from service.worker import detect_devices
 
         name = character_name(spec)
+        dev = device or detect_devices()[0]
         store = Store(data_dir)
         try:
             row = None
@@ -365,9 +366,11 @@ def embedded_builder(data_dir: Path, *, device: str = "") -> BuildFn:
                     store.get_character(name)
                 except NotFound:
                     store.create_character(name, spec.to_dict())
-                row = store.create_build(spec.to_dict(), options, character=name)
+                # Created already running on this process's device: never queued, so a server on
+                # the same data dir cannot claim it and a cancel is seen by this run.
+                row = store.create_build(spec.to_dict(), options, character=name, running_on=dev)
             started(row.id)
-            run_build(store, row.id, device=device or detect_devices()[0], models=models)
+            run_build(store, row.id, device=dev, models=models)
             final = store.get_build(row.id)
             if final.state != "succeeded":
                 return BuildOutcome(final.id, final.state, {}, final.error or final.state)

@@ -235,8 +235,13 @@ class Store:
 
     # -------------------------------------------------------------- builds
     def create_build(self, spec: dict[str, Any], options: dict[str, Any], character: str = "",
-                     build_id: str | None = None) -> BuildRow:
-        """A queued build, with its first event ("queued")."""
+                     build_id: str | None = None, running_on: str = "") -> BuildRow:
+        """A queued build, with its first event ("queued").
+
+        ``running_on`` (a device name) creates it already claimed, in the same transaction:
+        an embedded run on a data dir a server also serves must not leave the build queued
+        for an instant, or the server's worker could take it and both would run it.
+        """
         build_id = check_name(build_id or new_build_id(), "build id")
         now = time.time()
         with self._tx() as c:
@@ -249,6 +254,8 @@ class Store:
                 (build_id, seq, character, json.dumps(spec), json.dumps(options), "queued", now),
             )
             self._add_event(c, build_id, "state", message="queued", state="queued")
+            if running_on:
+                self._set_running(c, build_id, running_on)
         self._notify()
         return self.get_build(build_id)
 
@@ -291,13 +298,7 @@ class Store:
             row = c.execute("SELECT id FROM builds WHERE state='queued' ORDER BY seq LIMIT 1").fetchone()
             if row is None:
                 return None
-            now = time.time()
-            c.execute(
-                "UPDATE builds SET state='running', device=?, "
-                "started_at=CASE WHEN started_at=0 THEN ? ELSE started_at END WHERE id=?",
-                (device, now, row["id"]),
-            )
-            self._add_event(c, row["id"], "state", message=f"running on {device}", state="running")
+            self._set_running(c, row["id"], device)
         self._notify()
         return self.get_build(row["id"])
 
@@ -308,14 +309,17 @@ class Store:
             if row is None:
                 raise NotFound(f"build {build_id!r} does not exist")
             if row["state"] == "queued":
-                c.execute(
-                    "UPDATE builds SET state='running', device=?, "
-                    "started_at=CASE WHEN started_at=0 THEN ? ELSE started_at END WHERE id=?",
-                    (device, time.time(), build_id),
-                )
-                self._add_event(c, build_id, "state", message=f"running on {device}", state="running")
+                self._set_running(c, build_id, device)
         self._notify()
         return self.get_build(build_id)
+
+    def _set_running(self, c: sqlite3.Connection, build_id: str, device: str) -> None:
+        c.execute(
+            "UPDATE builds SET state='running', device=?, "
+            "started_at=CASE WHEN started_at=0 THEN ? ELSE started_at END WHERE id=?",
+            (device, time.time(), build_id),
+        )
+        self._add_event(c, build_id, "state", message=f"running on {device}", state="running")
 
     def requeue_interrupted(self) -> list[str]:
         """After a restart: builds that were running go back to the queue (to resume),

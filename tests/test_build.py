@@ -244,3 +244,31 @@ def test_refinement_gallery_through_an_executor_loads_the_embedding_in_each_work
     for a, b, c in zip(px(tmp_path / "direct"), px(tmp_path / "workers"), px(tmp_path / "plain")):
         assert abs(a - b).max() <= 2
         assert abs(a - c).max() > 2, "the embedding did not change the picture: it was not loaded"
+
+
+def test_embedded_cli_build_runs_as_a_claimed_build(tmp_path, photos, uninterrupted, capsys):
+    """`likeness build SPEC --import DIR` in-process: never queued (a server on the same data dir
+    cannot take it), and it ends with the same curated set and every artifact."""
+    from service.cli import main
+    from service.store import Store
+
+    spec = tmp_path / "jolie.toml"
+    spec.write_text(
+        'name = "Jolie"\ntoken = "j0l1e"\nclass_word = "woman"\ntraits = ["dark hair", "full lips"]\n'
+        'wardrobe = "black dress"\nper_cell = 1\nzooms = ["closeup"]\nangles = ["front shot"]\nprofile = "cpu-tiny"\n'
+        "[sampling]\nsteps = 2\nwidth = 64\nheight = 64\nseed = 42\n")
+    argv = ["build", str(spec), "--data", str(tmp_path / "data"), "--import", str(photos), "--no-progress",
+            "--k", "5", "--training-steps", "4", "--checkpoint-every", "2", "--train-resolution", "64",
+            "--eval-scene", "cooking in a kitchen", "--eval-steps", "2"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["state"] == "succeeded" and out["device"] == "embedded"
+    store = Store(tmp_path / "data")
+    try:
+        states = [e.state for e in store.events(out["id"]) if e.kind == "state"]
+        assert states == ["queued", "running", "succeeded"]
+        build_dir = store.build_dir(out["id"])
+    finally:
+        store.close()
+    assert _selected(build_dir) == _selected(uninterrupted["dir"])
+    _check_artifacts(build_dir, "j0l1e")

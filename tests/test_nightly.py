@@ -266,6 +266,8 @@ def test_real_tiny_build_end_to_end_and_rerun(tmp_path: Path, tiny_models, face_
     store = Store(data)
     try:
         assert [b.id for b in store.list_builds(character="Jolie")] == [c.build_id]
+        # It ran as a claimed build (never left queued for a server on the same data dir to take).
+        assert store.get_build(c.build_id).started_at > 0 and store.get_build(c.build_id).device
     finally:
         store.close()
 

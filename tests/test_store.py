@@ -127,3 +127,12 @@ def test_locked_database_fails_the_write_and_frees_the_store(tmp_path):
     t.start()
     t.join(30)
     assert not t.is_alive() and s.get_character("Emily").spec == SPEC
+
+
+def test_an_embedded_build_is_created_claimed_so_no_worker_takes_it(tmp_path):
+    """`likeness build` on a server's data dir: the build is never queued where the server's worker could claim it."""
+    s = Store(tmp_path)
+    b = s.create_build(SPEC, {}, running_on="embedded")
+    assert b.state == "running" and b.device == "embedded" and b.started_at > 0
+    assert s.claim_next("cpu") is None
+    assert [(e.kind, e.state) for e in s.events(b.id)] == [("state", "queued"), ("state", "running")]

@@ -113,10 +113,10 @@ def _build(args: argparse.Namespace) -> int:
         except AlreadyExists:
             pass
         same = store.get_character(spec.name).spec == spec.to_dict()
-        build_id = start_build(store, spec, options, character=spec.name if same else "")
+        build_id = start_build(store, spec, options, character=spec.name if same else "", running_on="embedded")
         say(f"build {build_id} in {store.data_dir}")
     executor = executor_from_args(args)
-    store.claim(build_id, "embedded")
+    store.claim(build_id, "embedded")  # a resumed build that was still queued
     bars = _bars(args.no_progress)
     try:
         run_build(store, build_id, device="embedded", progress=bars, executor=executor)
