@@ -11,8 +11,9 @@ Pipeline (every rule and threshold is in docs/curation.md):
    ``batch_size`` images in ``service.curate_analysis``, in this process or
    on an executor's workers (``service.executor``, e.g. Ray actors).
 4. Identity clustering over the main faces that passed (faiss range search,
-   connected components, largest-then-most-cohesive cluster) and outliers by
-   cosine to the identity centroid — ``service.selection``.
+   connected components, largest-then-most-cohesive cluster); outliers are
+   faces outside that cluster or below the threshold to its centroid —
+   ``service.selection``.
 5. Background score (CLIP text contrast + CIELAB border consistency) and
    off-background outliers — ``service.background``.
 6. Near-duplicates among the rest (face cosine AND ORB same-picture matches);
@@ -52,7 +53,7 @@ from service.files import atomic_save, atomic_write_json, ensure_dir, read_json,
 from service.images import list_images, load_image
 from service.manifest import GalleryImage, read_manifest
 from service.progress import CancelToken, ProgressFn, report
-from service.selection import Candidate, cluster_identities, random_subset, select_k
+from service.selection import Candidate, cluster_identities, identity_verdicts, random_subset, select_k
 from service.spec import CharacterSpec
 
 __all__ = [
@@ -280,16 +281,13 @@ def curate(
     emb = np.stack([it.embedding for it in passed]) if passed else np.zeros((0, 1), np.float32)
     clusters = cluster_identities(emb, threshold)
     centroid = clusters.centroid
-    for it, label in zip(passed, clusters.labels):
+    for it, label, (_cos, why) in zip(passed, clusters.labels, identity_verdicts(emb, clusters, threshold)):
         it.cluster = int(label)
+        if why:
+            it.code, it.reason = "identity_outlier", why
     for it in items:
         if it.faces and centroid is not None:
-            cos = float(scores.identity_similarities(it.embedding[None], centroid)[0])
-            it.scores["identity"] = round(cos, 4)
-            if not it.code and cos < threshold:
-                it.code = "identity_outlier"
-                it.reason = (f"face is a different person: cosine {cos:.2f} to the character's identity is below "
-                             f"the same-person threshold {threshold:.2f}")
+            it.scores["identity"] = round(float(scores.identity_similarities(it.embedding[None], centroid)[0]), 4)
     members = [i for i, it in enumerate(items) if it.faces and not it.code]
 
     # Background: CLIP text contrast (with a spec) + border colours vs the identity images.

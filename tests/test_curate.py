@@ -19,7 +19,14 @@ from service.curate import CURATION_NAME, CurateConfig, curate, curate_config_fr
 from service.curate_checks import REASON_CODES, near_duplicate_pairs
 from service.errors import InvalidInput
 from service.manifest import GalleryImage, write_manifest
-from service.selection import Candidate, cluster_identities, random_subset, same_person_links, select_k
+from service.selection import (
+    Candidate,
+    cluster_identities,
+    identity_verdicts,
+    random_subset,
+    same_person_links,
+    select_k,
+)
 
 # --- pure functions ---------------------------------------------------------------
 
@@ -72,6 +79,28 @@ def test_clusters_match_numpy_components_and_pick_largest_then_most_cohesive() -
     assert ident == tuple(range(8, 13)), "tie on size goes to the more cohesive (tight) cluster"
     assert c.cohesion[c.identity] > c.cohesion[c.labels[0]]
     assert np.isclose(np.linalg.norm(c.centroid), 1.0, atol=1e-5)
+
+
+def test_lookalike_outside_the_identity_cluster_is_an_outlier_even_near_the_centroid() -> None:
+    # Four photos of the character (pair cosine 0.6) and a lookalike at pair cosine 0.44 to each:
+    # never the same person by the calibrated pair rule, yet 0.53 against the averaged centroid.
+    t = 0.4558
+    basis = np.eye(8, dtype=np.float32)
+    a = np.sqrt(0.6)
+    character = a * basis[0] + np.sqrt(1 - a * a) * basis[1:5]
+    c = 0.44 / a
+    lookalike = c * basis[0] + np.sqrt(1 - c * c) * basis[5]
+    x = np.concatenate([character, lookalike[None]])
+    clusters = cluster_identities(x, t)
+    verdicts = identity_verdicts(x, clusters, t)
+    assert clusters.members[clusters.identity] == (0, 1, 2, 3)
+    cos, why = verdicts[4]
+    assert cos >= t, "the centroid test alone would keep it"
+    assert why and "different person" in why
+    assert all(w == "" for _c, w in verdicts[:4])
+    # A cluster member far from the centroid (here: a stricter threshold) is still an outlier.
+    chain = identity_verdicts(x[:4], cluster_identities(x[:4], t), 0.95)
+    assert all(w for _c, w in chain)
 
 
 def test_select_k_spreads_over_cells_deterministically() -> None:
