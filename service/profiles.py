@@ -90,6 +90,11 @@ class Profile:
         """The local path of one model, or ModelMissing saying how to get it."""
         hint = f" {self.how_to_get}" if self.how_to_get else ""
         if what == "base_model":
+            if not self.base_model.strip():
+                raise ModelMissing(
+                    f"profile {self.name!r} names no base_model; set base_model in models/{self.name}.toml to a "
+                    "diffusers folder or a .safetensors/.ckpt checkpoint (relative to models/)"
+                )
             p = self.base_model_path
             if p is None:
                 return Path(self.base_model)
@@ -128,7 +133,10 @@ def load_profile(name: str) -> Profile:
     path = models_dir() / f"{name}.toml"
     if not path.is_file():
         raise InvalidInput(f"unknown profile {name!r}; choose one of {profile_names()}")
-    data = tomllib.loads(path.read_text(encoding="utf-8"))
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidInput(f"profile {path}: not valid TOML ({exc}); fix the file or remove it") from None
     data.setdefault("name", name)
     return from_dict(Profile, data, where=path.name)
 

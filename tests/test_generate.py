@@ -243,6 +243,23 @@ def test_missing_models_fail_fast_with_the_fix(tmp_path, monkeypatch):
         load_pipeline(Profile(name="gone", device="cpu", base_model=str(tmp_path / "gone.safetensors"), how_to_get="Copy it."))
     with pytest.raises(InvalidInput, match="'diffusers'"):
         load_pipeline(load_profile("cpu-tiny"), backend="onnx")
+    # No base_model at all was taken for an (empty) hub id.
+    with pytest.raises(ModelMissing, match="names no base_model"):
+        load_pipeline(Profile(name="none", device="cpu"))
+
+
+def test_a_broken_profile_file_is_named_and_does_not_hide_the_others(tmp_path, monkeypatch, capsys):
+    from service.cli import main
+
+    for p in (REPO_ROOT / "models").glob("*.toml"):
+        (tmp_path / p.name).write_text(p.read_text())
+    (tmp_path / "broken.toml").write_text('name = "x\n')
+    monkeypatch.setenv("LIKENESS_MODELS_DIR", str(tmp_path))
+    with pytest.raises(InvalidInput, match="broken.toml: not valid TOML"):
+        load_profile("broken")
+    assert main(["profiles"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["profiles"]}
+    assert "not valid TOML" in rows["broken"]["error"] and "cpu-tiny" in rows
 
 
 def test_model_name_and_cheap_hash(tmp_path):

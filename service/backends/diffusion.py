@@ -255,6 +255,7 @@ def _load_diffusers(profile: Profile, dtype: torch.dtype) -> Any:
     if profile.family == "sd15":
         # Curation judges the images; a blacked-out false positive would just be lost.
         extra = {"safety_checker": None, "requires_safety_checker": False, "feature_extractor": None}
+    profile.require("base_model")  # no base_model, or a local path that is missing: say so first
     path = profile.base_model_path
     if path is None:  # a hub id
         if hub_offline():
@@ -264,7 +265,6 @@ def _load_diffusers(profile: Profile, dtype: torch.dtype) -> Any:
                 "and point base_model at the folder, or unset HF_HUB_OFFLINE"
             )
         return cls.from_pretrained(profile.base_model, dtype=dtype, **extra)
-    profile.require("base_model")
     config_folder = None
     if path.is_dir():
         if not (path / "model_index.json").is_file():

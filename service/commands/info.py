@@ -13,7 +13,11 @@ def _profiles(args: argparse.Namespace) -> int:
 
     rows = []
     for name in profile_names():
-        prof = load_profile(name)
+        try:
+            prof = load_profile(name)
+        except LikenessError as exc:  # one broken file must not hide the other profiles
+            rows.append({"name": name, "ready": False, "missing": [], "error": str(exc)})
+            continue
         missing = []
         for what in ("base_model", "face_pack", "clip"):
             try:
