@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 from service.config import to_dict
 from service.errors import InvalidInput
-from service.files import atomic_write_bytes, atomic_write_json
+from service.files import atomic_write_bytes, atomic_write_json, folder_lock
 from service.infotext import InfoText, format_infotext, parse_infotext, png_bytes, read_parameters
 from service.manifest import GalleryImage, manifest_path, write_manifest
 from service.progress import CancelToken, ProgressFn, report
@@ -165,14 +165,26 @@ def import_gallery(
     Zoom and angle phrases come from ``spec`` (default: the workflow's five
     zooms and five angles). Ids are ``z<zoom>-a<angle>-<n>`` like generated
     ones, with ``x`` for an unrecognised axis. Re-running replaces the
-    manifest. Refuses an ``out_dir`` that holds a generated gallery.
+    manifest. Refuses an ``out_dir`` that holds a generated gallery, is the
+    source folder itself, or is being written by another run.
     """
+    src_p, out = Path(src).resolve(), Path(out_dir).resolve()
+    if out == src_p:
+        # Every file under the gallery folder counts as our own output: nothing would be imported.
+        raise InvalidInput(f"--out {out} is the source folder itself; write the gallery to another folder, "
+                           f"e.g. {out / 'gallery'}")
+    if (out / "plan.json").exists():
+        raise InvalidInput(f"{out} holds a generated gallery (plan.json); import into another folder")
+    with folder_lock(out, "import"):
+        return _import_locked(src_p, out, spec, progress, cancel)
+
+
+def _import_locked(
+    src_p: Path, out: Path, spec: CharacterSpec | None, progress: ProgressFn | None, cancel: CancelToken | None
+) -> ImportResult:
     from service.contact_sheet import contact_sheet
     from service.images import list_images, load_image
 
-    src_p, out = Path(src).resolve(), Path(out_dir).resolve()
-    if (out / "plan.json").exists():
-        raise InvalidInput(f"{out} holds a generated gallery (plan.json); import into another folder")
     # Importing into a subfolder of the source is fine: our own output is not re-imported.
     files = [p for p in list_images(src_p) if out not in p.resolve().parents]
     zooms = spec.zooms if spec else DEFAULT_ZOOMS

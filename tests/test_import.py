@@ -119,6 +119,19 @@ def test_import_refuses_a_generated_gallery_and_non_folders(tmp_path: Path, mess
         import_gallery(messy_folder, tmp_path / "gen")
     with pytest.raises(InvalidInput, match="not a folder"):
         import_gallery(tmp_path / "nope", tmp_path / "g2")
+    # The source as its own gallery folder imported nothing, "successfully".
+    with pytest.raises(InvalidInput, match="source folder itself"):
+        import_gallery(messy_folder, messy_folder)
+
+
+def test_a_second_import_into_the_same_folder_is_refused(tmp_path: Path, messy_folder: Path):
+    from service.errors import FailedPrecondition
+    from service.files import folder_lock
+
+    with folder_lock(tmp_path / "g", "generation"):
+        with pytest.raises(FailedPrecondition, match="is writing into"):
+            import_gallery(messy_folder, tmp_path / "g")
+    assert not (tmp_path / "g" / "manifest.jsonl").exists()
 
 
 def test_match_label_prefers_the_longest_whole_phrase():
