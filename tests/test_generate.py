@@ -274,6 +274,21 @@ def test_model_name_and_cheap_hash(tmp_path):
     assert model_hash(load_profile("cpu-tiny")) == ""  # diffusers folders have no A1111 hash
 
 
+def test_model_hash_on_a_read_only_models_folder(tmp_path, monkeypatch):
+    """The sidecar cache is optional: an unwritable models/ volume must not fail generation."""
+    import service.files
+    from service.backends.diffusion import model_hash
+
+    ckpt = tmp_path / "small.safetensors"
+    ckpt.write_bytes(b"weights")
+
+    def read_only(path, text):
+        raise InvalidInput(f"cannot write {path}: permission denied")
+
+    monkeypatch.setattr(service.files, "atomic_write_text", read_only)
+    assert model_hash(Profile(name="m", base_model=str(ckpt))) == hashlib.sha256(b"weights").hexdigest()[:10]
+
+
 def test_contact_sheet_marks(gallery, tmp_path):
     from service.contact_sheet import contact_sheet
 

@@ -175,7 +175,7 @@ def model_hash(profile: Profile) -> str:
             from service.files import atomic_write_text
 
             atomic_write_text(sidecar, digest + "\n")
-        except OSError:
+        except (OSError, InvalidInput):  # a read-only models volume: the cache is optional
             pass
         return digest[:10]
     except (OSError, IndexError):
