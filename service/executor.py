@@ -40,6 +40,7 @@ class ExecutorConfig:
     workers: int = 2
     # GPUs per actor: 1 pins one actor per GPU; 0 for CPU-only clusters.
     gpus_per_worker: float = 0.0
+    # CPUs reserved per actor: Ray schedules by it, and torch in the actor uses that many threads.
     cpus_per_worker: float = 1.0
     # A shard whose worker died is retried this many times in all before the stage fails.
     max_attempts: int = 3
@@ -54,6 +55,7 @@ class LocalExecutor:
     def map_shards(
         self, factory: WorkerFactory, shards: Sequence[Any], on_result: ResultFn, cancel: CancelToken | None = None
     ) -> None:
+        """Run every shard in order on one worker; ``on_result(i, result)`` after each; cancel between shards."""
         if not shards:
             return
         worker = factory()
@@ -117,6 +119,11 @@ class RayExecutor:
     def map_shards(
         self, factory: WorkerFactory, shards: Sequence[Any], on_result: ResultFn, cancel: CancelToken | None = None
     ) -> None:
+        """Run the shards on ``config.workers`` actors; ``on_result(i, result)`` in the driver, in finishing order.
+
+        A shard whose actor dies goes back in the queue on a fresh actor (up to
+        ``max_attempts``); an exception raised by the worker is re-raised as is.
+        """
         ray = self._ray
         if not shards:
             return

@@ -13,7 +13,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from service.errors import InvalidInput
 
@@ -78,10 +78,12 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write UTF-8 ``text`` atomically (see :func:`atomic_save`)."""
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
+    """Write ``obj`` as indented JSON atomically (see :func:`atomic_save`)."""
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
@@ -136,12 +138,13 @@ def safe_join(root: str | os.PathLike[str], *parts: str) -> Path:
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:
+    """The JSON document at ``path`` (OSError / ValueError for the caller to explain)."""
     with open(path, encoding="utf-8") as fh:
         return json.load(fh)
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | os.PathLike[str], what: str = "run"):
+def folder_lock(folder: str | os.PathLike[str], what: str = "run") -> Iterator[Path]:
     """Hold an exclusive lock on ``folder`` (a ``.lock`` file) or fail at once.
 
     Two runs writing the same artifacts would interleave rows and images; the

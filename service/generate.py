@@ -528,4 +528,5 @@ def _generate_locked(
 
 
 def result_dict(result: GenerateResult) -> dict[str, Any]:
+    """The result as a JSON-ready dict (build summaries)."""
     return to_dict(result)

@@ -14,7 +14,12 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from service.errors import InvalidInput
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL.Image import Image
 
 # 50 megapixels: a 7000x7000 photo passes, a decompression bomb does not.
 MAX_PIXELS = 50_000_000
@@ -41,7 +46,7 @@ _EXT_FORMATS = {
 }
 
 
-def _open(data: bytes, name: str, max_pixels: int):
+def _open(data: bytes, name: str, max_pixels: int) -> tuple["Image", ImageInfo]:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not data:
@@ -86,7 +91,7 @@ def _open(data: bytes, name: str, max_pixels: int):
     return img, ImageInfo(fmt, mode, w, h, False, text)
 
 
-def load_image_bytes(data: bytes, name: str = "image", max_pixels: int = MAX_PIXELS):
+def load_image_bytes(data: bytes, name: str = "image", max_pixels: int = MAX_PIXELS) -> tuple["Image", ImageInfo]:
     """Decode ``data`` to an RGB ``PIL.Image`` plus :class:`ImageInfo`.
 
     ``name`` labels errors; when it has an image suffix (``photo.jpg``),
@@ -98,7 +103,7 @@ def load_image_bytes(data: bytes, name: str = "image", max_pixels: int = MAX_PIX
     return img, ImageInfo(info.format, info.mode, info.width, info.height, mismatch, info.text)
 
 
-def load_image(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS):
+def load_image(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS) -> tuple["Image", ImageInfo]:
     """Decode the file at ``path`` to an RGB ``PIL.Image`` plus :class:`ImageInfo`."""
     p = Path(path)
     try:
