@@ -293,6 +293,25 @@ def test_outputs_and_scores(mixed_pool) -> None:
 
 
 @pytest.mark.realdata
+def test_several_faces_tells_groups_from_bystanders(realdata: Path, labels, analyzer) -> None:
+    """Every group photo the detector sees as such is several_faces; no single-person photo is.
+
+    Jack_Dorsey's img59 and img62 hold a blurred, frame-cut bystander at 49% and 61% of the main
+    face's size: by size alone one sat right at the 50% limit and the other was rejected.
+    """
+    from service.curate_analysis import AnalysisShard, analyse_shard, read_input
+
+    rows = [r for r in labels if r["kind"] == "single_face" or r["kind"] == "multi_face" and r["scrfd_faces"] != "0"]
+    shard = AnalysisShard(CurateConfig(), tuple(read_input(realdata, n, r["file"]) for n, r in enumerate(rows)))
+    got = {rows[a.index]["file"]: a.code for a in analyse_shard(shard, analyzer, None)}
+    groups = {f for f, r in zip(got, rows) if r["kind"] == "multi_face"}
+    assert len(groups) >= 5
+    assert {f for f in groups if got[f] != "several_faces"} == set()
+    assert {f: c for f, c in got.items() if f not in groups and c == "several_faces"} == {}
+    assert "faces/Jack_Dorsey/deepface_img62.jpg" in got and "faces/Jack_Dorsey/deepface_img59.jpg" in got
+
+
+@pytest.mark.realdata
 def test_near_duplicates_of_obama(realdata: Path, labels, analyzer) -> None:
     """Crops, a re-encode and a 32-bit PNG copy group with their source; distinct photos do not."""
     from service.images import load_image
