@@ -341,3 +341,25 @@ def test_cli_trains_and_validates_with_real_scorers(tiny_models, face_pack, data
                  "--val-seeds", "5", "--quiet"]) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["resumed_from"] == 2 and again["best_step"] == expect
+
+
+def test_cli_ctrl_c_stops_after_the_step_and_bad_seeds_are_input_errors(tmp_path):
+    import os
+    import signal
+
+    from service.cli import build_parser
+    from service.commands.train import _config, stop_after_step_on_signal
+
+    # Ctrl-C / SIGTERM cancel the token (training saves the finished step), a second Ctrl-C interrupts.
+    token = CancelToken()
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with stop_after_step_on_signal(token):
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert token.cancelled and "SIGTERM" in token.reason
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    args = build_parser().parse_args(["train", str(tmp_path), "--spec", "s.toml", "--out", str(tmp_path / "o"),
+                                      "--val-seeds", "1,two"])
+    with pytest.raises(InvalidInput, match="val-seeds"):
+        _config(args)

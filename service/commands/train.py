@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import signal
+import threading
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from service.cli import emit, say
+from service.errors import InvalidInput
+from service.progress import CancelToken
 
 
 def _config(args: argparse.Namespace) -> Any:
@@ -34,10 +39,40 @@ def _config(args: argparse.Namespace) -> Any:
     if args.val_steps is not None:
         validation["steps"] = args.val_steps
     if args.val_seeds:
-        validation["seeds"] = [int(s) for s in args.val_seeds.split(",") if s.strip()]
+        try:
+            validation["seeds"] = [int(s) for s in args.val_seeds.split(",") if s.strip()]
+        except ValueError:
+            raise InvalidInput(f"--val-seeds {args.val_seeds!r}: write whole numbers separated by commas, "
+                               "e.g. --val-seeds 1,2,3") from None
     if validation:
         data["validation"] = validation
     return from_dict(TrainConfig, data, "train")
+
+
+@contextmanager
+def stop_after_step_on_signal(cancel: CancelToken) -> Iterator[None]:
+    """Ctrl-C / SIGTERM cancel ``cancel`` instead of killing training mid-step.
+
+    Training then saves the step it finished as a checkpoint and stops
+    (``Cancelled``), so up to ``checkpoint_every - 1`` steps are not lost; a
+    second Ctrl-C interrupts at once. Only the main thread can own signals.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: Any) -> None:
+        if cancel.cancelled:
+            raise KeyboardInterrupt
+        cancel.cancel(f"stopped by {signal.Signals(signum).name} after the current step, which is saved as a "
+                      "checkpoint; run the same command again to resume")
+
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -51,8 +86,11 @@ def _train(args: argparse.Namespace) -> int:
     profile = resolve_profile(spec, args.profile)
     say(f"training {spec.token!r} on {args.dataset} with profile {profile.name!r}; resumes from {args.out} if it holds checkpoints")
     bar = TqdmProgress(disable=args.quiet)
+    cancel = CancelToken()
     try:
-        result = train_embedding(args.dataset, spec, args.out, config, profile=profile, progress=bar)
+        with stop_after_step_on_signal(cancel):
+            result = train_embedding(args.dataset, spec, args.out, config, profile=profile, progress=bar,
+                                     cancel=cancel)
     finally:
         bar.close()
     emit({
