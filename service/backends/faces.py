@@ -172,16 +172,6 @@ class InsightFaceAnalyzer:
     def recognition_sha256(self) -> str:
         return file_sha256(str(self.recognition_model))
 
-    def detect(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """One RGB image -> (boxes Nx5 [x1,y1,x2,y2,score], landmarks Nx5x2), largest first."""
-        bgr = np.ascontiguousarray(_check_image(image, 0)[:, :, ::-1])
-        boxes, kps = self._det.detect(bgr, max_num=0, metric="default")
-        if boxes.shape[0] == 0:
-            return np.zeros((0, 5), np.float32), np.zeros((0, 5, 2), np.float32)
-        areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-        order = np.argsort(-areas, kind="stable")
-        return boxes[order], kps[order]
-
     def embed_aligned(self, crops_bgr: Sequence[np.ndarray]) -> np.ndarray:
         """Aligned 112x112 BGR crops -> (N, D) L2-normalised float32, in batches."""
         if not crops_bgr:
