@@ -14,7 +14,9 @@ event lands.
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import socket
 import sqlite3
 import threading
 import time
@@ -47,6 +49,7 @@ CREATE TABLE IF NOT EXISTS builds (
     error TEXT NOT NULL DEFAULT '',
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     device TEXT NOT NULL DEFAULT '',
+    owner TEXT NOT NULL DEFAULT '',
     result_json TEXT NOT NULL DEFAULT '{}',
     created_at REAL NOT NULL,
     started_at REAL NOT NULL DEFAULT 0,
@@ -79,6 +82,32 @@ CREATE TABLE IF NOT EXISTS events (
 );
 """
 
+
+
+def process_owner() -> str:
+    """This process as a build owner: ``host:pid``."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def owner_alive(owner: str) -> bool:
+    """Whether the owning process still runs (only knowable for this host; others count as gone).
+
+    A process that died (kill -9, crash, reboot) leaves its builds to be resumed.
+    """
+    host, _, pid = owner.rpartition(":")
+    if not owner or host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    try:  # a killed process its parent has not reaped yet (a zombie) is gone too
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 @dataclass(frozen=True)
 class CharacterRow:
@@ -159,6 +188,9 @@ class Store:
         self._conn.execute("PRAGMA foreign_keys=ON")
         with self._lock:
             self._conn.executescript(_SCHEMA)
+            cols = {r["name"] for r in self._conn.execute("PRAGMA table_info(builds)")}
+            if "owner" not in cols:  # data dirs made before builds had an owner process
+                self._conn.execute("ALTER TABLE builds ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
 
     # ------------------------------------------------------------ plumbing
     class _Tx:
@@ -303,33 +335,51 @@ class Store:
         return self.get_build(row["id"])
 
     def claim(self, build_id: str, device: str) -> BuildRow:
-        """Move one queued build to running on ``device`` (embedded runs claim their own build)."""
+        """Take one build to run in this process (embedded runs, ``--resume``).
+
+        A queued build moves to running; a running build whose process died is
+        taken over; one still running in another live process is refused, so a
+        build never runs twice.
+        """
         with self._tx() as c:
-            row = c.execute("SELECT state FROM builds WHERE id=?", (build_id,)).fetchone()
+            row = c.execute("SELECT state, owner FROM builds WHERE id=?", (build_id,)).fetchone()
             if row is None:
                 raise NotFound(f"build {build_id!r} does not exist")
-            if row["state"] == "queued":
+            if row["state"] == "running" and row["owner"] != process_owner() and owner_alive(row["owner"]):
+                raise FailedPrecondition(
+                    f"build {build_id} is running in another process ({row['owner']}); wait for it, "
+                    "or cancel it (likeness builds cancel) before resuming it here"
+                )
+            if row["state"] == "queued" or (row["state"] == "running" and row["owner"] != process_owner()):
                 self._set_running(c, build_id, device)
         self._notify()
         return self.get_build(build_id)
 
     def _set_running(self, c: sqlite3.Connection, build_id: str, device: str) -> None:
         c.execute(
-            "UPDATE builds SET state='running', device=?, "
+            "UPDATE builds SET state='running', device=?, owner=?, "
             "started_at=CASE WHEN started_at=0 THEN ? ELSE started_at END WHERE id=?",
-            (device, time.time(), build_id),
+            (device, process_owner(), time.time(), build_id),
         )
         self._add_event(c, build_id, "state", message=f"running on {device}", state="running")
 
     def requeue_interrupted(self) -> list[str]:
         """After a restart: builds that were running go back to the queue (to resume),
-        and builds whose cancel was requested are marked cancelled."""
+        and builds whose cancel was requested are marked cancelled.
+
+        A build still running in another live process on this machine (an embedded
+        `likeness build` or nightly on the same data dir) is left alone: it is not
+        interrupted, and taking it would run it twice.
+        """
         with self._tx() as c:
             ids = [r["id"] for r in c.execute(
                 "SELECT id, cancel_requested FROM builds WHERE state IN ('running','queued') ORDER BY seq")]
             resumed = []
             for bid in ids:
-                cancel = c.execute("SELECT cancel_requested, state FROM builds WHERE id=?", (bid,)).fetchone()
+                cancel = c.execute("SELECT cancel_requested, state, owner FROM builds WHERE id=?", (bid,)).fetchone()
+                if (cancel["state"] == "running" and cancel["owner"] != process_owner()
+                        and owner_alive(cancel["owner"])):
+                    continue
                 if cancel["cancel_requested"]:
                     self._finish(c, bid, "cancelled", "cancelled on request")
                 elif cancel["state"] == "running":

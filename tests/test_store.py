@@ -136,3 +136,56 @@ def test_an_embedded_build_is_created_claimed_so_no_worker_takes_it(tmp_path):
     assert b.state == "running" and b.device == "embedded" and b.started_at > 0
     assert s.claim_next("cpu") is None
     assert [(e.kind, e.state) for e in s.events(b.id)] == [("state", "queued"), ("state", "running")]
+
+
+def _own(store: Store, build_id: str, owner: str) -> None:
+    with store._tx() as c:
+        c.execute("UPDATE builds SET owner=? WHERE id=?", (owner, build_id))
+
+
+def test_a_build_running_in_another_live_process_is_neither_requeued_nor_claimed(tmp_path):
+    """A server starting beside an embedded `likeness build` on the same data dir must not run it too."""
+    import socket
+    import subprocess
+    import sys
+
+    s = Store(tmp_path)
+    live = s.create_build(SPEC, {}, running_on="embedded")
+    dead = s.create_build(SPEC, {}, running_on="embedded")
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    gone = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    gone.kill()  # killed but not yet reaped: a zombie counts as gone
+    import time
+
+    time.sleep(0.5)
+    try:
+        host = socket.gethostname()
+        _own(s, live.id, f"{host}:{other.pid}")
+        _own(s, dead.id, f"{host}:{gone.pid}")
+        assert s.requeue_interrupted() == [dead.id]  # its process died: resume it
+        assert s.get_build(live.id).state == "running"  # still being built elsewhere: hands off
+        with pytest.raises(FailedPrecondition, match="running in another process"):
+            s.claim(live.id, "embedded")
+    finally:
+        other.kill()
+        other.wait()
+        gone.wait()
+    # Once that process is gone, `likeness build --resume` takes the build over.
+    assert s.claim(live.id, "embedded").state == "running"
+    with s._tx() as c:
+        owner = c.execute("SELECT owner FROM builds WHERE id=?", (live.id,)).fetchone()["owner"]
+    assert owner.endswith(f":{__import__('os').getpid()}")
+
+
+def test_a_data_dir_from_before_build_owners_is_migrated(tmp_path):
+    import sqlite3
+
+    s = Store(tmp_path)
+    b = s.create_build(SPEC, {})
+    s.close()
+    conn = sqlite3.connect(tmp_path / "likeness.db")
+    conn.execute("ALTER TABLE builds DROP COLUMN owner")
+    conn.commit()
+    conn.close()
+    s2 = Store(tmp_path)
+    assert s2.claim(b.id, "cpu").state == "running"
