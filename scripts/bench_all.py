@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -98,21 +97,18 @@ def bench_curate(device: str, timeout: int, n: int) -> dict:
 
 
 def bench_train(device: str, timeout: int) -> dict:
-    cmd = [sys.executable, "scripts/bench_train.py", "--device", device]
+    cmd = [sys.executable, "scripts/bench_train.py", "--json", "--device", device]
     if device == "cuda":
         cmd.append("--full-size")
     out = _run(cmd, timeout)
-    rates = {}
-    for line in out.splitlines():
-        m = re.match(r"(reference|ours)\b.*?:\s*([0-9.]+) steps/s", line.strip())
-        if m:
-            rates[m.group(1)] = float(m.group(2))
-    if len(rates) != 2:
+    res = _json_tail(out)
+    if not res:
         return {"stage": "train", "error": out[-300:]}
-    settings = out.strip().splitlines()[0].split(";")
-    return {"stage": "train", "unit": "steps/s", "ours": rates["ours"], "alternative": rates["reference"],
+    return {"stage": "train", "unit": "steps/s", "ours": res["ours_steps_per_s"],
+            "alternative": res["reference_steps_per_s"],
             "alternative_name": "diffusers textual_inversion-style loop (VAE encode every step)",
-            "settings": ";".join(settings[:1] + settings[3:5]).strip(), "device": device}
+            "settings": f"model: {res['model']}; batch {res['batch_size']}; {res['resolution']}x{res['resolution']}",
+            "device": res["device"]}
 
 
 def table(rows: list[dict], markdown: bool) -> str:

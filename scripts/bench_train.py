@@ -23,6 +23,7 @@ values with random weights (no download) and is meant for CUDA.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -201,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--full-size", action="store_true", help="real SD 1.5 architecture, random weights (CUDA)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    ap.add_argument("--json", action="store_true", help="also print one JSON line (for scripts/bench_all.py)")
     args = ap.parse_args(argv)
 
     import torch
@@ -237,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"reference (VAE every step): {ref:.3f} steps/s")
     print(f"ours (cached latents):      {ours:.3f} steps/s")
     print(f"ratio ours/reference:       {ours / ref:.2f}x")
+    if args.json:
+        print(json.dumps({"model": model, "device": args.device, "batch_size": args.batch_size,
+                          "resolution": args.resolution, "reference_steps_per_s": ref, "ours_steps_per_s": ours}))
     return 0
 
 

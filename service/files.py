@@ -56,15 +56,16 @@ def ensure_dir(path: str | os.PathLike[str], what: str = "folder") -> Path:
     return path
 
 
-def _make_temp(path: Path, prefix: str, suffix: str) -> tuple[int, str]:
+def _make_temp(path: Path, prefix: str, suffix: str) -> str:
+    """An empty temporary sibling of ``path`` (its mode is set by atomic_save after writing)."""
     ensure_dir(path.parent)
     try:
         fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
     except PermissionError:
         raise InvalidInput(f"cannot write {path}: permission denied in {path.parent}; choose a folder you can "
                            "write to") from None
-    os.fchmod(fd, _FILE_MODE)
-    return fd, tmp
+    os.close(fd)
+    return tmp
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
@@ -96,11 +97,11 @@ def atomic_save(path: str | os.PathLike[str], save: Any) -> Path:
     path = Path(path)
     if path.is_dir():
         raise InvalidInput(f"cannot write {path}: it is a folder; give a file name")
-    fd, tmp = _make_temp(path, f".{path.stem}.", f".tmp{path.suffix}")
-    os.close(fd)
+    tmp = _make_temp(path, f".{path.stem}.", f".tmp{path.suffix}")
     try:
         save(tmp)
-        os.chmod(tmp, _FILE_MODE)  # a saver may have replaced the file we made
+        # mkstemp makes 0600 files, and a saver may replace the file: set the mode here, once.
+        os.chmod(tmp, _FILE_MODE)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
