@@ -39,18 +39,18 @@ COPY pyproject.toml README.md ./
 # names; the base requirements pull the CPU builds, so the GPU builds (same pins
 # as pyproject's cuda extras) are put back on top of the removed CPU ones.
 # hadolint ignore=DL3013
-RUN mkdir -p service \
-    && touch service/__init__.py \
+RUN mkdir -p service/likeness \
+    && touch service/likeness/__init__.py \
     && pip install --no-cache-dir ".[cuda]" \
     && pip uninstall -y faiss-cpu onnxruntime \
     && pip install --no-cache-dir --no-deps --force-reinstall faiss-gpu==1.15.1 onnxruntime-gpu==1.31.1
 
 # Then the real package (no dependency resolution: they are all there).
 # The check fails the build, rather than the service at run time, when a data file
-# of service/ (JSON tables, schemas) did not make it into the wheel.
+# of service/likeness/ (JSON tables, schemas) did not make it into the wheel.
 COPY service/ service/
 RUN pip install --no-cache-dir --no-deps --force-reinstall . \
-    && python -I -c "import pathlib, service; src = pathlib.Path('/src/service'); dst = pathlib.Path(service.__file__).parent; missing = [str(p.relative_to(src)) for p in src.rglob('*') if p.is_file() and p.suffix not in ('.py', '.pyc') and '__pycache__' not in p.parts and not (dst / p.relative_to(src)).exists()]; assert not missing, f'data files missing from the installed package: {missing}; declare them in pyproject.toml [tool.setuptools.package-data]'"
+    && python -I -c "import pathlib, likeness; src = pathlib.Path('/src/service/likeness'); dst = pathlib.Path(likeness.__file__).parent; missing = [str(p.relative_to(src)) for p in src.rglob('*') if p.is_file() and p.suffix not in ('.py', '.pyc') and '__pycache__' not in p.parts and not (dst / p.relative_to(src)).exists()]; assert not missing, f'data files missing from the installed package: {missing}; declare them in pyproject.toml [tool.setuptools.package-data]'"
 
 # The tiny random models behind the cpu-tiny profiles (built offline, a few MB):
 # `likeness profiles` and smoke tests work in the image without any weights mounted.

@@ -10,7 +10,7 @@ pixels (SD-sized, and no two files byte-identical) and saved as PNG in a
 temporary folder. Same-photo copies are then near-duplicates, as in a
 gallery with repeated seeds: both pipelines see the same files.
 
-- **ours**: ``service.curate.curate`` end to end (decode once, batched face
+- **ours**: ``likeness.curate.decide.curate`` end to end (decode once, batched face
   analysis and CLIP, faiss clustering, checks, near-duplicates, selection,
   set scores, PNG + curation.json output) with the profile's face pack and
   CLIP (CPU: the real CPU pack + tiny CLIP; CUDA: buffalo_l + its CLIP).
@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def build_pool(realdata: Path, n: int, dest: Path) -> list[Path]:
     """``n`` PNGs made by cycling the labelled real photos (see the module doc)."""
-    from service.images import load_image
+    from likeness.images import load_image
 
     with open(realdata / "labels.csv", newline="", encoding="utf-8") as fh:
         files = [realdata / r["file"] for r in csv.DictReader(fh)]
@@ -98,9 +98,9 @@ def naive(files: list[Path], pack: Path, threshold: float, k: int, gpu: bool) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    from service.backends.faces import load_face_analyzer
-    from service.curate import CurateConfig, curate
-    from service.profiles import best_profile, load_profile, realdata_dir
+    from likeness.backends.faces import load_face_analyzer
+    from likeness.curate.decide import CurateConfig, curate
+    from likeness.profiles import best_profile, load_profile, realdata_dir
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=400, help="pool size (default 400)")
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         faces = load_face_analyzer(profile)
         clip = None
         if not args.no_clip:
-            from service.backends.clip import load_clip
+            from likeness.backends.clip import load_clip
 
             clip = load_clip(profile)
         t_load = time.perf_counter() - t0

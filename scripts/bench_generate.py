@@ -8,7 +8,7 @@ count (A1111's batch count x batch size):
   and ``pipe(prompt, negative_prompt, num_images_per_prompt=batch_size,
   generator=...)`` batch-count times, each image saved as a PNG, as a user
   script (or A1111's batch) does;
-* **likeness**: :func:`service.generate.generate_gallery` into a fresh
+* **likeness**: :func:`likeness.generate.gallery.generate_gallery` into a fresh
   folder (prompt weighting, per-image generators, PNG + infotext, manifest,
   plan, contact sheet included) with its own loaded pipeline.
 
@@ -39,12 +39,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from service.backends.sd15_config import PARAMS as SD15_PARAMS  # noqa: E402
-from service.backends.sd15_config import SCHEDULER as SD15_SCHEDULER  # noqa: E402
-from service.backends.sd15_config import TEXT_ENCODER as SD15_TEXT  # noqa: E402
-from service.backends.sd15_config import UNET as SD15_UNET  # noqa: E402
-from service.backends.sd15_config import VAE as SD15_VAE  # noqa: E402
-from service.backends.sd15_config import parameter_counts  # noqa: E402
+from likeness.backends.sd15_config import PARAMS as SD15_PARAMS  # noqa: E402
+from likeness.backends.sd15_config import SCHEDULER as SD15_SCHEDULER  # noqa: E402
+from likeness.backends.sd15_config import TEXT_ENCODER as SD15_TEXT  # noqa: E402
+from likeness.backends.sd15_config import UNET as SD15_UNET  # noqa: E402
+from likeness.backends.sd15_config import VAE as SD15_VAE  # noqa: E402
+from likeness.backends.sd15_config import parameter_counts  # noqa: E402
 
 
 def build_sd15_random(out: Path, device: str) -> Path:
@@ -75,7 +75,7 @@ def _sync(device: str) -> None:
 
 
 def bench_spec(args):
-    from service.spec import spec_from_dict
+    from likeness.spec import spec_from_dict
 
     return spec_from_dict({
         "name": "Bench", "token": "b3nch", "class_word": "woman",
@@ -92,7 +92,7 @@ def plain_runner(folder: Path, device: str, dtype, args, prompt: str, negative: 
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from service.backends.diffusion import make_scheduler
+    from likeness.backends.diffusion import make_scheduler
 
     pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=dtype, safety_checker=None,
                                                    requires_safety_checker=False, local_files_only=True).to(device)
@@ -119,9 +119,9 @@ def plain_runner(folder: Path, device: str, dtype, args, prompt: str, negative: 
 
 def likeness_runner(profile, args):
     """Our stage with its own loaded pipeline; returns run(out) -> seconds (a fresh gallery each time)."""
-    from service.backends.diffusion import load_pipeline
-    from service.generate import generate_gallery, render_images
-    from service.grid import plan_gallery
+    from likeness.backends.diffusion import load_pipeline
+    from likeness.generate.gallery import generate_gallery, render_images
+    from likeness.generate.plan import plan_gallery
 
     spec = bench_spec(args)
     pipe = load_pipeline(profile, compile_unet=args.compile, sampler=args.sampler)
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from service.profiles import Profile, load_profile
+    from likeness.profiles import Profile, load_profile
 
     if cuda and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA GPU is available", file=sys.stderr)
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             folder = profile.require("base_model")
         dtype = torch.float16 if cuda else torch.float32
         spec = bench_spec(args)
-        from service.grid import plan_gallery
+        from likeness.generate.plan import plan_gallery
 
         ours = likeness_runner(profile, args)
         plain = plain_runner(folder, args.device, dtype, args, plan_gallery(spec, 1)[0].prompt, spec.negative_prompt)

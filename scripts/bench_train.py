@@ -4,7 +4,7 @@
 Both loops train the same model with the same settings (batch, resolution,
 vectors, learning rate, mixed precision) on the same random images:
 
-- **ours**: ``service.train.Trainer`` — latents cached once per image and flip,
+- **ours**: ``likeness.train.trainer.Trainer`` — latents cached once per image and flip,
   only the new vectors are parameters (a forward hook splices them in);
 - **reference**: the loop of diffusers' ``examples/textual_inversion/textual_inversion.py``:
   the whole token-embedding matrix is trainable (AdamW, weight decay 1e-2,
@@ -43,7 +43,7 @@ def full_size_sd15(dtype, device):
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from service.profiles import models_dir
+    from likeness.profiles import models_dir
 
     tiny = models_dir() / "tiny" / "sd15"
     torch.manual_seed(0)
@@ -76,7 +76,7 @@ def load_pipe(args):
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from service.profiles import models_dir
+    from likeness.profiles import models_dir
 
     device = torch.device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -105,8 +105,8 @@ def sync(device):
 
 def setup_ours(pipe, items, cfg, spec):
     """Likeness' trainer; returns its step function (setup includes the one-off latent encoding)."""
-    from service.train import Trainer
-    from service.train_data import DEFAULT_TEMPLATES
+    from likeness.train.trainer import Trainer
+    from likeness.train.data import DEFAULT_TEMPLATES
 
     t0 = time.perf_counter()
     trainer = Trainer(pipe, spec, items, cfg, DEFAULT_TEMPLATES)
@@ -126,8 +126,8 @@ def setup_reference(pipe, items, cfg, spec):
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
 
-    from service.images import load_image
-    from service.train_data import DEFAULT_TEMPLATES, center_crop_resize, fill_template, token_names
+    from likeness.images import load_image
+    from likeness.train.data import DEFAULT_TEMPLATES, center_crop_resize, fill_template, token_names
 
     device = pipe.unet.device
     weight_dtype = pipe.unet.dtype
@@ -207,10 +207,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from service.spec import spec_from_dict
-    from service.train import TrainConfig
-    from service.train_data import read_dataset
-    from service.validation import ValidationConfig
+    from likeness.spec import spec_from_dict
+    from likeness.train.trainer import TrainConfig
+    from likeness.train.data import read_dataset
+    from likeness.train.checkpoint_scoring import ValidationConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -12,10 +12,10 @@ bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 DATA=${LIKENESS_DATA:-data}
 PY=.venv/bin/python
-best=$($PY -c "from service.profiles import best_profile; print(best_profile()[0].name)")
+best=$($PY -c "from likeness.profiles import best_profile; print(best_profile()[0].name)")
 if [ "$best" != "cpu-tiny" ]; then
   echo "main: profile $best on CUDA - full generation of examples/emily.toml" >&2
-  exec $PY -m service build examples/emily.toml --data "$DATA" --profile "$best" "$@"
+  exec $PY -m likeness build examples/emily.toml --data "$DATA" --profile "$best" "$@"
 fi
 REAL=${LIKENESS_REALDATA:-../shared/realdata}
 IDENTITY=${LIKENESS_MAIN_IDENTITY:-Angelina_Jolie}
@@ -38,6 +38,6 @@ done
 link "$REAL"/faces/_negative_no_face/* "$REAL"/faces/_negative_back_of_head/* $(ls "$REAL"/faces/_multi_person/* | head -n 2)
 echo "main: building from an imported gallery of real photos instead of generation: $(ls "$POOL" | wc -l) photos," >&2
 echo "main: $(ls "$FOLDER" | wc -l) of $IDENTITY plus other people, faceless and group photos (curation must reject those)." >&2
-exec $PY -m service build examples/emily.toml --data "$DATA" --profile cpu-tiny --import "$POOL" \
+exec $PY -m likeness build examples/emily.toml --data "$DATA" --profile cpu-tiny --import "$POOL" \
   --k 5 --training-steps 20 --checkpoint-every 10 --train-resolution 64 --eval-steps 4 \
   --eval-scene "cooking in a kitchen" --eval-scene "tending a garden" "$@"

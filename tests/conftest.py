@@ -28,7 +28,7 @@ def tiny_models() -> Path:
 @pytest.fixture(scope="session")
 def realdata() -> Path:
     """../shared/realdata (or $LIKENESS_REALDATA); skipped with the reason if absent."""
-    from service.profiles import realdata_dir
+    from likeness.profiles import realdata_dir
 
     root = realdata_dir()
     if not (root / "faces").is_dir():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.caption import (
+from likeness.caption import (
     CaptionConfig,
     CaptionVocabulary,
     caption_dataset,
@@ -19,8 +19,8 @@ from service.caption import (
     load_vocabulary,
     render_caption,
 )
-from service.errors import InvalidInput, NotFound
-from service.spec import load_spec
+from likeness.errors import InvalidInput, NotFound
+from likeness.spec import load_spec
 
 REPO = Path(__file__).resolve().parent.parent
 ADVERSARIAL = CaptionVocabulary(
@@ -37,7 +37,7 @@ def emily():
 
 def _curated(tmp_path: Path, spec, n: int = 6) -> Path:
     """A curated folder as curation leaves it: <id>.png + curation.json (curate's own dataclasses)."""
-    from service.curate import CURATION_NAME, SCHEMA_VERSION, CurationResult, ImageDecision
+    from likeness.curate.decide import CURATION_NAME, SCHEMA_VERSION, CurationResult, ImageDecision
 
     folder = tmp_path / "curated"
     folder.mkdir()
@@ -97,8 +97,8 @@ def test_metadata_captions_sidecars_and_wardrobe(tmp_path: Path, emily) -> None:
 
 
 def test_clip_zero_shot_tags_never_name_the_face(tmp_path: Path, emily) -> None:
-    from service.backends.clip import load_clip
-    from service.profiles import load_profile
+    from likeness.backends.clip import load_clip
+    from likeness.profiles import load_profile
 
     clip = load_clip(load_profile("cpu-tiny"))
     folder = _curated(tmp_path, emily)
@@ -154,7 +154,7 @@ def test_plain_folder_vocabulary_file_and_errors(tmp_path: Path, emily) -> None:
 
 
 def test_cli_caption(tmp_path: Path, emily, capsys) -> None:
-    from service.cli import main
+    from likeness.cli.main import main
 
     folder = _curated(tmp_path, emily, n=2)
     rc = main(["caption", str(folder), "--spec", str(REPO / "examples" / "emily.toml"), "--profile", "cpu-tiny"])

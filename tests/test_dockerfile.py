@@ -136,7 +136,7 @@ def test_healthcheck_answers_from_a_live_health_server() -> None:
 
 
 def test_entrypoint_matches_the_cli() -> None:
-    from service.cli import build_parser
+    from likeness.cli.main import build_parser
 
     parser = build_parser()
     commands = next(a for a in parser._actions if a.dest == "command").choices

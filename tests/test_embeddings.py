@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.embeddings import (
+from likeness.embeddings import (
     TrainedEmbedding,
     load_embedding,
     load_into_pipeline,
@@ -16,7 +16,7 @@ from service.embeddings import (
     save_embedding,
     vectors_in_pipeline,
 )
-from service.errors import InvalidInput, NotFound
+from likeness.errors import InvalidInput, NotFound
 
 TOKEN = "3m1ly"
 
@@ -168,7 +168,7 @@ def test_foreign_files_and_bad_inputs(tmp_path: Path) -> None:
 
 
 def test_cli_export_converts_between_formats(tmp_path: Path, capsys) -> None:
-    from service.cli import main
+    from likeness.cli.main import main
 
     emb = _emb("sdxl")
     src = save_embedding(emb, tmp_path / "3m1ly.safetensors", "safetensors")
@@ -183,7 +183,7 @@ def test_cli_export_converts_between_formats(tmp_path: Path, capsys) -> None:
 def test_cli_export_to_a_new_folder_creates_it(tmp_path: Path, capsys) -> None:
     # The help says --out may be a folder; a folder that does not exist yet was refused
     # as "a diffusers embedding file must end in .safetensors".
-    from service.cli import main
+    from likeness.cli.main import main
 
     emb = _emb("sd15")
     src = save_embedding(emb, tmp_path / "3m1ly.safetensors", "safetensors")

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from service.errors import FailedPrecondition, InvalidInput
-from service.evaluate import DEFAULT_SCENES, EvalConfig, eval_config, evaluate, read_evaluation, reference_centroid
-from service.spec import spec_from_dict
+from likeness.errors import FailedPrecondition, InvalidInput
+from likeness.evaluate import DEFAULT_SCENES, EvalConfig, eval_config, evaluate, read_evaluation, reference_centroid
+from likeness.spec import spec_from_dict
 
 SPEC = spec_from_dict({
     "name": "Emily", "token": "3m1ly", "class_word": "woman",
@@ -26,10 +26,10 @@ SPEC = spec_from_dict({
 
 @pytest.fixture(scope="module")
 def models(tiny_models, face_pack):
-    from service.backends.clip import load_clip
-    from service.backends.diffusion import load_pipeline
-    from service.backends.faces import load_face_analyzer
-    from service.profiles import load_profile
+    from likeness.backends.clip import load_clip
+    from likeness.backends.diffusion import load_pipeline
+    from likeness.backends.faces import load_face_analyzer
+    from likeness.profiles import load_profile
 
     prof = load_profile("cpu-tiny")
     return {"pipe": load_pipeline(prof, sampler="DPM++ 2M Karras"), "faces": load_face_analyzer(prof),
@@ -39,7 +39,7 @@ def models(tiny_models, face_pack):
 def _embedding(pipe, token: str = "3m1ly", seed: int = 0):
     import torch
 
-    from service.embeddings import TrainedEmbedding, pipeline_dims
+    from likeness.embeddings import TrainedEmbedding, pipeline_dims
 
     dim = pipeline_dims(pipe)["clip_l"]
     g = torch.Generator().manual_seed(seed)

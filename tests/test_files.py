@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from service.errors import InvalidInput
-from service.files import atomic_save, atomic_write_bytes, atomic_write_json, check_name, read_json, safe_join
+from likeness.errors import InvalidInput
+from likeness.files import atomic_save, atomic_write_bytes, atomic_write_json, check_name, read_json, safe_join
 
 
 def test_atomic_writes_leave_no_temporaries_and_readable_modes(tmp_path):
@@ -48,8 +48,8 @@ def test_safe_join_refuses_escape(tmp_path):
 
 
 def test_folder_lock_refuses_a_second_writer_and_releases(tmp_path):
-    from service.errors import FailedPrecondition
-    from service.files import folder_lock
+    from likeness.errors import FailedPrecondition
+    from likeness.files import folder_lock
 
     with folder_lock(tmp_path, "generation"):
         with pytest.raises(FailedPrecondition, match="another generation is writing"):
@@ -60,7 +60,7 @@ def test_folder_lock_refuses_a_second_writer_and_releases(tmp_path):
 
 
 def test_output_paths_that_cannot_be_folders_are_invalid_input(tmp_path):
-    from service.files import ensure_dir
+    from likeness.files import ensure_dir
 
     blocker = tmp_path / "a_file"
     blocker.write_text("x")

@@ -1,7 +1,7 @@
 """Nightly builds: regressions, failures, idempotency per night, the lock, and one real build.
 
 The regression/idempotency/lock logic runs with an injected build function
-(fast); one test runs a real tiny build end to end through service.build
+(fast); one test runs a real tiny build end to end through likeness.build.runner
 (cpu-tiny weights, real face pack, real photos imported in place of
 generation) and then re-runs the night to prove nothing is rebuilt.
 """
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from service.errors import FailedPrecondition, NotFound
-from service.nightly import (BuildOutcome, NightlyConfig, compare_scores, nightly_exit_code, nightly_lock,
+from likeness.errors import FailedPrecondition, NotFound
+from likeness.nightly import (BuildOutcome, NightlyConfig, compare_scores, nightly_exit_code, nightly_lock,
                              run_nightly)
 
 SPEC_TOML = """
@@ -147,9 +147,9 @@ def test_a_run_killed_mid_build_resumes_that_build(tmp_path: Path) -> None:
 
 def test_service_builder_does_not_resume_a_failed_build(monkeypatch) -> None:
     """A build that failed on the server while the nightly was down is rebuilt, not waited on again."""
-    from service import client as client_mod
-    from service.nightly import service_builder
-    from service.pb import likeness_pb2 as pb
+    from likeness.serve import client as client_mod
+    from likeness.nightly import service_builder
+    from likeness.serve.pb import likeness_pb2 as pb
 
     class FakeClient:
         started = []
@@ -197,7 +197,7 @@ def test_lock_across_processes(tmp_path: Path) -> None:
 
     data = tmp_path / "data"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from service.nightly import nightly_lock\n"
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from likeness.nightly import nightly_lock\n"
          f"with nightly_lock(Path({str(data)!r})):\n    print('held', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True)
     try:
@@ -227,7 +227,7 @@ def test_real_tiny_build_end_to_end_and_rerun(tmp_path: Path, tiny_models, face_
                                                monkeypatch) -> None:
     from PIL import Image
 
-    from service.cli import main
+    from likeness.cli.main import main
 
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -261,7 +261,7 @@ def test_real_tiny_build_end_to_end_and_rerun(tmp_path: Path, tiny_models, face_
     assert main(["nightly", str(chars), "--data", str(data), "--night", "2026-03-01"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["ok"] and out["characters"][0]["reused"] and out["characters"][0]["build_id"] == c.build_id
-    from service.store import Store
+    from likeness.build.store import Store
 
     store = Store(data)
     try:
@@ -276,7 +276,7 @@ def test_scheduler_files_call_a_valid_command() -> None:
     """The cron line and the systemd unit run `likeness nightly` with flags the CLI accepts."""
     import shlex
 
-    from service.cli import build_parser
+    from likeness.cli.main import build_parser
 
     scripts = Path(__file__).resolve().parent.parent / "scripts"
     service = (scripts / "likeness-nightly.service").read_text()
@@ -301,11 +301,11 @@ def test_nightly_through_a_running_service(tmp_path: Path, capsys) -> None:
     The server's stages are stand-ins (plumbing only, as in tests/test_server.py) except the
     report stage, which writes the real report of what is in the build folder.
     """
-    from service.auth import AuthConfig
-    from service.cli import main
-    from service.report import write_report
-    from service.runtime import Runtime
-    from service.server import create_server
+    from likeness.serve.auth import AuthConfig
+    from likeness.cli.main import main
+    from likeness.report.document import write_report
+    from likeness.serve.runtime import Runtime
+    from likeness.serve.servicer import create_server
 
     def stand_in(name):
         def run(ctx, round_):

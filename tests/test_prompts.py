@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from service.prompts import (
+from likeness.prompts import (
     CHUNK_LENGTH,
     apply_weights,
     empty_chunk,
@@ -192,7 +192,7 @@ def test_long_prompt_two_chunks_and_negative_padded(sd15) -> None:
 def test_long_negative_prompt_is_not_truncated(sd15) -> None:
     import torch
 
-    from service.spec import load_spec
+    from likeness.spec import load_spec
 
     negative = load_spec(REPO / "examples" / "emily.toml").negative_prompt
     assert tokenize_prompt(sd15.tokenizer, negative).token_count > CHUNK_LENGTH
@@ -286,7 +286,7 @@ def test_sdxl_shapes_and_plain_equivalence(tiny_models: Path) -> None:
 
 
 def test_mismatched_negative_count_is_invalid(sd15) -> None:
-    from service.errors import InvalidInput
+    from likeness.errors import InvalidInput
 
     with pytest.raises(InvalidInput, match="one negative prompt per prompt"):
         encode_prompts(sd15, ["a", "b", "c"], ["x", "y"])
@@ -296,7 +296,7 @@ def test_mismatched_negative_count_is_invalid(sd15) -> None:
 
 
 def test_describe_and_cli_json(tiny_models: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from service.cli import main
+    from likeness.cli.main import main
 
     long_prompt = ", ".join(["red curly hair"] * 37)
     assert main(["prompt", A1111_EXAMPLE, "--negative", long_prompt]) == 0

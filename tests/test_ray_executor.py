@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from ray_helpers import DieOnceFactory
 
-from service.executor import ExecutorConfig, LocalExecutor, make_executor
-from service.manifest import read_manifest
-from service.spec import spec_from_dict
+from likeness.executor import ExecutorConfig, LocalExecutor, make_executor
+from likeness.generate.manifest import read_manifest
+from likeness.spec import spec_from_dict
 
 ray = pytest.importorskip("ray", reason="the Ray extra is not installed (pip install -e '.[ray]')")
 # Ship this module's helper classes by value: workers cannot import tests/.
@@ -41,7 +41,7 @@ def _pixels_and_infotext(gallery: Path) -> dict[str, tuple[Any, str]]:
 
 
 def test_ray_gallery_equals_local_and_dead_worker_shard_is_rerun(tmp_path, tiny_models, ray_cluster, monkeypatch):
-    import service.generate as gen
+    import likeness.generate.gallery as gen
 
     spec = _spec()
     local = gen.generate_gallery(spec, tmp_path / "local", batch_size=2, executor=LocalExecutor())
@@ -77,7 +77,7 @@ def test_ray_gallery_equals_local_and_dead_worker_shard_is_rerun(tmp_path, tiny_
 
 
 def test_ray_shard_that_keeps_dying_fails_with_a_clear_error(tmp_path, ray_cluster):
-    from service.errors import FailedPrecondition
+    from likeness.errors import FailedPrecondition
 
     @dataclass(frozen=True)
     class AlwaysDie:
@@ -93,14 +93,14 @@ def test_ray_shard_that_keeps_dying_fails_with_a_clear_error(tmp_path, ray_clust
 
 
 def test_unknown_executor_lists_valid_ones():
-    from service.errors import InvalidInput
+    from likeness.errors import InvalidInput
 
     with pytest.raises(InvalidInput, match="'local', 'ray'"):
         make_executor(ExecutorConfig(kind="dask"))  # type: ignore[arg-type]
 
 
 def test_a_worker_that_cannot_load_its_model_fails_at_once_with_the_original_error(ray_cluster):
-    from service.errors import ModelMissing
+    from likeness.errors import ModelMissing
 
     @dataclass(frozen=True)
     class MissingModel:

@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from service import scores
-from service.scores import IdentityScale
+from likeness import scores
+from likeness.scores import IdentityScale
 
 
 def _unit(*rows):
@@ -18,7 +18,7 @@ def _unit(*rows):
 
 
 def test_scores_module_imports_no_torch():
-    code = "import sys, service.scores; print('torch' in sys.modules, 'insightface' in sys.modules)"
+    code = "import sys, likeness.scores; print('torch' in sys.modules, 'insightface' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
 

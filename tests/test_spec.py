@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from service.errors import InvalidInput
-from service.grid import cell_prompts, plan_gallery
-from service.spec import load_spec, spec_from_dict
+from likeness.errors import InvalidInput
+from likeness.generate.plan import cell_prompts, plan_gallery
+from likeness.spec import load_spec, spec_from_dict
 
 from conftest import REPO
 
@@ -81,7 +81,7 @@ def test_a_folder_given_as_spec_is_named_a_folder(tmp_path) -> None:
 
 
 def test_spec_check_refuses_a_token_the_tokenizer_already_knows(tiny_models, tmp_path, capsys):
-    from service.cli import main
+    from likeness.cli.main import main
 
     spec = tmp_path / "w.toml"
     spec.write_text('name = "W"\ntoken = "woman"\n')
@@ -93,7 +93,7 @@ def test_spec_check_refuses_a_token_the_tokenizer_already_knows(tiny_models, tmp
 
 
 def test_cli_turns_os_errors_into_messages(tmp_path, capsys, monkeypatch):
-    from service import cli
+    from likeness.cli import main as cli
 
     def boom(args):
         raise PermissionError(13, "Permission denied", str(tmp_path / "x"))

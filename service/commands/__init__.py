@@ -1,1 +1,0 @@
-"""CLI subcommands, one module per stage; see service/cli.py."""

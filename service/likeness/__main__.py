@@ -1,0 +1,3 @@
+from likeness.cli.main import main
+
+raise SystemExit(main())

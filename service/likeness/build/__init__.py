@@ -1,0 +1,1 @@
+"""Runs the stages of a build, resumes and refines it; never serves."""

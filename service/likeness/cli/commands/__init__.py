@@ -1,0 +1,1 @@
+"""CLI subcommands, one module per stage; see service/likeness/cli/main.py."""

@@ -1,0 +1,1 @@
+"""Stage 2: curation — every image gets a decision and a reason."""

@@ -1,0 +1,268 @@
+"""Identity-threshold calibration on real labelled pairs, and the per-pack table.
+
+Method (docs/scores.md): embed the main face of every image of a labelled
+pair list, take the cosine of each pair, and choose the threshold that
+maximises accuracy of ``same = cosine >= t``. Accuracy is constant between
+two consecutive observed cosines, so the candidates are those gaps; the
+widest run of best-accuracy gaps wins and the threshold is its midpoint (the
+"ties -> midpoint" rule: the most margin on both sides). We also report ROC
+AUC (sklearn), the class means (anchors of ``scores.identity_score``) and a
+5-fold cross-validated accuracy (threshold fitted on 4/5, tested on 1/5) so
+the in-sample accuracy is not the only number.
+
+The result is stored in ``service/likeness/curate/calibration_table.json`` keyed by the
+recognition model file's sha256: a different pack is never judged with
+another pack's threshold.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from likeness.backends.protocols import FaceAnalyzer
+from likeness.errors import InvalidInput, NotFound
+from likeness.files import atomic_write_json
+from likeness.scores import (
+    DIFFERENT_PERSON_COSINE,
+    IDENTITY_THRESHOLD,
+    SAME_PERSON_COSINE,
+    IdentityScale,
+)
+
+TABLE_PATH = Path(__file__).resolve().parent / "calibration_table.json"
+_YES = {"yes", "y", "true", "1", "same"}
+_NO = {"no", "n", "false", "0", "different"}
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A calibrated identity threshold for one recognition model."""
+
+    # Same person iff cosine >= threshold.
+    threshold: float
+    # Mean cosine of labelled same-person / different-person pairs.
+    same_mean: float
+    different_mean: float
+    # Accuracy at the threshold on the calibration pairs (in-sample).
+    accuracy: float
+    # 5-fold cross-validated accuracy (threshold fitted on the other folds).
+    cv_accuracy: float
+    # ROC AUC of the cosine as a same-person score.
+    auc: float
+    n_pairs: int
+    n_same: int
+    # Pairs where an image had no detectable face (counted as "different").
+    n_missing: int
+    # Recognition model file name and where the pairs came from.
+    model: str = ""
+    pairs: str = ""
+    # False when no calibration exists for this model and defaults are used.
+    calibrated: bool = True
+
+    @property
+    def scale(self) -> IdentityScale:
+        """The cosine -> [0, 1] map for scores.identity_score."""
+        return IdentityScale(self.threshold, self.different_mean, self.same_mean)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+DEFAULT_CALIBRATION = Calibration(
+    threshold=IDENTITY_THRESHOLD, same_mean=SAME_PERSON_COSINE, different_mean=DIFFERENT_PERSON_COSINE,
+    accuracy=float("nan"), cv_accuracy=float("nan"), auc=float("nan"), n_pairs=0, n_same=0, n_missing=0,
+    model="", pairs="", calibrated=False,
+)
+
+
+def best_threshold(cosines: np.ndarray, same: np.ndarray) -> tuple[float, float]:
+    """(threshold, accuracy) maximising accuracy of ``cos >= t``; ties -> midpoint of the widest best run."""
+    x = np.asarray(cosines, np.float64)
+    y = np.asarray(same, bool)
+    if x.size == 0:
+        raise InvalidInput("no pairs to calibrate on")
+    u = np.unique(x)
+    # Candidate gaps: below all, between consecutive values, above all.
+    edges = np.concatenate([[u[0] - 1.0], u, [u[-1] + 1.0]])
+    # accuracy for t in (edges[k], edges[k+1]]: predicted same iff x >= edges[k+1]
+    accs = np.array([np.mean((x >= t) == y) for t in edges[1:]])
+    best = accs.max()
+    is_best = np.isclose(accs, best)
+    # Runs of consecutive best gaps; width measured in cosine.
+    runs: list[tuple[int, int]] = []
+    k = 0
+    while k < len(is_best):
+        if is_best[k]:
+            j = k
+            while j + 1 < len(is_best) and is_best[j + 1]:
+                j += 1
+            runs.append((k, j))
+            k = j + 1
+        else:
+            k += 1
+    lo_k, hi_k = max(runs, key=lambda r: edges[r[1] + 1] - edges[r[0]])
+    lo, hi = edges[lo_k], edges[hi_k + 1]
+    # Open-ended runs (everything same / different) keep a finite midpoint.
+    lo, hi = max(lo, u[0] - 0.05), min(hi, u[-1] + 0.05)
+    t = float((lo + hi) / 2.0)
+    return t, float(np.mean((x >= t) == y))
+
+
+def cv_accuracy(cosines: np.ndarray, same: np.ndarray, folds: int = 5, seed: int = 0) -> float:
+    """Stratified k-fold accuracy: threshold fitted on k-1 folds, applied to the held-out fold."""
+    x = np.asarray(cosines, np.float64)
+    y = np.asarray(same, bool)
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(x), int)
+    for cls in (True, False):
+        idx = np.flatnonzero(y == cls)
+        rng.shuffle(idx)
+        fold[idx] = np.arange(len(idx)) % folds
+    correct = 0
+    for f in range(folds):
+        test = fold == f
+        if not test.any() or test.all():
+            continue
+        t, _ = best_threshold(x[~test], y[~test])
+        correct += int(np.sum((x[test] >= t) == y[test]))
+    return correct / len(x)
+
+
+def calibrate_from_cosines(cosines: np.ndarray, same: np.ndarray, *, n_missing: int = 0,
+                           model: str = "", pairs: str = "") -> Calibration:
+    """The full calibration record from pair cosines and labels."""
+    from sklearn.metrics import roc_auc_score
+
+    x = np.asarray(cosines, np.float64)
+    y = np.asarray(same, bool)
+    if y.all() or not y.any():
+        raise InvalidInput("calibration pairs need both same-person and different-person pairs")
+    t, acc = best_threshold(x, y)
+    return Calibration(
+        threshold=round(t, 4), same_mean=float(x[y].mean()), different_mean=float(x[~y].mean()),
+        accuracy=acc, cv_accuracy=cv_accuracy(x, y), auc=float(roc_auc_score(y, x)),
+        n_pairs=int(x.size), n_same=int(y.sum()), n_missing=n_missing, model=model, pairs=pairs,
+    )
+
+
+# --- pair files --------------------------------------------------------------
+
+def read_pairs(path: str | os.PathLike[str]) -> list[tuple[str, str, bool | None]]:
+    """Rows of a pairs CSV: ``a,b[,same]`` or deepface's ``file_x,file_y,Decision`` (Yes/No)."""
+    p = Path(path)
+    if not p.is_file():
+        raise NotFound(f"pairs file {p} not found")
+    with open(p, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        cols = [c.strip().lower() for c in (reader.fieldnames or [])]
+        if {"a", "b"} <= set(cols):
+            ka, kb = "a", "b"
+            kl = next((c for c in ("same", "label", "decision") if c in cols), None)
+        elif {"file_x", "file_y"} <= set(cols):
+            ka, kb, kl = "file_x", "file_y", ("decision" if "decision" in cols else None)
+        else:
+            raise InvalidInput(f"{p}: expected CSV columns a,b (optionally same) or file_x,file_y,Decision; got {cols}")
+        rows = []
+        for n, raw in enumerate(reader, start=2):
+            row = {str(k).strip().lower(): (v or "").strip() for k, v in raw.items() if k is not None}
+            if not row.get(ka) or not row.get(kb):
+                raise InvalidInput(f"{p}:{n}: both {ka} and {kb} are needed")
+            label: bool | None = None
+            if kl and row.get(kl):
+                v = row[kl].lower()
+                if v not in _YES | _NO:
+                    raise InvalidInput(f"{p}:{n}: label {row[kl]!r} is not Yes/No")
+                label = v in _YES
+            rows.append((row[ka], row[kb], label))
+    return rows
+
+
+def resolve_image(name: str, base: Path, realdata: Path | None = None) -> Path:
+    """A pair entry -> file: absolute, relative to the CSV's folder, to the working directory, or (bare deepface names) found in realdata faces/."""
+    p = Path(name)
+    if p.is_absolute():
+        if p.is_file():
+            return p
+        raise NotFound(f"pair image {p} not found")
+    for cand in (base / p, Path.cwd() / p):
+        if cand.is_file():
+            return cand
+    if realdata is not None and (realdata / "faces").is_dir() and p.name == name:
+        for stem in (name, f"deepface_{name}"):
+            hits = sorted((realdata / "faces").glob(f"*/{stem}"))
+            if hits:
+                return hits[0]
+    raise NotFound(f"pair image {name!r} not found (looked in {base}, {Path.cwd()}" + (f" and {realdata}/faces" if realdata else "") + ")")
+
+
+# --- the table ---------------------------------------------------------------
+
+def load_table(path: Path = TABLE_PATH) -> dict[str, dict[str, Any]]:
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def calibration_for(sha256: str | None, path: Path = TABLE_PATH) -> Calibration:
+    """The stored calibration of a recognition model (by file sha256), or the CPU-pack default flagged uncalibrated."""
+    entry = load_table(path).get(sha256 or "")
+    if not entry:
+        return DEFAULT_CALIBRATION
+    fields = Calibration.__dataclass_fields__
+    return Calibration(**{k: v for k, v in entry.items() if k in fields})
+
+
+def save_calibration(sha256: str, cal: Calibration, path: Path = TABLE_PATH) -> Path:
+    """Store one model's calibration in the table (atomic write)."""
+    table = load_table(path)
+    table[sha256] = cal.to_dict()
+    return atomic_write_json(path, dict(sorted(table.items())))
+
+
+def calibrate(analyzer: FaceAnalyzer, pairs_csv: str | os.PathLike[str], realdata: Path | None = None) -> Calibration:
+    """Embed every pair image once (batched), then :func:`calibrate_from_cosines`."""
+    from likeness.images import load_image
+
+    rows = read_pairs(pairs_csv)
+    if any(lab is None for _, _, lab in rows):
+        raise InvalidInput(f"{pairs_csv}: calibration needs a label (same / Decision) on every row")
+    base = Path(pairs_csv).resolve().parent
+    files: dict[str, Path] = {}
+    for a, b, _ in rows:
+        for n in (a, b):
+            if n not in files:
+                files[n] = resolve_image(n, base, realdata)
+    names = list(files)
+    images = [np.asarray(load_image(files[n])[0]) for n in names]
+    faces = analyzer.analyze(images)
+    emb = {n: (f[0].embedding if f else None) for n, f in zip(names, faces)}
+    cos, same, missing = [], [], 0
+    for a, b, lab in rows:
+        ea, eb = emb[a], emb[b]
+        if ea is None or eb is None:
+            missing += 1
+            cos.append(-1.0)  # no face: cannot be verified as the same person
+        else:
+            cos.append(float(np.dot(ea, eb)))
+        same.append(bool(lab))
+    model = getattr(analyzer, "recognition_model", None)
+    return calibrate_from_cosines(np.array(cos), np.array(same), n_missing=missing,
+                                  model=Path(model).name if model else "", pairs=Path(pairs_csv).name)
+
+
+def summarise(cal: Calibration) -> dict[str, Any]:
+    """JSON view for the CLI."""
+    return cal.to_dict()
+
+
+__all__: Sequence[str] = (
+    "Calibration", "DEFAULT_CALIBRATION", "TABLE_PATH", "best_threshold", "calibrate", "calibrate_from_cosines",
+    "calibration_for", "cv_accuracy", "load_table", "read_pairs", "resolve_image", "save_calibration",
+)

@@ -1,0 +1,563 @@
+"""Stage 2, curation: from an oversampled gallery to the K images that look like one person.
+
+Pipeline (every rule and threshold is in docs/curation.md):
+
+1. Decode each image once (``likeness.images``: WebP-named-.jpg, CMYK, bombs
+   are reported as ``undecodable``, never a crash); reduce to ``max_side``.
+2. Faces for every image, batched (``FaceAnalyzer.analyze``); CLIP image
+   embeddings, batched, when a CLIP model is given.
+3. Per-image face checks (several faces, detection score, size for the zoom
+   level, blur) — ``likeness.curate.checks``. Steps 1-3 run per shard of
+   ``batch_size`` images in ``likeness.curate.analysis``, in this process or
+   on an executor's workers (``likeness.executor``, e.g. Ray actors).
+4. Identity clustering over the main faces that passed (faiss range search,
+   connected components, largest-then-most-cohesive cluster); outliers are
+   faces outside that cluster or below the threshold to its centroid —
+   ``likeness.curate.selection``.
+5. Background score (CLIP text contrast + CIELAB border consistency) and
+   off-background outliers — ``likeness.curate.background``.
+6. Near-duplicates among the rest (face cosine AND ORB same-picture matches);
+   one per group stays. Rear-angle shots without a face: CLIP policy.
+7. Selection of K over the zoom x angle grid; set scores of the selection,
+   the whole pool and a fixed-seed random K (``likeness.scores.set_scores``).
+8. ``<out>/<id>.png`` for the selected images and ``<out>/curation.json``,
+   both written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from likeness import layout
+from likeness.backends.protocols import ClipModel, FaceAnalyzer
+from likeness import scores
+from likeness.curate.background import background_outliers, background_scores, clip_background_probability
+from likeness.config import to_dict
+from likeness.curate.analysis import CurationWorker, CurationWorkerFactory, LazyShards, ShardAnalysis
+from likeness.curate.checks import (
+    KEPT_CODES,
+    REASON_CODES,
+    CurateConfig,
+    curate_config_from_dict,
+    is_rear_angle,
+    near_duplicate_pairs,
+    validate_config,
+)
+from likeness.errors import InvalidInput, NotFound
+from likeness.files import atomic_save, atomic_write_json, ensure_dir, read_json, safe_join
+from likeness.images import list_images, load_image
+from likeness.generate.manifest import GalleryImage, read_manifest
+from likeness.progress import CancelToken, ProgressFn, report
+from likeness.curate.selection import Candidate, cluster_identities, identity_verdicts, random_subset, select_k
+from likeness.spec import CharacterSpec
+
+__all__ = [
+    "CurateConfig", "CurationResult", "ImageDecision", "REASON_CODES", "curate", "curate_with_profile",
+    "curate_config_from_dict", "gallery_rows", "read_curation", "CURATION_NAME",
+]
+
+CURATION_NAME = layout.CURATION_FILE
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ImageDecision:
+    """What curation decided about one image, and why."""
+
+    id: str
+    # Path relative to the gallery folder.
+    file: str
+    # "kept" (in the curated set) or "rejected".
+    decision: str
+    # Stable machine-readable reason (one of REASON_CODES).
+    reason_code: str
+    # The same in a sentence a person understands.
+    reason: str
+    zoom: str = ""
+    angle: str = ""
+    zoom_index: int = -1
+    angle_index: int = -1
+    # Identity cluster of the main face (-1: none).
+    cluster: int = -1
+    # Kept image this one duplicates (near_duplicate only).
+    duplicate_of: str = ""
+    # identity (cosine to centroid), background, quality, prompt_adherence, utility, clip_identity.
+    scores: dict[str, float | None] = field(default_factory=dict)
+    # Raw measurements: faces, detection score, face size, sharpness, format...
+    measures: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CurationResult:
+    """The curated set, every decision, and the set scores with their baselines."""
+
+    out_dir: str
+    # Ids of the kept images, in selection order (files: <out_dir>/<id>.png).
+    selected: tuple[str, ...]
+    images: tuple[ImageDecision, ...]
+    # "selected", "pool", "random_k": likeness.scores.SetScores dicts; "uplift": selected - baselines.
+    set_scores: dict[str, Any]
+    clusters: dict[str, Any]
+    config: dict[str, Any]
+    # Counts per reason_code, timings, backends, identity threshold.
+    summary: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    def decision(self, image_id: str) -> ImageDecision:
+        for d in self.images:
+            if d.id == image_id:
+                return d
+        raise NotFound(f"no image {image_id!r} in this curation")
+
+
+# --- gallery rows ---------------------------------------------------------------
+
+def _safe_id(text: str, taken: set[str]) -> str:
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._-")[:100] or "image"
+    base = base if base[0].isalnum() else f"i{base}"
+    out, n = base, 1
+    while out in taken:
+        n += 1
+        out = f"{base}-{n}"
+    taken.add(out)
+    return out
+
+
+def gallery_rows(gallery_dir: str | os.PathLike[str]) -> list[GalleryImage]:
+    """The gallery's manifest rows, or rows built on the fly for a plain folder of images.
+
+    A plain folder gets ids from relative paths (``sub/a.jpg`` -> ``sub_a.jpg``)
+    and unknown zoom/angle. Ids are made file-name safe in both cases.
+    """
+    root = Path(gallery_dir)
+    if not root.is_dir():
+        raise NotFound(f"gallery {root} is not a folder; pass a gallery folder or any folder of images")
+    rows = read_manifest(root)
+    taken: set[str] = set()
+    if rows:
+        out = []
+        for r in sorted(rows, key=lambda r: r.id):
+            safe = _safe_id(r.id, taken)
+            out.append(r if safe == r.id else GalleryImage(**{**to_dict(r), "id": safe}))
+        return out
+    files = list_images(root)
+    if not files:
+        raise InvalidInput(f"{root} holds no images (.png/.jpg/.webp/...) and no manifest.jsonl")
+    return [
+        GalleryImage(id=_safe_id(p.relative_to(root).as_posix().rsplit(".", 1)[0], taken),
+                     file=p.relative_to(root).as_posix(), source="imported")
+        for p in files
+    ]
+
+
+# --- the stage ------------------------------------------------------------------
+
+@dataclass
+class _Item:
+    row: GalleryImage
+    code: str = ""
+    reason: str = ""
+    faces: list[Any] = field(default_factory=list)
+    thumb: np.ndarray | None = None
+    border: np.ndarray | None = None
+    clip: np.ndarray | None = None
+    measures: dict[str, Any] = field(default_factory=dict)
+    scores: dict[str, float | None] = field(default_factory=dict)
+    cluster: int = -1
+    duplicate_of: str = ""
+
+    @property
+    def embedding(self) -> np.ndarray | None:
+        return self.faces[0].embedding if self.faces else None
+
+
+def _analyse(root: Path, items: list[_Item], cfg: CurateConfig, executor: Any, factory: Any,
+             progress: ProgressFn | None, cancel: CancelToken | None) -> dict[str, Any]:
+    """Per-image analysis (``likeness.curate.analysis``) in shards of ``cfg.batch_size`` on ``executor``.
+
+    Returns the models' identity (face backend, recognition sha256, CLIP name)
+    as the workers reported it. A shard's result lands once: a re-run shard
+    (its worker died) overwrites the same items with the same values.
+    """
+    shards = LazyShards(root, [(i, it.row) for i, it in enumerate(items)], cfg)
+    state: dict[str, Any] = {"done": 0, "landed": set(), "models": {}}
+    total = len(items)
+
+    def on_result(i: int, res: ShardAnalysis) -> None:
+        for a in res.images:
+            it = items[a.index]
+            it.code, it.reason, it.faces = a.code, a.reason, list(a.faces)
+            it.thumb, it.border, it.clip = a.thumb, a.border, a.clip
+            it.measures.update(a.measures)
+        state["models"] = {"face_backend": res.face_backend, "recognition_sha256": res.recognition_sha256,
+                           "clip_backend": res.clip_backend}
+        if i not in state["landed"]:
+            state["landed"].add(i)
+            state["done"] += shards.size(i)
+        report(progress, "curate", min(state["done"], total), total, "faces")
+
+    if len(shards):
+        executor.map_shards(factory, shards, on_result, cancel)
+    return state["models"]
+
+
+def _identity_scale(threshold: float, cal: Any) -> scores.IdentityScale:
+    try:
+        return scores.IdentityScale(threshold, cal.different_mean, cal.same_mean)
+    except ValueError:
+        return scores.DEFAULT_SCALE
+
+
+def curate(
+    gallery_dir: str | os.PathLike[str],
+    spec: CharacterSpec | None,
+    out_dir: str | os.PathLike[str],
+    config: CurateConfig | None = None,
+    *,
+    faces: FaceAnalyzer | None = None,
+    clip: ClipModel | None = None,
+    progress: ProgressFn | None = None,
+    cancel: CancelToken | None = None,
+    executor: Any = None,
+    worker_factory: Callable[[], Any] | None = None,
+) -> CurationResult:
+    """Decide every image of ``gallery_dir``, keep K, write ``out_dir``; see the module doc.
+
+    ``faces``: a ``likeness.backends.faces.FaceAnalyzer``; ``clip``: a
+    ``ClipModel`` or None (then no CLIP background term, rear shots are
+    rejected with that reason, no prompt adherence). ``spec`` gives the
+    background text, the grid size and the token; None for a plain folder.
+
+    ``executor`` (``likeness.executor.make_executor``) runs the per-image
+    analysis in shards on workers that ``worker_factory`` builds (each loads
+    its own models; ``faces`` may then be None); ``clip`` is still needed
+    here for the text side. Without an executor the analysis runs in this
+    process with ``faces`` and ``clip``. Either way the decisions are the same.
+    """
+    from likeness.curate.calibration import calibration_for
+    from likeness.executor import LocalExecutor
+
+    cfg = validate_config(config or CurateConfig())
+    if executor is not None and worker_factory is None and not isinstance(executor, LocalExecutor):
+        raise InvalidInput("curate on a remote executor needs worker_factory=CurationWorkerFactory(profile, use_clip) "
+                           "so each worker loads its own models; or use curate_with_profile(..., executor=...)")
+    if worker_factory is None and faces is None:
+        raise InvalidInput("curate needs faces= (a FaceAnalyzer) or worker_factory= (a CurationWorkerFactory)")
+    if worker_factory is not None and getattr(worker_factory, "use_clip", clip is not None) != (clip is not None):
+        raise InvalidInput("worker_factory.use_clip must match whether clip= is given (the text side runs here)")
+    t0 = time.perf_counter()
+    root = Path(gallery_dir)
+    out = Path(out_dir)
+    if out.resolve() == root.resolve():
+        raise InvalidInput(f"--out {out} must differ from the gallery folder")
+    # Before minutes of face analysis: an --out that cannot be a folder fails now, clearly.
+    ensure_dir(out, "--out folder")
+    items = [_Item(r) for r in gallery_rows(root)]
+    report(progress, "curate", 0, len(items), "start")
+    if worker_factory is None:
+        local = CurationWorker(faces, clip)
+        worker_factory = lambda: local  # noqa: E731 - the local executor calls it once
+    models = _analyse(root, items, cfg, executor or LocalExecutor(), worker_factory, progress, cancel)
+    t_analyse = time.perf_counter() - t0
+    if not models:  # no image reached a worker
+        models = {"face_backend": getattr(faces, "name", type(faces).__name__) if faces is not None
+                  else getattr(worker_factory, "face_backend", "unknown"),
+                  "recognition_sha256": getattr(faces, "recognition_sha256", None),
+                  "clip_backend": getattr(clip, "name", None) if clip is not None else None}
+
+    cal = calibration_for(models["recognition_sha256"])
+    threshold = cfg.identity_threshold if cfg.identity_threshold is not None else cal.threshold
+    scale = _identity_scale(threshold, cal)
+
+    # Identity: cluster the faces that passed every face check.
+    passed = [it for it in items if it.faces and not it.code]
+    emb = np.stack([it.embedding for it in passed]) if passed else np.zeros((0, 1), np.float32)
+    clusters = cluster_identities(emb, threshold)
+    centroid = clusters.centroid
+    for it, label, (_cos, why) in zip(passed, clusters.labels, identity_verdicts(emb, clusters, threshold)):
+        it.cluster = int(label)
+        if why:
+            it.code, it.reason = "identity_outlier", why
+    for it in items:
+        if it.faces and centroid is not None:
+            it.scores["identity"] = round(float(scores.identity_similarities(it.embedding[None], centroid)[0]), 4)
+    members = [i for i, it in enumerate(items) if it.faces and not it.code]
+
+    # Background: CLIP text contrast (with a spec) + border colours vs the identity images.
+    usable = [i for i, it in enumerate(items) if it.border is not None]
+    border = np.stack([items[i].border for i in usable]) if usable else np.zeros((0, 12), np.float32)
+    clip_prob = None
+    if clip is not None and spec is not None and usable:
+        clip_prob = clip_background_probability(np.stack([items[i].clip for i in usable]), clip, spec.background,
+                                                cfg.background_alternatives)
+    pos = {i: n for n, i in enumerate(usable)}
+    ref = [pos[i] for i in members]
+    bg = background_scores(border, clip_prob, ref)
+    for n, i in enumerate(usable):
+        items[i].scores["background"] = round(float(bg[n]), 4)
+        if clip_prob is not None:
+            items[i].scores["background_clip"] = round(float(clip_prob[n]), 4)
+
+    # Rear-angle shots without a face: explicit CLIP policy.
+    ident_clip = None
+    if clip is not None and members:
+        ident_clip = np.mean([items[i].clip for i in members], axis=0)
+        ident_clip /= max(float(np.linalg.norm(ident_clip)), 1e-12)
+    for it in items:
+        if it.code or it.faces or it.border is None:
+            continue
+        if not is_rear_angle(cfg, it.row.angle):
+            it.code, it.reason = "no_face", "no face found (and the image is not a rear-angle shot)"
+        elif cfg.rear_policy == "off":
+            it.code, it.reason = "rear_rejected", "rear-angle shot without a face; the rear policy is off"
+        elif ident_clip is None:
+            it.code, it.reason = "rear_rejected", "rear-angle shot without a face; no CLIP model or no identity to compare with"
+        else:
+            sim = float(it.clip @ ident_clip / max(float(np.linalg.norm(it.clip)), 1e-12))
+            it.scores["clip_identity"] = round(sim, 4)
+            if sim < cfg.rear_clip_threshold:
+                it.code, it.reason = "rear_rejected", (
+                    f"rear-angle shot without a face; CLIP similarity {sim:.2f} to the character's images is below "
+                    f"{cfg.rear_clip_threshold:.2f}")
+    rear = [i for i, it in enumerate(items) if not it.code and not it.faces and it.border is not None]
+
+    off = background_outliers(bg, ref, z=cfg.background_outlier_z, floor=cfg.background_min_score,
+                              min_drop=cfg.background_min_drop)
+    for n, i in enumerate(usable):
+        it = items[i]
+        if off[n] and not it.code:
+            it.code, it.reason = "off_background", (
+                f"background is unlike the character's set: score {bg[n]:.2f} (median of the identity images "
+                f"{float(np.median(bg[ref])) if ref else float('nan'):.2f})")
+
+    # Utility (for near-duplicate representatives and selection).
+    wsum = cfg.weight_identity + cfg.weight_background + cfg.weight_quality or 1.0
+    for it in items:
+        if it.code:
+            continue
+        idn = (float(scores.identity_score(it.scores["identity"], scale)) if it.faces
+               else float(it.scores.get("clip_identity") or 0.0))
+        q = float(it.measures.get("quality", 0.0)) if it.faces else 0.0
+        it.scores["quality"] = round(q, 4) if it.faces else None
+        u = (cfg.weight_identity * idn + cfg.weight_background * float(it.scores.get("background") or 0.0)
+             + cfg.weight_quality * q) / wsum
+        it.scores["utility"] = round(u, 6)
+
+    # Near-duplicates among the surviving faces: keep the best of each group.
+    alive = [i for i in members if not items[i].code]
+    pairs = near_duplicate_pairs(np.stack([items[i].embedding for i in alive]) if alive else np.zeros((0, 1)),
+                                 [items[i].thumb for i in alive], cfg)
+    parent = list(range(len(alive)))
+
+    def find(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for a, b, _cos, _m in pairs:
+        parent[find(a)] = find(b)
+    groups: dict[int, list[int]] = {}
+    for n in range(len(alive)):
+        groups.setdefault(find(n), []).append(n)
+    match_info = {(a, b): (c, m) for a, b, c, m in pairs}
+    for g in groups.values():
+        if len(g) < 2:
+            continue
+        best = min(g, key=lambda n: (-items[alive[n]].scores["utility"], items[alive[n]].row.id))
+        for n in g:
+            if n == best:
+                continue
+            it = items[alive[n]]
+            c, m = match_info.get((min(n, best), max(n, best)), (None, None))
+            it.code, it.duplicate_of = "near_duplicate", items[alive[best]].row.id
+            how = f" (face cosine {c:.2f}, {m} matching keypoints)" if c is not None else " (same group of copies)"
+            it.reason = f"near-duplicate of kept image {it.duplicate_of}: the same picture re-encoded, cropped or mirrored{how}"
+
+    # Selection over the zoom x angle grid.
+    cands = [i for i in members + rear if not items[i].code]
+    chosen = select_k(
+        [Candidate(i, items[i].row.id,
+                   (items[i].row.zoom_index, items[i].row.angle_index) if items[i].row.zoom_index >= 0 else None,
+                   float(items[i].scores["utility"])) for i in cands],
+        cfg.k, spread_over_cells=cfg.spread_over_cells)
+    chosen_set = set(chosen)
+    for rank, i in enumerate(chosen):
+        it = items[i]
+        if it.faces:
+            it.code, it.reason = "selected", f"kept: passed every check (choice {rank + 1} of {len(chosen)})"
+        else:
+            it.code, it.reason = "rear_kept", (
+                f"kept rear-angle shot: CLIP similarity {it.scores['clip_identity']:.2f} to the character's images "
+                f"is at least {cfg.rear_clip_threshold:.2f} (choice {rank + 1} of {len(chosen)})")
+    for i in cands:
+        if i not in chosen_set:
+            items[i].code = "not_selected"
+            items[i].reason = f"passed every check, but {len(chosen)} images with higher scores or in emptier grid cells were chosen"
+
+    _prompt_adherence(items, clip, spec)
+    set_block = _set_scores(items, chosen, spec, cfg, scale)
+    if cancel is not None:
+        cancel.check()
+    decisions = tuple(_decision(it) for it in items)
+    counts = {code: sum(d.reason_code == code for d in decisions) for code in REASON_CODES}
+    result = CurationResult(
+        out_dir=str(out), selected=tuple(items[i].row.id for i in chosen), images=decisions, set_scores=set_block,
+        clusters={**clusters.summary(), "threshold": round(float(threshold), 4), "calibrated": bool(cal.calibrated)},
+        config=to_dict(cfg),
+        summary={"n_images": len(items), "n_selected": len(chosen), "reason_counts": {k: v for k, v in counts.items() if v},
+                 "face_backend": models["face_backend"], "clip_backend": models["clip_backend"],
+                 "spec": spec.name if spec is not None else None,
+                 "seconds_analyse": round(t_analyse, 3), "seconds_total": round(time.perf_counter() - t0, 3)},
+    )
+    _write(root, out, items, chosen, result)
+    report(progress, "curate", len(items), len(items), "done", selected=len(chosen))
+    return result
+
+
+class _CachedClip:
+    """A ClipModel view whose image embeddings are the ones already computed (no second pass)."""
+
+    def __init__(self, clip: ClipModel, embeddings: list[np.ndarray]) -> None:
+        self._clip, self._embs = clip, embeddings
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        return self._clip.embed_texts(texts)
+
+    def embed_images(self, images: Sequence[Any], batch_size: int = 32) -> np.ndarray:
+        return np.stack([self._embs[int(i)] for i in images])
+
+
+def _prompt_adherence(items: list[_Item], clip: ClipModel, spec: CharacterSpec | None) -> None:
+    """CLIP-T (scores.clip_t) of every image with a prompt, from the cached image embeddings."""
+    idx = [i for i, it in enumerate(items) if it.clip is not None and it.row.prompt]
+    if clip is None or not idx:
+        return
+    embs = [items[i].clip for i in idx]
+    vals = scores.clip_t(_CachedClip(clip, embs), list(range(len(idx))), [items[i].row.prompt for i in idx],
+                         token=spec.token if spec is not None else None)
+    for i, v in zip(idx, vals):
+        items[i].scores["prompt_adherence"] = round(float(v), 4)
+
+
+def _set_scores(items: list[_Item], chosen: list[int], spec: CharacterSpec | None, cfg: CurateConfig,
+                scale: scores.IdentityScale) -> dict[str, Any]:
+    """scores.set_scores of the selection, the whole decodable pool, and a fixed-seed random K."""
+    pool = [i for i, it in enumerate(items) if it.border is not None]
+    known = any(items[i].row.zoom_index >= 0 for i in pool)
+    total_cells = len(spec.zooms) * len(spec.angles) if spec is not None else len({
+        (items[i].row.zoom_index, items[i].row.angle_index) for i in pool}) or 1
+
+    def score(idx: Sequence[int]) -> dict[str, Any]:
+        return scores.set_scores(
+            [items[i].embedding for i in idx],
+            background=[items[i].scores.get("background") for i in idx],
+            quality=[float(items[i].measures.get("quality", 0.0)) if items[i].faces else 0.0 for i in idx],
+            cells=[(items[i].row.zoom_index, items[i].row.angle_index) for i in idx] if known else None,
+            total_cells=total_cells, scale=scale,
+        ).to_dict()
+
+    rand = [pool[j] for j in random_subset(len(pool), max(1, len(chosen) or cfg.k), cfg.seed)]
+    out = {"selected": score(chosen), "pool": score(pool), "random_k": score(rand),
+           "random_k_seed": cfg.seed, "random_k_ids": [items[i].row.id for i in rand]}
+    out["uplift"] = {
+        base: {k: round(out["selected"][k] - out[base][k], 4) for k in
+               ("overall", "identity_consistency", "background_consistency", "quality", "identity_mean_pairwise")
+               if isinstance(out["selected"].get(k), (int, float)) and isinstance(out[base].get(k), (int, float))}
+        for base in ("pool", "random_k")
+    }
+    return out
+
+
+def _decision(it: _Item) -> ImageDecision:
+    code = it.code or "no_face"
+    r = it.row
+    return ImageDecision(
+        id=r.id, file=r.file, decision="kept" if code in KEPT_CODES else "rejected", reason_code=code,
+        reason=it.reason, zoom=r.zoom, angle=r.angle, zoom_index=r.zoom_index, angle_index=r.angle_index,
+        cluster=it.cluster, duplicate_of=it.duplicate_of,
+        scores={k: v for k, v in it.scores.items()},
+        measures={k: (round(v, 5) if isinstance(v, float) else v) for k, v in it.measures.items()},
+    )
+
+
+def _write(root: Path, out: Path, items: list[_Item], chosen: list[int], result: CurationResult) -> None:
+    """Selected images as PNG (re-read at full resolution: K files, not the pool) and curation.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    old = out / CURATION_NAME
+    if old.is_file():
+        # A re-run with another K or config: drop images no longer selected.
+        try:
+            stale = set(read_json(old).get("selected", [])) - set(result.selected)
+        except (ValueError, OSError, AttributeError):
+            stale = set()
+        for sid in stale:
+            p = out / f"{sid}.png"
+            if p.is_file():
+                p.unlink()
+    for i in chosen:
+        img, _ = load_image(safe_join(root, items[i].row.file))
+        atomic_save(safe_join(out, f"{items[i].row.id}.png"), lambda tmp, im=img: im.save(tmp, format="PNG", compress_level=1))
+    doc = {"schema_version": SCHEMA_VERSION, "gallery": str(root.resolve()), **result.to_dict()}
+    atomic_write_json(out / CURATION_NAME, doc)
+
+
+def read_curation(out_dir: str | os.PathLike[str]) -> CurationResult:
+    """Load ``<out_dir>/curation.json`` back into a :class:`CurationResult` (for caption/train/report)."""
+    path = Path(out_dir) / CURATION_NAME
+    if not path.is_file():
+        raise NotFound(f"{path} does not exist; run `likeness curate` first")
+    try:
+        doc = read_json(path)
+    except ValueError as exc:
+        raise InvalidInput(f"{path} is not valid JSON ({exc}); re-run `likeness curate`") from exc
+    if doc.get("schema_version") != SCHEMA_VERSION:
+        raise InvalidInput(f"{path}: schema_version {doc.get('schema_version')!r} is not {SCHEMA_VERSION}; re-run curation")
+    images = tuple(ImageDecision(**d) for d in doc["images"])
+    return CurationResult(out_dir=str(Path(out_dir)), selected=tuple(doc["selected"]), images=images,
+                          set_scores=doc["set_scores"], clusters=doc["clusters"], config=doc["config"],
+                          summary=doc["summary"])
+
+
+def curate_with_profile(
+    gallery_dir: str | os.PathLike[str],
+    spec: CharacterSpec | None,
+    out_dir: str | os.PathLike[str],
+    config: CurateConfig | None = None,
+    *,
+    profile: Any = None,
+    use_clip: bool = True,
+    progress: ProgressFn | None = None,
+    cancel: CancelToken | None = None,
+    executor: Any = None,
+) -> CurationResult:
+    """:func:`curate` with the face analyzer (and CLIP) a profile names; ModelMissing if absent.
+
+    ``profile``: a Profile, a profile name, or None (the spec's profile, else the best one).
+    ``executor``: run the per-image analysis on its workers, each loading the
+    profile's models (:class:`CurationWorkerFactory`); only CLIP's text side
+    is loaded here. None: everything in this process.
+    """
+    from likeness.backends.faces import load_face_analyzer
+    from likeness.profiles import resolve_profile
+
+    profile = resolve_profile(profile, spec.profile if spec is not None else "")
+    clip = None
+    if use_clip:
+        from likeness.backends.clip import load_clip
+
+        clip = load_clip(profile)
+    if executor is not None:
+        return curate(gallery_dir, spec, out_dir, config, clip=clip, progress=progress, cancel=cancel,
+                      executor=executor, worker_factory=CurationWorkerFactory(profile, use_clip))
+    faces = load_face_analyzer(profile)
+    return curate(gallery_dir, spec, out_dir, config, faces=faces, clip=clip, progress=progress, cancel=cancel)

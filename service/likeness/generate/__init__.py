@@ -1,0 +1,1 @@
+"""Stage 1: plan, render, write and import the gallery."""

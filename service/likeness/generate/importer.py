@@ -1,0 +1,252 @@
+"""``likeness import``: a gallery from an existing folder instead of generating one.
+
+People often have the 400 images already (their own A1111 X/Y/Z run, a
+ComfyUI batch). The importer walks the folder, decodes every image safely
+(:mod:`likeness.images`: format sniffing, decompression-bomb limit, mode
+conversion), recovers prompt, seed and settings from A1111 infotext (PNG
+``parameters`` chunk, JPEG/WebP EXIF UserComment) or a ComfyUI ``prompt``
+graph, assigns zoom and angle by finding the spec's zoom/angle phrases in the
+prompt, and writes the same gallery layout as generation: ``images/<id>.png``
+(re-encoded, infotext kept), ``manifest.jsonl`` with ``source="imported"``,
+``contact_sheet.png``, and ``import.json`` listing every skipped file with its
+reason. A broken file is reported and skipped, never a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from likeness.config import to_dict
+from likeness.errors import InvalidInput
+from likeness.files import atomic_write_bytes, atomic_write_json, folder_lock
+from likeness.generate.infotext import InfoText, format_infotext, parse_infotext, png_bytes, read_parameters
+from likeness.generate.manifest import GalleryImage, manifest_path, write_manifest
+from likeness.progress import CancelToken, ProgressFn, report
+from likeness.spec import DEFAULT_ANGLES, DEFAULT_ZOOMS, CharacterSpec
+
+IMPORT_REPORT = "import.json"
+# Bigger files are skipped before being read into memory (a 50 MP PNG is < 150 MB).
+MAX_FILE_BYTES = 200 * 2**20
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    gallery_dir: str
+    manifest: str
+    report: str
+    contact_sheet: str
+    imported: int
+    # Images whose prompt/seed came from infotext, and those with both zoom and angle recognised.
+    with_infotext: int
+    assigned: int
+    # [{"file": ..., "reason": ...}] for files not imported.
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    # [{"file": ..., "warning": ...}] for imported files worth a look (wrong extension, no infotext).
+    warnings: list[dict[str, str]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- zoom / angle
+
+
+def _phrase_re(label: str) -> re.Pattern[str]:
+    words = [re.escape(w) for w in label.split()]
+    return re.compile(r"(?<![\w-])" + r"[\s_-]+".join(words) + r"(?![\w-])", re.I)
+
+
+def match_label(prompt: str, labels: Sequence[str]) -> int:
+    """Index of the label found in ``prompt`` (whole words, case-insensitive), or -1.
+
+    Longer labels are matched first and their text masked, so "closeup" is not
+    found inside "extreme closeup". With several different labels present, the
+    one earliest in the prompt wins (A1111 grids put the varied phrase once).
+    """
+    text = prompt
+    found: list[tuple[int, int]] = []  # (position, label index)
+    for i in sorted(range(len(labels)), key=lambda i: -len(labels[i])):
+        if not labels[i].strip():
+            continue
+        m = _phrase_re(labels[i]).search(text)
+        if m:
+            found.append((m.start(), i))
+            text = text[: m.start()] + "\0" * (m.end() - m.start()) + text[m.end():]
+    return min(found)[1] if found else -1
+
+
+# ---------------------------------------------------------------- ComfyUI
+
+_COMFY_SAMPLERS = {
+    "dpmpp_2m": "DPM++ 2M", "dpmpp_sde": "DPM++ SDE", "dpmpp_2m_sde": "DPM++ 2M SDE",
+    "euler_ancestral": "Euler a", "euler": "Euler", "ddim": "DDIM", "uni_pc": "UniPC",
+    "heun": "Heun", "lms": "LMS", "dpm_2": "DPM2",
+}
+
+
+def _comfy_text(nodes: dict[str, Any], ref: Any) -> str:
+    if not isinstance(ref, list) or not ref:
+        return ""
+    node = nodes.get(str(ref[0])) or {}
+    inputs = node.get("inputs") or {}
+    for key in ("text", "text_g", "text_l"):
+        if isinstance(inputs.get(key), str):
+            return inputs[key]
+    return ""
+
+
+def comfy_infotext(prompt_json: str) -> InfoText | None:
+    """Prompt, seed and settings from a ComfyUI PNG's ``prompt`` graph (best effort), or None."""
+    try:
+        nodes = json.loads(prompt_json)
+    except ValueError:
+        return None
+    if not isinstance(nodes, dict):
+        return None
+    for node in nodes.values():
+        if not isinstance(node, dict) or not str(node.get("class_type", "")).startswith("KSampler"):
+            continue
+        inp = node.get("inputs") or {}
+        seed = inp.get("seed", inp.get("noise_seed", -1))
+        name = _COMFY_SAMPLERS.get(str(inp.get("sampler_name", "")), str(inp.get("sampler_name", "")))
+        if name and inp.get("scheduler") == "karras":
+            name += " Karras"
+        model = ""
+        for other in nodes.values():
+            if isinstance(other, dict) and "ckpt_name" in (other.get("inputs") or {}):
+                model = Path(str(other["inputs"]["ckpt_name"])).stem
+        try:
+            return InfoText(
+                prompt=_comfy_text(nodes, inp.get("positive")),
+                negative_prompt=_comfy_text(nodes, inp.get("negative")),
+                steps=int(inp.get("steps", 0) or 0),
+                sampler=name,
+                cfg_scale=float(inp.get("cfg", 0) or 0),
+                seed=int(seed) if isinstance(seed, (int, float)) else -1,
+                model=model,
+            )
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
+# ---------------------------------------------------------------- import
+
+
+def _metadata(path: Path, png_text: dict[str, str]) -> tuple[InfoText | None, str]:
+    """(parsed infotext, raw A1111 text) of a file; (None, "") when it has none."""
+    raw = png_text.get("parameters", "")
+    if not raw and "prompt" in png_text:
+        info = comfy_infotext(png_text["prompt"])
+        if info is not None:
+            return info, ""
+    if not raw and not png_text:
+        try:
+            raw = read_parameters(path.read_bytes())
+        except OSError:
+            raw = ""
+    if not raw.strip():
+        return None, ""
+    return parse_infotext(raw), raw
+
+
+def import_gallery(
+    src: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    spec: CharacterSpec | None = None,
+    *,
+    progress: ProgressFn | None = None,
+    cancel: CancelToken | None = None,
+) -> ImportResult:
+    """Import every image under ``src`` into the gallery folder ``out_dir``.
+
+    Zoom and angle phrases come from ``spec`` (default: the workflow's five
+    zooms and five angles). Ids are ``z<zoom>-a<angle>-<n>`` like generated
+    ones, with ``x`` for an unrecognised axis. Re-running replaces the
+    manifest. Refuses an ``out_dir`` that holds a generated gallery, is the
+    source folder itself, or is being written by another run.
+    """
+    src_p, out = Path(src).resolve(), Path(out_dir).resolve()
+    if out == src_p:
+        # Every file under the gallery folder counts as our own output: nothing would be imported.
+        raise InvalidInput(f"--out {out} is the source folder itself; write the gallery to another folder, "
+                           f"e.g. {out / 'gallery'}")
+    if (out / "plan.json").exists():
+        raise InvalidInput(f"{out} holds a generated gallery (plan.json); import into another folder")
+    with folder_lock(out, "import"):
+        return _import_locked(src_p, out, spec, progress, cancel)
+
+
+def _import_locked(
+    src_p: Path, out: Path, spec: CharacterSpec | None, progress: ProgressFn | None, cancel: CancelToken | None
+) -> ImportResult:
+    from likeness.generate.contact_sheet import contact_sheet
+    from likeness.images import list_images, load_image
+
+    # Importing into a subfolder of the source is fine: our own output is not re-imported.
+    files = [p for p in list_images(src_p) if out not in p.resolve().parents]
+    zooms = spec.zooms if spec else DEFAULT_ZOOMS
+    angles = spec.angles if spec else DEFAULT_ANGLES
+    rows: list[GalleryImage] = []
+    skipped: list[dict[str, str]] = []
+    warnings: list[dict[str, str]] = []
+    sources: dict[str, str] = {}
+    counters: dict[tuple[int, int], int] = {}
+    with_info = assigned = 0
+    report(progress, "import", 0, len(files), "scanning")
+    for n, path in enumerate(files, 1):
+        if cancel is not None:
+            cancel.check()
+        rel = str(path.relative_to(src_p))
+        try:
+            size = path.stat().st_size
+            if size > MAX_FILE_BYTES:
+                raise InvalidInput(f"{rel}: {size / 2**20:.0f} MB is over the {MAX_FILE_BYTES // 2**20} MB limit")
+            img, info = load_image(path)
+        except (InvalidInput, OSError) as exc:
+            skipped.append({"file": rel, "reason": str(exc)})
+            report(progress, "import", n, len(files), "skipped")
+            continue
+        notes = []
+        if info.extension_mismatch:
+            notes.append(f"the file is {info.format} but named {path.suffix}; imported as PNG")
+        meta, raw = _metadata(path, info.text)
+        if meta is None:
+            notes.append("no A1111/ComfyUI parameters: prompt, seed, zoom and angle unknown")
+            meta = InfoText()
+        else:
+            with_info += 1
+        if notes:
+            warnings.append({"file": rel, "warning": "; ".join(notes)})
+        zi, ai = match_label(meta.prompt, zooms), match_label(meta.prompt, angles)
+        assigned += zi >= 0 and ai >= 0
+        k = counters.get((zi, ai), 0)
+        counters[(zi, ai)] = k + 1
+        image_id = f"z{zi if zi >= 0 else 'x'}-a{ai if ai >= 0 else 'x'}-{k:04d}"
+        text = raw or (format_infotext(InfoText(**{**to_dict(meta), "width": img.width, "height": img.height}))
+                       if meta.prompt else "")
+        atomic_write_bytes(out / "images" / f"{image_id}.png", png_bytes(img, text or None))
+        sources[image_id] = rel
+        rows.append(
+            GalleryImage(
+                id=image_id, file=f"images/{image_id}.png",
+                zoom=zooms[zi] if zi >= 0 else "", angle=angles[ai] if ai >= 0 else "",
+                zoom_index=zi, angle_index=ai, index_in_cell=k,
+                seed=meta.seed, prompt=meta.prompt, negative_prompt=meta.negative_prompt,
+                width=img.width, height=img.height, steps=meta.steps, sampler=meta.sampler,
+                cfg_scale=meta.cfg_scale, model=meta.model, seconds=0.0, source="imported",
+            )
+        )
+        report(progress, "import", n, len(files), "imported")
+    write_manifest(out, rows)
+    report_path = atomic_write_json(
+        out / IMPORT_REPORT,
+        {"source": str(src_p), "imported": len(rows), "skipped": skipped, "warnings": warnings, "sources": sources},
+    )
+    sheet = str(contact_sheet(rows, out, out / "contact_sheet.png", title=f"imported from {src_p.name}")) if rows else ""
+    return ImportResult(
+        gallery_dir=str(out), manifest=str(manifest_path(out)), report=str(report_path), contact_sheet=sheet,
+        imported=len(rows), with_infotext=with_info, assigned=assigned, skipped=skipped, warnings=warnings,
+    )

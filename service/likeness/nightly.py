@@ -1,0 +1,497 @@
+"""Nightly builds: every character spec of a folder, compared with its last good build.
+
+``run_nightly(characters_dir, data_dir=...)``:
+
+- takes ``<data_dir>/nightly.lock`` (``fcntl.flock``, non-blocking): a second
+  run at the same time fails at once instead of building everything twice;
+- keys the run by night (``YYYY-MM-DD``, local time, or ``config.night``): a
+  character whose build for this night already succeeded is not rebuilt, so
+  re-running after a crash or a fix only builds what is missing or failed;
+- builds each character (embedded through likeness.build.runner, or through a running
+  service with ``service_builder``); one failing character is recorded and the
+  others still build;
+- compares every headline score (``report.json``'s ``summary.scores``, all
+  higher-is-better) with the character's previous successful nightly build: a
+  drop of more than ``margin`` is a regression;
+- writes ``<data_dir>/nightly/<night>/summary.json`` and ``summary.html``
+  (trend plot per character) and returns a result whose exit code is non-zero
+  when any build failed or any score regressed.
+
+History lives in the service's SQLite file (``<data_dir>/likeness.db``) in this
+module's own table ``nightly_runs`` (the store has no per-night table).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import fcntl
+import hashlib
+import html
+import json
+import os
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from likeness import layout
+from likeness.errors import FailedPrecondition, InvalidInput, NotFound
+from likeness.files import atomic_write_json, atomic_write_text, check_name
+
+LOCK_NAME = "nightly.lock"
+# Scores drawn in the trend plot (all of report summary.scores are compared).
+TREND_SCORES = ("curated_overall", "curated_identity_consistency", "train_best_score",
+                "eval_identity_token", "eval_clip_t_token", "eval_identity_gain_vs_baseline")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS nightly_runs (
+    night TEXT NOT NULL,
+    character TEXT NOT NULL,
+    spec_file TEXT NOT NULL DEFAULT '',
+    spec_sha256 TEXT NOT NULL DEFAULT '',
+    build_id TEXT NOT NULL DEFAULT '',
+    state TEXT NOT NULL,
+    scores_json TEXT NOT NULL DEFAULT '{}',
+    error TEXT NOT NULL DEFAULT '',
+    started_at REAL NOT NULL,
+    finished_at REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (night, character)
+);
+CREATE INDEX IF NOT EXISTS nightly_runs_by_character ON nightly_runs(character, night);
+"""
+
+
+@dataclass(frozen=True)
+class NightlyConfig:
+    # A score falling by more than this (absolute, scores are 0-1 or cosines) is a regression.
+    margin: float = 0.05
+    # Night key YYYY-MM-DD; "" = today in local time (what a cron job at 02:00 means).
+    night: str = ""
+    # Build options passed to every build (0/"" = the build's defaults).
+    k: int = 25
+    images_per_cell: int = 0
+    training_steps: int = 0
+    profile: str = ""
+    # Extra build options (likeness.build.options.BuildOptions fields), e.g. {"eval_steps": 2} in tests.
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def build_options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {"k": self.k}
+        if self.images_per_cell:
+            opts["images_per_cell"] = self.images_per_cell
+        if self.training_steps:
+            opts["training_steps"] = self.training_steps
+        if self.profile:
+            opts["profile"] = self.profile
+        opts.update(self.options)
+        return opts
+
+
+@dataclass(frozen=True)
+class BuildOutcome:
+    """What a build function reports back for one character."""
+
+    build_id: str
+    # "succeeded", "failed" or "cancelled" (the store's final states).
+    state: str
+    # report.json summary.scores (higher is better); empty when the build failed.
+    scores: dict[str, float | None] = field(default_factory=dict)
+    error: str = ""
+
+
+# build_fn(spec, spec_file, options, resume_build_id, started) -> BuildOutcome. ``started(build_id)``
+# must be called as soon as the build exists: the night's history records the id, so a run killed
+# mid-build resumes that build the next time instead of starting over.
+BuildFn = Callable[[Any, Path, dict[str, Any], str, Callable[[str], None]], BuildOutcome]
+
+
+@dataclass
+class CharacterNight:
+    character: str
+    spec_file: str
+    state: str
+    build_id: str = ""
+    scores: dict[str, float | None] = field(default_factory=dict)
+    error: str = ""
+    # True when this night's successful build was found and not rebuilt.
+    reused: bool = False
+    previous: dict[str, Any] | None = None
+    regressions: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class NightlyResult:
+    night: str
+    margin: float
+    characters: list[CharacterNight]
+    summary_json: str = ""
+    summary_html: str = ""
+
+    @property
+    def regressions(self) -> list[dict[str, Any]]:
+        return [dict(r, character=c.character) for c in self.characters for r in c.regressions]
+
+    @property
+    def failures(self) -> list[dict[str, Any]]:
+        return [{"character": c.character, "spec_file": c.spec_file, "build_id": c.build_id, "error": c.error}
+                for c in self.characters if c.state != "succeeded"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.regressions and not self.failures
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"night": self.night, "ok": self.ok, "margin": self.margin, "regressions": self.regressions,
+                "failures": self.failures, "characters": [asdict(c) for c in self.characters],
+                "summary_json": self.summary_json, "summary_html": self.summary_html}
+
+
+def nightly_exit_code(result: NightlyResult) -> int:
+    """0 when every build succeeded and nothing regressed beyond the margin; 1 otherwise."""
+    return 0 if result.ok else 1
+
+
+# ------------------------------------------------------------------ lock, history
+
+@contextmanager
+def nightly_lock(data_dir: Path) -> Iterator[Path]:
+    """Hold ``<data_dir>/nightly.lock`` for the run; FailedPrecondition if another run holds it.
+
+    flock is released by the kernel when the process dies, so a killed run never
+    leaves a stale lock behind.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise FailedPrecondition(f"another nightly run holds {path} (pid {holder}); wait for it to finish") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+class History:
+    """Per-night, per-character build results in ``<data_dir>/likeness.db`` (table ``nightly_runs``)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        from likeness.build.store import DB_NAME
+
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(str(data_dir / DB_NAME), isolation_level=None, timeout=30)
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def get(self, night: str, character: str) -> sqlite3.Row | None:
+        return self._conn.execute("SELECT * FROM nightly_runs WHERE night=? AND character=?",
+                                  (night, character)).fetchone()
+
+    def start(self, night: str, character: str, spec_file: str, spec_sha: str) -> None:
+        self._conn.execute(
+            "INSERT INTO nightly_runs(night, character, spec_file, spec_sha256, state, started_at) "
+            "VALUES (?,?,?,?, 'running', ?) ON CONFLICT(night, character) DO UPDATE SET state='running', "
+            "spec_file=excluded.spec_file, spec_sha256=excluded.spec_sha256, error='', started_at=excluded.started_at",
+            (night, character, spec_file, spec_sha, time.time()))
+
+    def set_build(self, night: str, character: str, build_id: str) -> None:
+        self._conn.execute("UPDATE nightly_runs SET build_id=? WHERE night=? AND character=?",
+                           (build_id, night, character))
+
+    def finish(self, night: str, character: str, state: str, build_id: str, scores: dict[str, Any], error: str) -> None:
+        self._conn.execute(
+            "UPDATE nightly_runs SET state=?, build_id=?, scores_json=?, error=?, finished_at=? "
+            "WHERE night=? AND character=?",
+            (state, build_id, json.dumps(scores), error[:4000], time.time(), night, character))
+
+    def previous_success(self, character: str, night: str) -> sqlite3.Row | None:
+        return self._conn.execute(
+            "SELECT * FROM nightly_runs WHERE character=? AND night<? AND state='succeeded' "
+            "ORDER BY night DESC LIMIT 1", (character, night)).fetchone()
+
+    def series(self, character: str, until: str) -> list[sqlite3.Row]:
+        return self._conn.execute(
+            "SELECT * FROM nightly_runs WHERE character=? AND night<=? AND state='succeeded' ORDER BY night",
+            (character, until)).fetchall()
+
+
+# ------------------------------------------------------------------ comparing
+
+def compare_scores(current: dict[str, Any], previous: dict[str, Any], margin: float) -> list[dict[str, Any]]:
+    """Scores that fell by more than ``margin`` (or vanished) since ``previous``; all are higher-is-better."""
+    out = []
+    for name in sorted(previous):
+        before = previous[name]
+        if not isinstance(before, (int, float)):
+            continue
+        now = current.get(name)
+        if not isinstance(now, (int, float)):
+            out.append({"score": name, "previous": before, "current": None, "drop": None,
+                        "why": "the score was measured last time and is missing now"})
+        elif before - now > margin:
+            out.append({"score": name, "previous": before, "current": now, "drop": round(before - now, 4),
+                        "why": f"fell by {before - now:.3f} (> margin {margin})"})
+    return out
+
+
+def character_name(spec: Any) -> str:
+    """The spec's name as a store character name ("Emily Rose" -> "Emily_Rose")."""
+    return check_name(spec.name.strip().replace(" ", "_"), "character name")
+
+
+def _night(config: NightlyConfig) -> str:
+    night = config.night or _dt.date.today().isoformat()
+    try:
+        _dt.date.fromisoformat(night)
+    except ValueError:
+        raise InvalidInput(f"night {night!r} is not a date; use YYYY-MM-DD") from None
+    return night
+
+
+# ------------------------------------------------------------------ the run
+
+def run_nightly(characters_dir: str | Path, *, data_dir: str | Path, config: NightlyConfig | None = None,
+                build_fn: BuildFn | None = None) -> NightlyResult:
+    """Build every ``*.toml`` spec in ``characters_dir`` once per night; see the module docstring.
+
+    ``build_fn`` defaults to an embedded build over ``data_dir``'s store
+    (:func:`embedded_builder`); pass :func:`service_builder` for ``--server``.
+    """
+    from likeness.spec import load_spec
+
+    config = config or NightlyConfig()
+    if not 0.0 <= config.margin <= 1.0:
+        raise InvalidInput(f"margin {config.margin} must be between 0 and 1 (e.g. 0.05)")
+    night = _night(config)
+    root = Path(characters_dir)
+    specs = sorted(root.glob("*.toml")) if root.is_dir() else []
+    if not specs:
+        raise NotFound(f"no character specs (*.toml) in {root}; put one spec file per character there")
+    data = Path(data_dir)
+    with nightly_lock(data):
+        history = History(data)
+        build = build_fn or embedded_builder(data)
+        results = []
+        try:
+            for spec_file in specs:
+                results.append(_one(history, build, spec_file, night, config, load_spec))
+            result = NightlyResult(night, config.margin, results)
+            _write_summary(data, history, result)
+        finally:
+            history.close()
+    return result
+
+
+def _one(history: History, build: BuildFn, spec_file: Path, night: str, config: NightlyConfig,
+         load_spec: Callable[[Path], Any]) -> CharacterNight:
+    sha = hashlib.sha256(spec_file.read_bytes()).hexdigest()
+    try:
+        spec = load_spec(spec_file)
+        character = character_name(spec)
+    except Exception as exc:  # noqa: BLE001 - a broken spec is that character's failure only
+        return CharacterNight(character=spec_file.stem, spec_file=str(spec_file), state="failed",
+                              error=f"spec {spec_file.name}: {exc}")
+    row = history.get(night, character)
+    if row is not None and row["state"] == "succeeded":
+        cn = CharacterNight(character, str(spec_file), "succeeded", row["build_id"], json.loads(row["scores_json"]),
+                            reused=True)
+    else:
+        resume = row["build_id"] if row is not None and row["state"] == "running" else ""
+        history.start(night, character, str(spec_file), sha)
+        started = [resume]
+
+        def record(build_id: str) -> None:
+            started[0] = build_id
+            history.set_build(night, character, build_id)
+
+        try:
+            outcome = build(spec, spec_file, config.build_options(), resume, record)
+        except Exception as exc:  # noqa: BLE001 - one failing character must not stop the others
+            outcome = BuildOutcome(build_id=started[0], state="failed", error=f"{type(exc).__name__}: {exc}")
+        scores = outcome.scores if outcome.state == "succeeded" else {}
+        history.finish(night, character, outcome.state, outcome.build_id, scores,
+                       outcome.error or ("" if outcome.state == "succeeded" else outcome.state))
+        cn = CharacterNight(character, str(spec_file), outcome.state, outcome.build_id, dict(scores),
+                            error=outcome.error or ("" if outcome.state == "succeeded" else f"build {outcome.state}"))
+    if cn.state == "succeeded":
+        prev = history.previous_success(character, night)
+        if prev is not None:
+            before = json.loads(prev["scores_json"])
+            cn.previous = {"night": prev["night"], "build_id": prev["build_id"], "scores": before}
+            cn.regressions = compare_scores(cn.scores, before, config.margin)
+    return cn
+
+
+# ------------------------------------------------------------------ build functions
+
+def embedded_builder(data_dir: Path, *, device: str = "") -> BuildFn:
+    """Build in this process through likeness.build.runner over ``data_dir``'s store (resumes an interrupted build).
+
+    Models are loaded once and shared by every character of the night.
+    """
+    from likeness.backends.cache import ModelCache
+
+    models = ModelCache()
+
+    def build(spec: Any, spec_file: Path, options: dict[str, Any], resume_build_id: str,
+              started: Callable[[str], None]) -> BuildOutcome:
+        from likeness.build.runner import run_build
+        from likeness.build.store import Store
+        from likeness.build.worker import detect_devices
+
+        name = character_name(spec)
+        dev = device or detect_devices()[0]
+        store = Store(data_dir)
+        try:
+            row = None
+            if resume_build_id:
+                try:
+                    row = store.get_build(resume_build_id)
+                except NotFound:
+                    row = None
+                if row is not None and row.terminal:
+                    row = None
+            if row is None:
+                try:
+                    store.get_character(name)
+                except NotFound:
+                    store.create_character(name, spec.to_dict())
+                # Created already running on this process's device: never queued, so a server on
+                # the same data dir cannot claim it and a cancel is seen by this run.
+                row = store.create_build(spec.to_dict(), options, character=name, running_on=dev)
+            started(row.id)
+            run_build(store, row.id, device=dev, models=models)
+            final = store.get_build(row.id)
+            if final.state != "succeeded":
+                return BuildOutcome(final.id, final.state, {}, final.error or final.state)
+            return BuildOutcome(final.id, "succeeded", _report_scores(store.build_dir(final.id)))
+        finally:
+            store.close()
+
+    return build
+
+
+def _report_scores(build_dir: Path) -> dict[str, float | None]:
+    path = build_dir / layout.REPORT_DIR / layout.REPORT_JSON
+    if path.is_file():
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    else:
+        from likeness.report.document import build_report
+
+        doc = build_report(build_dir)
+    return dict(doc["summary"]["scores"])
+
+
+def service_builder(address: str, *, token: str = "", timeout: float | None = None) -> BuildFn:
+    """Build through a running Likeness service (``likeness nightly --server HOST:PORT``)."""
+
+    def build(spec: Any, spec_file: Path, options: dict[str, Any], resume_build_id: str,
+              started: Callable[[str], None]) -> BuildOutcome:
+        from likeness.serve.client import LikenessClient
+
+        with LikenessClient(address, token=token) as client:
+            build_id = ""
+            if resume_build_id:
+                try:
+                    b = client.get_build(resume_build_id)
+                    build_id = b.id if _state_name(b) not in ("failed", "cancelled") else ""
+                except Exception:  # noqa: BLE001 - gone: start a new one
+                    build_id = ""
+            if not build_id:
+                build_id = client.start_build(spec=spec, options=options).id
+            started(build_id)
+            final = client.wait_build(build_id, timeout=timeout)
+            state = str(final.state).lower() if not isinstance(final.state, int) else _state_name(final)
+            if state != "succeeded":
+                return BuildOutcome(build_id, state or "failed", {}, getattr(final, "error", "") or state)
+            rep = json.loads(client.get_report(build_id).json)
+            return BuildOutcome(build_id, "succeeded", dict(rep["summary"]["scores"]))
+
+    return build
+
+
+def _state_name(build: Any) -> str:
+    """A protobuf enum state as the store's word ("BUILD_STATE_SUCCEEDED" -> "succeeded")."""
+    try:
+        name = type(build).DESCRIPTOR.fields_by_name["state"].enum_type.values_by_number[build.state].name
+    except (AttributeError, KeyError):
+        return str(build.state)
+    return name.lower().rsplit("_", 1)[-1]
+
+
+# ------------------------------------------------------------------ summary
+
+def _write_summary(data: Path, history: History, result: NightlyResult) -> None:
+    from likeness.report import plots
+
+    out = data / "nightly" / result.night
+    trends: dict[str, dict[str, Any]] = {}
+    for c in result.characters:
+        rows = history.series(c.character, result.night)
+        nights = [r["night"] for r in rows]
+        series = {}
+        for name in TREND_SCORES:
+            vals = [json.loads(r["scores_json"]).get(name) for r in rows]
+            if any(isinstance(v, (int, float)) for v in vals):
+                series[name] = vals
+        trends[c.character] = {"nights": nights, "series": series}
+    doc = dict(result.to_dict(), trends=trends, generated_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    doc.pop("summary_json"), doc.pop("summary_html")
+    result.summary_json = str(atomic_write_json(out / "summary.json", doc))
+    e = html.escape
+    parts = [f"<h1>Nightly builds — {e(result.night)}</h1>",
+             f"<p class={'ok' if result.ok else 'bad'}>" + (
+                 "All builds succeeded and no score fell by more than the margin." if result.ok else
+                 f"{len(result.failures)} failed build(s), {len(result.regressions)} regression(s).") +
+             f" Margin: a score falling by more than {result.margin} since the character's previous successful "
+             "build is a regression. All scores are higher-is-better.</p>"]
+    if result.regressions:
+        parts.append("<h2>Regressions</h2><table><tr><th>character</th><th>score</th><th>previous</th><th>now</th>"
+                     "<th>why</th></tr>" + "".join(
+                         f"<tr><td>{e(r['character'])}</td><td>{e(r['score'])}</td><td>{r['previous']}</td>"
+                         f"<td>{r['current']}</td><td>{e(r['why'])}</td></tr>" for r in result.regressions) + "</table>")
+    if result.failures:
+        parts.append("<h2>Failed builds</h2><table><tr><th>character</th><th>build</th><th>error</th></tr>" + "".join(
+            f"<tr><td>{e(f['character'])}</td><td>{e(f['build_id'])}</td><td>{e(f['error'])}</td></tr>"
+            for f in result.failures) + "</table>")
+    for c in result.characters:
+        parts.append(f"<h2>{e(c.character)}</h2><p>state <b>{e(c.state)}</b>"
+                     + (" (finished earlier tonight, not rebuilt)" if c.reused else "")
+                     + (f", build {e(c.build_id)}" if c.build_id else "")
+                     + (f", compared with {e(c.previous['night'])} ({e(c.previous['build_id'])})" if c.previous else
+                        ", no previous successful build to compare with") + "</p>")
+        if c.error:
+            parts.append(f"<p class=bad>{e(c.error)}</p>")
+        if c.scores:
+            prev = (c.previous or {}).get("scores", {})
+            parts.append("<table><tr><th>score</th><th>now</th><th>previous</th><th>change</th></tr>")
+            for k, v in c.scores.items():
+                p = prev.get(k)
+                ch = f"{v - p:+.3f}" if isinstance(v, (int, float)) and isinstance(p, (int, float)) else "—"
+                parts.append(f"<tr><td>{e(k)}</td><td>{'—' if v is None else f'{v:.3f}'}</td>"
+                             f"<td>{'—' if p is None else f'{p:.3f}'}</td><td>{ch}</td></tr>")
+            parts.append("</table>")
+        t = trends[c.character]
+        if t["series"]:
+            png = plots.trend_plot(t["nights"], t["series"], f"{c.character}: scores per night")
+            parts.append(f'<img alt="trend of {e(c.character)}" src="data:image/png;base64,'
+                         f'{base64.b64encode(png).decode()}">')
+    page = ("<!doctype html><html lang=en><head><meta charset=utf-8>"
+            "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
+            "style-src 'unsafe-inline'\"><title>Likeness nightly " + e(result.night) + "</title><style>"
+            "body{font-family:system-ui,sans-serif;max-width:1000px;margin:auto;padding:1em 2em}"
+            "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .6em}"
+            ".ok{color:#007a55}.bad{color:#c0392b}img{max-width:100%}</style></head><body>"
+            + "".join(parts) + "</body></html>\n")
+    result.summary_html = str(atomic_write_text(out / "summary.html", page))

@@ -1,0 +1,1 @@
+"""Reports: the JSON document, the HTML page and its plots."""

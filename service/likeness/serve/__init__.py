@@ -1,0 +1,1 @@
+"""The gRPC service: data plane (runtime), servicer, status mapping, auth, client."""

@@ -1,0 +1,1 @@
+"""Stage 4: textual-inversion training and checkpoint scoring."""

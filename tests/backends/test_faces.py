@@ -1,0 +1,283 @@
+"""Face backend, calibration and the faces/score commands on the real photos and real CPU face pack."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from likeness.errors import InvalidInput, ModelMissing
+
+
+@pytest.fixture(scope="session")
+def analyzer(face_pack: Path):
+    from likeness.backends.faces import InsightFaceAnalyzer
+
+    return InsightFaceAnalyzer(face_pack, det_size=640, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def load():
+    from likeness.images import load_image
+
+    return lambda p: np.asarray(load_image(p)[0])
+
+
+@pytest.fixture(scope="session")
+def pair_scores(analyzer, realdata: Path, load):
+    """Cosines and labels of every pair in deepface_master.csv (each image embedded once)."""
+    from likeness.curate.calibration import read_pairs, resolve_image
+
+    csv_path = realdata / "pairs" / "deepface_master.csv"
+    rows = read_pairs(csv_path)
+    names = sorted({n for a, b, _ in rows for n in (a, b)})
+    faces = analyzer.analyze([load(resolve_image(n, csv_path.parent, realdata)) for n in names])
+    emb = {n: f[0].embedding for n, f in zip(names, faces) if f}
+    assert len(emb) == len(names), "every pair image must show a face"
+    cos = np.array([float(emb[a] @ emb[b]) for a, b, _ in rows])
+    same = np.array([bool(lab) for *_, lab in rows])
+    return cos, same
+
+
+def test_verification_accuracy_at_stored_threshold(analyzer, pair_scores):
+    from likeness.curate.calibration import calibration_for
+    from likeness.scores import IDENTITY_THRESHOLD
+
+    cal = calibration_for(analyzer.recognition_sha256)
+    assert cal.calibrated and cal.model == "mobilefacenet_128d.onnx"
+    assert cal.threshold == pytest.approx(IDENTITY_THRESHOLD)
+    cos, same = pair_scores
+    assert len(cos) == 300 and same.sum() == 38
+    accuracy = float(np.mean((cos >= cal.threshold) == same))
+    assert accuracy >= 0.95
+
+
+def test_same_person_clearly_above_different(pair_scores):
+    cos, same = pair_scores
+    assert cos[same].mean() > 0.6
+    assert cos[~same].mean() < 0.15
+    assert cos[same].mean() - cos[~same].mean() > 0.5
+
+
+def test_calibration_recomputes_the_stored_numbers(analyzer, pair_scores):
+    from likeness.curate.calibration import calibrate_from_cosines, calibration_for
+
+    cos, same = pair_scores
+    fresh = calibrate_from_cosines(cos, same)
+    stored = calibration_for(analyzer.recognition_sha256)
+    assert fresh.threshold == pytest.approx(stored.threshold, abs=1e-3)
+    assert fresh.auc >= 0.99 and fresh.cv_accuracy >= 0.95
+
+
+def test_best_threshold_ties_midpoint_and_unknown_pack():
+    from likeness.curate.calibration import best_threshold, calibration_for
+
+    # Separable: any t in (0.3, 0.6] is perfect -> midpoint 0.45.
+    t, acc = best_threshold(np.array([0.1, 0.3, 0.6, 0.9]), np.array([False, False, True, True]))
+    assert t == pytest.approx(0.45) and acc == 1.0
+    # Overlap: one error whatever the threshold in the widest run.
+    t, acc = best_threshold(np.array([0.1, 0.5, 0.4, 0.9]), np.array([False, False, True, True]))
+    assert acc == 0.75
+    assert calibration_for("0" * 64).calibrated is False
+
+
+def test_record_fields_and_normalised_embedding(analyzer, realdata: Path, load):
+    faces = analyzer.analyze([load(realdata / "faces/Angelina_Jolie/deepface_img1.jpg")])[0]
+    assert len(faces) == 1
+    f = faces[0]
+    assert analyzer.embedding_dim == 128 and f.embedding.shape == (128,) and f.embedding.dtype == np.float32
+    assert np.linalg.norm(f.embedding) == pytest.approx(1.0, abs=1e-5)
+    assert len(f.landmarks) == 5 and 0.5 < f.det_score <= 1.0 and 0.01 < f.area_ratio < 1.0
+    x1, y1, x2, y2 = f.bbox
+    assert x2 > x1 and y2 > y1
+
+
+def test_webp_named_jpg_is_analysed(analyzer, realdata: Path, load):
+    from likeness.images import load_image
+
+    path = realdata / "faces/Scarlett_Johansson/deepface_img47.jpg"
+    img, info = load_image(path)
+    assert info.format == "WEBP" and info.extension_mismatch
+    assert len(analyzer.analyze([np.asarray(img)])[0]) >= 1
+
+
+def test_no_face_and_multi_person(analyzer, realdata: Path, load):
+    neg = load(realdata / "faces/_negative_no_face/skimage_brick.png")
+    multi = load(realdata / "faces/_multi_person/deepface_selfie-many-people.jpg")
+    couple = load(realdata / "faces/_multi_person/fr_two_people.jpg")
+    r_neg, r_multi, r_couple = analyzer.analyze([neg, multi, couple])
+    assert r_neg == []
+    assert len(r_multi) >= 4 and len(r_couple) >= 2
+    areas = [(f.bbox[2] - f.bbox[0]) * (f.bbox[3] - f.bbox[1]) for f in r_multi]
+    assert areas == sorted(areas, reverse=True)  # largest first
+
+
+def test_batched_equals_one_by_one(analyzer, realdata: Path, load):
+    paths = ["faces/Jeff_Bezos/deepface_img20.jpg", "faces/_multi_person/fr_two_people.jpg",
+             "faces/_negative_no_face/skimage_coffee.png", "faces/Elon_Musk/deepface_img18.jpg"]
+    imgs = [load(realdata / p) for p in paths]
+    batch = analyzer.analyze(imgs)
+    for img, got in zip(imgs, batch):
+        alone = analyzer.analyze([img])[0]
+        assert len(alone) == len(got)
+        for a, b in zip(alone, got):
+            np.testing.assert_allclose(a.embedding, b.embedding, atol=1e-5)
+            assert a.bbox == b.bbox
+
+
+def test_dynamic_batch_recognition_matches_single(analyzer, face_pack: Path, tmp_path: Path, realdata: Path, load):
+    """buffalo_l's graph takes any batch: the same MobileFaceNet with a symbolic batch axis must
+    give the same embeddings batched (several crops per ONNX run) as one crop at a time."""
+    import onnx
+
+    from likeness.backends.faces import InsightFaceAnalyzer
+
+    model = onnx.load(str(face_pack / "mobilefacenet_128d.onnx"))
+    for t in list(model.graph.input) + list(model.graph.output):
+        dim = t.type.tensor_type.shape.dim[0]
+        dim.ClearField("dim_value")
+        dim.dim_param = "N"
+    onnx.save(model, str(tmp_path / "mobilefacenet_128d.onnx"))
+    shutil.copy(face_pack / "det_500m.onnx", tmp_path / "det_500m.onnx")
+    dyn = InsightFaceAnalyzer(tmp_path, device="cpu")
+    assert dyn.recognition_batch > 1
+    imgs = [load(realdata / "faces/_multi_person/deepface_selfie-many-people.jpg"),
+            load(realdata / "faces/Jeff_Bezos/deepface_img20.jpg")]
+    batched = dyn.analyze(imgs)  # all crops in one ONNX run
+    reference = analyzer.analyze(imgs)  # fixed batch 1 graph: one crop per run
+    assert [len(x) for x in batched] == [len(x) for x in reference] and len(batched[0]) >= 4
+    for a, b in zip(batched, reference):
+        for fa, fb in zip(a, b):
+            np.testing.assert_allclose(fa.embedding, fb.embedding, atol=1e-4)
+
+
+def test_bad_image_input(analyzer):
+    with pytest.raises(InvalidInput, match="RGB uint8"):
+        analyzer.analyze([np.zeros((64, 64), np.uint8)])
+
+
+def test_unknown_backend_lists_valid_ones(face_pack):
+    from likeness.backends.faces import load_face_analyzer
+    from likeness.profiles import load_profile
+
+    with pytest.raises(InvalidInput, match=r"unknown face backend 'dlib'.*insightface"):
+        load_face_analyzer(load_profile("cpu-tiny"), backend="dlib")
+
+
+def test_missing_pack_is_model_missing(tmp_path, monkeypatch, face_pack: Path):
+    from likeness.backends.faces import InsightFaceAnalyzer, load_face_analyzer
+    from likeness.profiles import load_profile
+
+    monkeypatch.setenv("LIKENESS_FACE_PACK", str(tmp_path / "nope"))
+    with pytest.raises(ModelMissing, match="buffalo_l.*LIKENESS_FACE_PACK|LIKENESS_FACE_PACK"):
+        load_face_analyzer(load_profile("cpu-tiny"))
+    prof = replace(load_profile("sd15"), face_pack=str(tmp_path / "buffalo_l"))
+    with pytest.raises(ModelMissing, match="buffalo_l"):
+        load_face_analyzer(prof)
+    with pytest.raises(ModelMissing, match="does not exist"):
+        InsightFaceAnalyzer(tmp_path / "absent")
+    # A folder with only a detector is not a usable pack.
+    (tmp_path / "detonly").mkdir()
+    shutil.copy(face_pack / "det_500m.onnx", tmp_path / "detonly")
+    with pytest.raises(ModelMissing, match="recognition"):
+        InsightFaceAnalyzer(tmp_path / "detonly")
+
+
+# --- command line -------------------------------------------------------------
+
+def _run(capsys, argv):
+    from likeness.cli.main import main
+
+    rc = main(argv)
+    return rc, capsys.readouterr()
+
+
+def test_faces_compare_json(capsys, realdata: Path):
+    f = realdata / "faces"
+    rc, out = _run(capsys, ["faces", "compare", str(f / "Jeff_Bezos/deepface_img20.jpg"),
+                            str(f / "Jeff_Bezos/deepface_img21.jpg"), "--profile", "cpu-tiny"])
+    assert rc == 0
+    d = json.loads(out.out)
+    assert d["same_person"] is True and d["cosine"] > d["threshold"] and d["calibrated"] is True
+    rc, out = _run(capsys, ["faces", "compare", str(f / "Jeff_Bezos/deepface_img20.jpg"),
+                            str(f / "_negative_no_face/skimage_rocket.jpg"), "--profile", "cpu-tiny"])
+    d = json.loads(out.out)
+    assert rc == 0 and d["cosine"] is None and d["no_face"] == ["b"] and "no face" in d["error"]
+
+
+def test_faces_compare_pairs_json_lines(capsys, realdata: Path, tmp_path: Path):
+    f = realdata / "faces"
+    rows = [(f / "Jeff_Bezos/deepface_img20.jpg", f / "Jeff_Bezos/deepface_img21.jpg"),
+            (f / "Jeff_Bezos/deepface_img20.jpg", f / "Elon_Musk/deepface_img18.jpg"),
+            (f / "_negative_no_face/skimage_coffee.png", f / "Elon_Musk/deepface_img18.jpg"),
+            ("missing.jpg", f / "Elon_Musk/deepface_img18.jpg")]
+    pairs = tmp_path / "pairs.csv"
+    with open(pairs, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["a", "b"])
+        w.writerows(rows)
+    rc, out = _run(capsys, ["faces", "compare", "--pairs", str(pairs), "--profile", "cpu-tiny"])
+    assert rc == 0
+    lines = [json.loads(x) for x in out.out.strip().splitlines()]
+    assert len(lines) == 4
+    assert lines[0]["same_person"] is True and lines[1]["same_person"] is False
+    assert lines[2]["same_person"] is None and lines[2]["no_face"] == ["a"]
+    assert lines[3]["same_person"] is None and "not found" in lines[3]["error"]
+
+
+def test_faces_calibrate_prints_table_entry(capsys, realdata: Path):
+    rc, out = _run(capsys, ["faces", "calibrate", "--pairs", str(realdata / "pairs/deepface_master.csv"),
+                            "--profile", "cpu-tiny"])
+    d = json.loads(out.out)
+    assert rc == 0 and d["written"] is False and d["accuracy"] >= 0.95 and d["n_pairs"] == 300
+
+
+def test_score_identity_folder_beats_mixed_folder(capsys, realdata: Path, tmp_path: Path):
+    f = realdata / "faces"
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for p in ["Katy_Perry/deepface_img26.jpg", "Jack_Dorsey/deepface_img16.jpg", "Elon_Musk/deepface_img18.jpg",
+              "Mark_Zuckerberg/deepface_img13.jpg", "_negative_no_face/skimage_brick.png"]:
+        shutil.copy(f / p, mixed / Path(p).name)
+    rc, out = _run(capsys, ["score", str(f / "Katy_Perry"), "--profile", "cpu-tiny"])
+    same = json.loads(out.out)["set"]
+    rc2, out = _run(capsys, ["score", str(mixed), "--profile", "cpu-tiny"])
+    mix = json.loads(out.out)
+    assert rc == rc2 == 0
+    assert same["identity_mean_pairwise"] > 0.5 > mix["set"]["identity_mean_pairwise"]
+    assert same["identity_consistency"] > mix["set"]["identity_consistency"]
+    assert same["overall"] > mix["set"]["overall"]
+    assert mix["set"]["n_images"] == 5 and mix["set"]["n_faces"] == 4
+    rc, out = _run(capsys, ["score", str(mixed), "--reference", str(f / "Katy_Perry"), "--profile", "cpu-tiny"])
+    ref = {r["file"]: r for r in json.loads(out.out)["images"]}
+    assert ref["deepface_img26.jpg"]["same_person"] is True
+    assert ref["deepface_img16.jpg"]["same_person"] is False
+    assert ref["skimage_brick.png"]["same_person"] is None
+
+
+def test_score_of_a_curated_folder_reads_zoom_and_angle_from_curation_json(capsys, realdata: Path, tmp_path: Path):
+    # A curation's output has <id>.png + curation.json and no manifest; `score` lost the
+    # grid (grid_coverage null) and so disagreed with the curation's own set scores.
+    from PIL import Image
+
+    from likeness.curate.decide import CURATION_NAME, SCHEMA_VERSION
+
+    cur = tmp_path / "curated"
+    cur.mkdir()
+    cells = {"z0-a0-0000": ("closeup", "front shot", 0, 0), "z1-a1-0000": ("medium shot", "side angle", 1, 1)}
+    for (ident, cell), src in zip(cells.items(), ["deepface_img26.jpg", "deepface_img27.jpg"]):
+        Image.open(realdata / "faces" / "Katy_Perry" / src).convert("RGB").save(cur / f"{ident}.png")
+    images = [{"id": i, "file": f"images/{i}.png", "decision": "kept", "reason_code": "selected", "reason": "kept",
+               "zoom": z, "angle": a, "zoom_index": zi, "angle_index": ai} for i, (z, a, zi, ai) in cells.items()]
+    (cur / CURATION_NAME).write_text(json.dumps({
+        "schema_version": SCHEMA_VERSION, "selected": list(cells), "images": images,
+        "set_scores": {}, "clusters": {}, "config": {}, "summary": {}}))
+    rc, out = _run(capsys, ["score", str(cur), "--profile", "cpu-tiny"])
+    doc = json.loads(out.out)["set"]
+    assert rc == 0 and doc["n_images"] == 2
+    assert doc["grid_coverage"] == 1.0 and "coverage" in doc["weights"]

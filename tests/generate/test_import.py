@@ -1,0 +1,154 @@
+"""`likeness import`: a gallery from someone's A1111/ComfyUI folder, broken files included."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from likeness.generate.importer import import_gallery, match_label
+from likeness.generate.infotext import InfoText, format_infotext, parse_infotext, read_parameters
+from likeness.generate.manifest import read_manifest
+from likeness.spec import DEFAULT_ANGLES, DEFAULT_ZOOMS
+
+
+def _a1111(prompt: str, seed: int) -> str:
+    return format_infotext(InfoText(prompt, "ugly", 30, "DPM++ 2M Karras", 7.0, seed, 32, 32, "v1-5-pruned-emaonly"))
+
+
+def _png(path: Path, colour, text: dict[str, str] | None = None) -> None:
+    meta = PngInfo()
+    for k, v in (text or {}).items():
+        meta.add_text(k, v)
+    Image.new("RGB", (32, 32), colour).save(path, "PNG", pnginfo=meta)
+
+
+def _bomb_png() -> bytes:
+    """A valid PNG header claiming 20000x20000 pixels (400 MP) with almost no data."""
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = 8  # after the signature: length(4) "IHDR"(4) then width, height
+    data[ihdr + 8 : ihdr + 16] = struct.pack(">II", 20000, 20000)
+    crc = zlib.crc32(bytes(data[ihdr + 4 : ihdr + 8 + 13])) & 0xFFFFFFFF
+    data[ihdr + 8 + 13 : ihdr + 8 + 17] = struct.pack(">I", crc)
+    return bytes(data)
+
+
+@pytest.fixture
+def messy_folder(tmp_path: Path) -> Path:
+    src = tmp_path / "outputs" / "txt2img-grids"
+    (src / "sub").mkdir(parents=True)
+    _png(src / "00001-111.png", (200, 0, 0), {"parameters": _a1111("photo of emily, extreme closeup, side angle, gray", 111)})
+    _png(src / "00002-112.png", (0, 200, 0), {"parameters": _a1111("photo of emily, closeup, front shot, gray", 112)})
+    _png(src / "sub" / "00003-113.png", (0, 0, 200), {"parameters": _a1111("photo of emily, Full Body, low angle shot", 113)})
+    comfy = {
+        "3": {"class_type": "KSampler", "inputs": {"seed": 555, "steps": 20, "cfg": 6.0, "sampler_name": "dpmpp_2m",
+                                                   "scheduler": "karras", "positive": ["6", 0], "negative": ["7", 0]}},
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd15/realistic.safetensors"}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "emily, medium shot, rear angle"}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry"}},
+    }
+    _png(src / "ComfyUI_00001_.png", (90, 90, 90), {"prompt": json.dumps(comfy), "workflow": "{}"})
+    # JPEG with A1111's EXIF UserComment.
+    exif = Image.Exif()
+    exif.get_ifd(0x8769)[0x9286] = b"UNICODE\x00" + _a1111("emily, medium closeup, shot from above", 114).encode("utf-16-be")
+    Image.new("RGB", (32, 32), (10, 10, 10)).save(src / "00004-114.jpg", "JPEG", exif=exif.tobytes())
+    # A WebP named .jpg, without metadata: imported, with a warning.
+    Image.new("RGB", (40, 24), (1, 2, 3)).save(src / "mislabelled.jpg", "WEBP")
+    # Broken ones: skipped with a reason each.
+    good = io.BytesIO()
+    Image.new("RGB", (64, 64), (5, 5, 5)).save(good, "PNG")
+    (src / "truncated.png").write_bytes(good.getvalue()[:60])
+    (src / "notes.png").write_bytes(b"this is a text file\n")
+    (src / "empty.jpg").write_bytes(b"")
+    (src / "bomb.png").write_bytes(_bomb_png())
+    (src / "readme.txt").write_text("not an image suffix, not listed")
+    return tmp_path / "outputs"
+
+
+def test_import_messy_folder(messy_folder: Path, tmp_path: Path):
+    out = tmp_path / "gallery"
+    result = import_gallery(messy_folder, out)
+    skipped = {Path(s["file"]).name: s["reason"] for s in result.skipped}
+    assert set(skipped) == {"truncated.png", "notes.png", "empty.jpg", "bomb.png"}
+    assert "megapixels" in skipped["bomb.png"] and "empty" in skipped["empty.jpg"]
+    assert result.imported == 6 and result.with_infotext == 5 and result.assigned == 5
+    warned = {Path(w["file"]).name: w["warning"] for w in result.warnings}
+    assert "WEBP" in warned["mislabelled.jpg"]
+
+    rows = {r.seed: r for r in read_manifest(out)}
+    assert all(r.source == "imported" for r in rows.values())
+    assert (rows[111].zoom, rows[111].angle) == ("extreme closeup", "side angle")
+    assert (rows[112].zoom, rows[112].angle) == ("closeup", "front shot")
+    assert (rows[113].zoom, rows[113].angle) == ("full body", "low angle shot")
+    assert (rows[114].zoom, rows[114].angle, rows[114].sampler) == ("medium closeup", "shot from above", "DPM++ 2M Karras")
+    comfy = rows[555]
+    assert (comfy.zoom, comfy.angle, comfy.prompt, comfy.negative_prompt) == ("medium shot", "rear angle", "emily, medium shot, rear angle", "blurry")
+    assert (comfy.steps, comfy.cfg_scale, comfy.sampler, comfy.model) == (20, 6.0, "DPM++ 2M Karras", "realistic")
+    unknown = rows[-1]
+    assert (unknown.zoom_index, unknown.angle_index, unknown.width, unknown.height) == (-1, -1, 40, 24)
+    assert rows[111].id == f"z{DEFAULT_ZOOMS.index('extreme closeup')}-a{DEFAULT_ANGLES.index('side angle')}-0000"
+
+    # Images are PNGs in the gallery, with the infotext kept for PNG Info.
+    for row in rows.values():
+        assert Image.open(out / row.file).format == "PNG"
+    assert parse_infotext(read_parameters((out / rows[111].file).read_bytes())).seed == 111
+    assert parse_infotext(read_parameters((out / rows[555].file).read_bytes())).seed == 555
+    report = json.loads(Path(result.report).read_text())
+    assert len(report["skipped"]) == 4 and report["sources"][rows[113].id] == "txt2img-grids/sub/00003-113.png"
+    assert Path(result.contact_sheet).is_file()
+
+    # Re-importing replaces the manifest instead of duplicating rows.
+    again = import_gallery(messy_folder, out)
+    assert again.imported == 6 and len(read_manifest(out)) == 6
+
+
+def test_import_refuses_a_generated_gallery_and_non_folders(tmp_path: Path, messy_folder: Path):
+    from likeness.errors import InvalidInput
+
+    (tmp_path / "gen").mkdir()
+    (tmp_path / "gen" / "plan.json").write_text("{}")
+    with pytest.raises(InvalidInput, match="generated gallery"):
+        import_gallery(messy_folder, tmp_path / "gen")
+    with pytest.raises(InvalidInput, match="not a folder"):
+        import_gallery(tmp_path / "nope", tmp_path / "g2")
+    # The source as its own gallery folder imported nothing, "successfully".
+    with pytest.raises(InvalidInput, match="source folder itself"):
+        import_gallery(messy_folder, messy_folder)
+
+
+def test_a_second_import_into_the_same_folder_is_refused(tmp_path: Path, messy_folder: Path):
+    from likeness.errors import FailedPrecondition
+    from likeness.files import folder_lock
+
+    with folder_lock(tmp_path / "g", "generation"):
+        with pytest.raises(FailedPrecondition, match="is writing into"):
+            import_gallery(messy_folder, tmp_path / "g")
+    assert not (tmp_path / "g" / "manifest.jsonl").exists()
+
+
+def test_match_label_prefers_the_longest_whole_phrase():
+    zooms = list(DEFAULT_ZOOMS)
+    assert zooms[match_label("photo, extreme closeup, front", zooms)] == "extreme closeup"
+    assert zooms[match_label("photo, closeup, front", zooms)] == "closeup"
+    assert zooms[match_label("photo, MEDIUM  closeup", zooms)] == "medium closeup"
+    assert match_label("closeups of flowers", zooms) == -1  # whole words only
+    assert match_label("a portrait", zooms) == -1
+    angles = list(DEFAULT_ANGLES)
+    assert angles[match_label("full body, low angle shot, city", angles)] == "low angle shot"
+    assert angles[match_label("full body, shot from above", angles)] == "shot from above"
+
+
+def test_cli_import(messy_folder: Path, tmp_path: Path, capsys):
+    from likeness.cli.main import main
+
+    assert main(["import", str(messy_folder), "--out", str(tmp_path / "g"), "-q"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["imported"] == 6 and len(out["skipped"]) == 4

@@ -1,0 +1,84 @@
+"""A1111 infotext: format, parse, round trip, and reading it back from image files."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+
+from likeness.generate.infotext import InfoText, format_infotext, parse_infotext, png_bytes, read_parameters
+
+# What A1111 1.10 writes for a typical txt2img image (PNG Info shows the same).
+A1111_TEXT = """photo of a 25 year old Scottish woman, (red curly hair:1.2), freckles, closeup, front shot
+Negative prompt: (worst quality, low quality:1.4), blurry
+Steps: 30, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 3844612093, Size: 512x512, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Lora hashes: "fav: 1234abcd, other: 5678", Version: v1.10.1"""
+
+
+def test_parse_a1111_text():
+    info = parse_infotext(A1111_TEXT)
+    assert info.prompt.startswith("photo of a 25 year old") and info.prompt.endswith("front shot")
+    assert info.negative_prompt == "(worst quality, low quality:1.4), blurry"
+    assert (info.steps, info.sampler, info.cfg_scale, info.seed) == (30, "DPM++ 2M Karras", 7.0, 3844612093)
+    assert (info.width, info.height, info.model, info.model_hash) == (512, 512, "v1-5-pruned-emaonly", "6ce0161689")
+    assert info.extra == {"Lora hashes": "fav: 1234abcd, other: 5678", "Version": "v1.10.1"}
+
+
+@pytest.mark.parametrize(
+    "info",
+    [
+        InfoText("a cat", "", 30, "DPM++ 2M Karras", 7.0, 1, 512, 512, "v1-5", "6ce0161689"),
+        InfoText("a (red:1.3) hat,\nsecond line: with colon", "ugly,\nblurry", 4, "Euler a", 6.5, 0, 64, 128, "sd15"),
+        InfoText("", "only negative", 20, "DDIM", 1.0, 4294967295, 768, 512, ""),
+        InfoText("weights \\(escaped\\) [less] BREAK next", "", 2, "UniPC", 12.0, 42, 64, 64, "m",
+                 extra={"Clip skip": "2", "Note": 'has "quotes", and commas'}),
+    ],
+)
+def test_round_trip(info):
+    text = format_infotext(info)
+    assert parse_infotext(text) == info
+    # And through a PNG file, as PNG Info would read it.
+    png = png_bytes(Image.new("RGB", (8, 8), (10, 20, 30)), text)
+    assert parse_infotext(read_parameters(png)) == info
+
+
+def test_format_matches_a1111_layout():
+    text = format_infotext(InfoText("a cat", "dog", 30, "DPM++ 2M Karras", 7.0, 5, 512, 512, "v1-5", "abcdef0123"))
+    assert text == (
+        "a cat\nNegative prompt: dog\n"
+        "Steps: 30, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 5, Size: 512x512, Model hash: abcdef0123, Model: v1-5"
+    )
+    # No negative prompt: A1111 leaves the line out.
+    assert "Negative prompt" not in format_infotext(InfoText("a cat", "", 30, "Euler", 7.0, 5, 512, 512))
+
+
+def test_parse_without_parameters_line_keeps_prompt():
+    assert parse_infotext("just a prompt, with commas") == InfoText(prompt="just a prompt, with commas")
+    assert parse_infotext("") == InfoText()
+
+
+def test_other_schedules_are_kept():
+    info = parse_infotext("p\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Exponential, CFG scale: 5, Seed: 1")
+    assert info.sampler == "DPM++ 2M" and info.extra == {"Schedule type": "Exponential"}
+
+
+def test_exif_user_comment_in_jpeg_and_webp():
+    text = "a dog, full body\nSteps: 10, Sampler: Euler, CFG scale: 7, Seed: 9, Size: 8x8"
+    exif = Image.Exif()
+    exif.get_ifd(0x8769)[0x9286] = b"UNICODE\x00" + text.encode("utf-16-be")  # what A1111 (piexif) writes
+    for fmt in ("JPEG", "WEBP"):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(buf, fmt, exif=exif.tobytes())
+        info = parse_infotext(read_parameters(buf.getvalue()))
+        assert (info.prompt, info.seed, info.sampler) == ("a dog, full body", 9, "Euler")
+    assert read_parameters(b"not an image") == ""
+
+
+def test_exif_comments_that_are_not_generation_parameters_are_ignored():
+    # Press photos carry copyright lines in UserComment; they are not prompts.
+    for text in ("(c)Glenn Francis 858-717-0010", "Screenshot"):
+        exif = Image.Exif()
+        exif.get_ifd(0x8769)[0x9286] = b"ASCII\x00\x00\x00" + text.encode("ascii")
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(buf, "JPEG", exif=exif.tobytes())
+        assert read_parameters(buf.getvalue()) == ""

@@ -1,0 +1,393 @@
+"""gRPC plumbing: health, reflection, auth, error mapping, validation, watch/reconnect, cancel, concurrency.
+
+Builds here use stand-in stage functions (``Runtime(stages=...)``) ONLY to isolate
+the servicer/store/worker plumbing; the whole build with the real stages is
+tests/test_build.py. Scoring uses the real CPU face pack on real photos.
+"""
+
+from __future__ import annotations
+
+import json
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from likeness import errors
+from likeness.serve.auth import AuthConfig, check_auth_config, is_loopback
+from likeness.serve.client import LikenessClient
+from likeness.serve.pb import likeness_pb2 as pb
+from likeness.progress import report
+from likeness.serve.runtime import Runtime
+from likeness.serve.servicer import create_server, mark_serving_when_ready
+from likeness.serve.status import STATUS_CODES, grpc_errors, status_for
+from likeness.spec import spec_from_dict
+
+TOKEN = "s3cret-token"
+SPEC = spec_from_dict({"name": "Emily", "token": "3m1ly", "traits": ["red curly hair"], "per_cell": 1})
+
+
+class Gate:
+    """Stand-in stages: a few progress events each; ``train`` waits on a gate."""
+
+    def __init__(self) -> None:
+        self.open = threading.Event()
+        self.in_train = threading.Event()
+
+    def stages(self):
+        def make(name):
+            def run(ctx, round_):
+                for i in range(3):
+                    report(ctx.progress, name, i + 1, 3, f"{name} {i + 1}")
+                    ctx.cancel.check()
+                if name == "train":
+                    self.in_train.set()
+                    while not self.open.wait(0.05):
+                        ctx.cancel.check()
+                (ctx.root / f"{name}.done").write_text("ok")
+                return {"scores": {"identity_consistency": 0.5}} if name != "export" else {"files": {}}
+            return run
+
+        return {n: make(n) for n in ("generate", "curate", "caption", "train", "export", "evaluate", "report")}
+
+
+@pytest.fixture()
+def served(tmp_path, face_pack, tiny_models, realdata):
+    gate = Gate()
+    rt = Runtime(tmp_path / "data", devices=["cpu"], default_profile="cpu-tiny", stages=gate.stages(),
+                 import_roots=[realdata / "faces"])
+    server, port, health = create_server("127.0.0.1:0", rt, auth=AuthConfig(token=TOKEN))
+    server.start()
+    addr = f"127.0.0.1:{port}"
+    yield rt, addr, health, gate
+    gate.open.set()
+    server.stop(0)
+    rt.stop()
+
+
+def _code(call):
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code(), info.value.details()
+
+
+def test_health_reflection_and_auth(served):
+    rt, addr, health, gate = served
+    ch = grpc.insecure_channel(addr)
+    hs = health_pb2_grpc.HealthStub(ch)
+    assert hs.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    rt.start(load_models=True)
+    mark_serving_when_ready(rt, health)
+    with LikenessClient(addr, token=TOKEN) as c:
+        c.wait_ready(60)
+    # Reflection lists our service (needs the token like every non-health call).
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    rs = reflection_pb2_grpc.ServerReflectionStub(ch)
+    resp = next(rs.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                        metadata=(("authorization", f"Bearer {TOKEN}"),)))
+    names = {s.name for s in resp.list_services_response.service}
+    assert "likeness.v1.Likeness" in names and "grpc.health.v1.Health" in names
+    # Unauthenticated and wrong-token calls are refused, unary and streaming.
+    with LikenessClient(addr) as anon:
+        assert _code(anon.list_characters)[0] == grpc.StatusCode.UNAUTHENTICATED
+        assert _code(lambda: list(anon.watch_build("b-x", reconnect=False)))[0] == grpc.StatusCode.UNAUTHENTICATED
+    with LikenessClient(addr, token="wrong") as bad:
+        code, msg = _code(bad.list_characters)
+        assert code == grpc.StatusCode.UNAUTHENTICATED and "invalid token" in msg
+    ch.close()
+
+
+def test_auth_config_rules(tmp_path):
+    assert is_loopback("127.0.0.1:0") and is_loopback("[::1]:5") and is_loopback("localhost:1")
+    assert not is_loopback("0.0.0.0:50051") and not is_loopback("[::]:1") and not is_loopback("10.1.2.3:1")
+    with pytest.raises(errors.InvalidInput, match="LIKENESS_TOKEN"):
+        check_auth_config("0.0.0.0:50051", AuthConfig())
+    check_auth_config("0.0.0.0:50051", AuthConfig(token="t"))
+    check_auth_config("0.0.0.0:50051", AuthConfig(insecure_no_auth=True))
+    with pytest.raises(errors.InvalidInput, match="both"):
+        check_auth_config("127.0.0.1:1", AuthConfig(tls_cert="x.pem"))
+
+
+@pytest.mark.parametrize("exc_type", list(STATUS_CODES))
+def test_every_error_maps_to_its_status(exc_type):
+    code, msg = status_for(exc_type("what to fix"))
+    assert code == STATUS_CODES[exc_type] and msg == "what to fix"
+
+    class Ctx:
+        def abort(self, code, details):
+            self.code, self.details = code, details
+            raise Exception()
+
+    @grpc_errors
+    def unary(self, request, context):
+        raise exc_type("unary fix")
+
+    @grpc_errors
+    def stream(self, request, context):
+        yield 1
+        raise exc_type("stream fix")
+
+    ctx = Ctx()
+    with pytest.raises(Exception):
+        unary(None, None, ctx)
+    assert (ctx.code, ctx.details) == (STATUS_CODES[exc_type], "unary fix")
+    ctx = Ctx()
+    with pytest.raises(Exception):
+        list(stream(None, None, ctx))
+    assert (ctx.code, ctx.details) == (STATUS_CODES[exc_type], "stream fix")
+
+
+def test_unexpected_error_is_internal_without_details():
+    code, msg = status_for(ZeroDivisionError("secret path /x"))
+    assert code == grpc.StatusCode.INTERNAL and "secret" not in msg
+
+
+def test_bad_inputs_are_invalid_argument(served, realdata):
+    rt, addr, _, _ = served
+    photo = sorted((realdata / "faces" / "Angelina_Jolie").iterdir())[0].read_bytes()
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, "PNG")
+    tiny = buf.getvalue()
+    with LikenessClient(addr, token=TOKEN) as c:
+        bad_specs = [
+            {"name": "Emily", "token": "has space"},
+            {"name": "../../etc", "token": "3m1ly"},
+            {"name": "Emily", "token": "3m1ly", "sampling": {"width": 513}},
+        ]
+        for data in bad_specs:
+            req = pb.CreateCharacterRequest(spec=pb.CharacterSpec(**{k: v for k, v in data.items() if k != "sampling"}))
+            if "sampling" in data:
+                req.spec.sampling.width = data["sampling"]["width"]
+            code, msg = _code(lambda: c.stub.CreateCharacter(req, metadata=c._metadata))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, msg
+        assert "multiple of 8" in msg
+        cases = [
+            lambda: c.get_character("../x"),
+            lambda: c.get_build("a/b"),
+            lambda: c.start_build(spec=SPEC, options={"k": 0 - 1}),
+            lambda: c.start_build(spec=SPEC, options={"refinement_rounds": 99}),
+            lambda: c.start_build(spec=SPEC, options={"import_gallery": "/etc"}),
+            lambda: c.start_build(spec=SPEC, options={"import_gallery": "../../../etc"}),
+            lambda: c.score_consistency([b"not an image"], reference=[photo]),
+            lambda: c.score_consistency([], reference=[photo]),
+            lambda: c.score_consistency([tiny] * (rt.limits.max_images + 1), reference=[photo]),
+            lambda: c.stub.StartBuild(pb.StartBuildRequest(), metadata=c._metadata),
+            lambda: list(c.watch_build("b-x", after_event=-1, reconnect=False)),
+        ]
+        for i, call in enumerate(cases):
+            code, msg = _code(call)
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, (i, code, msg)
+            assert msg, i
+        code, msg = _code(lambda: c.score_consistency([b"\x89PNG\r\n\x1a\nbroken"], reference=[photo]))
+        assert "images[0]" in msg
+        assert _code(lambda: c.get_build("b-nope"))[0] == grpc.StatusCode.NOT_FOUND
+        # Over the configured maximum message size: refused before it reaches us.
+        code, msg = _code(lambda: c.score_consistency([b"x" * (rt.limits.max_message_bytes + 1)], reference=[photo]))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        c.create_character(SPEC)
+        assert _code(lambda: c.create_character(SPEC))[0] == grpc.StatusCode.ALREADY_EXISTS
+        code, msg = _code(lambda: c.get_embedding(character="Emily"))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "no finished build" in msg
+
+
+def test_watch_reconnect_and_cancel(served):
+    rt, addr, _, gate = served
+    rt.start(load_models=False)
+    with LikenessClient(addr, token=TOKEN) as c:
+        c.create_character(SPEC)
+        b = c.start_build(character="Emily", options={"k": 3})
+        assert b.state == pb.QUEUED and b.id
+        # First connection: read until training starts, then drop the stream.
+        seen = []
+        stream = c.stub.WatchBuild(pb.WatchBuildRequest(id=b.id), metadata=c._metadata)
+        for ev in stream:
+            seen.append(ev)
+            if ev.kind == "stage_started" and ev.stage == "train":
+                break
+        stream.cancel()
+        gate.in_train.wait(30)
+        gate.open.set()
+        # Reconnect after the last number seen: the rest arrives, none missed or repeated.
+        rest = list(c.watch_build(b.id, after_event=seen[-1].number))
+        numbers = [e.number for e in seen + rest]
+        assert numbers == list(range(1, len(numbers) + 1))
+        assert rest[-1].state == pb.SUCCEEDED
+        final = c.get_build(b.id)
+        assert final.state == pb.SUCCEEDED and final.last_event == numbers[-1]
+        assert {s.stage for s in final.stages} >= {"generate", "curate", "caption", "train", "evaluate", "report"}
+        assert [x.id for x in c.list_builds("Emily")] == [b.id]
+        # Cancel a running build: it stops within one unit and says so.
+        gate.open.clear()
+        gate.in_train.clear()
+        b2 = c.start_build(spec=SPEC, options={"k": 3})
+        assert gate.in_train.wait(30)
+        # wait_build's timeout holds even while the build sends no event.
+        with pytest.raises(TimeoutError):
+            c.wait_build(b2.id, timeout=0.5)
+        c.cancel_build(b2.id)
+        events = list(c.watch_build(b2.id))
+        assert events[-1].state == pb.CANCELLED
+        done = c.get_build(b2.id)
+        assert done.state == pb.CANCELLED and "cancel" in done.error
+        assert not (Path(rt.store.build_dir(b2.id)) / "train.done").exists()
+        # A cancelled build still gets a report, which names the stages that did not run.
+        rep = c.get_report(b2.id)
+        report = json.loads(rep.json)
+        missing = {st["name"] for st in report["stages"] if not st["ran"]}
+        assert {"train", "evaluate"} <= missing, report["stages"]
+        assert rep.html.startswith(b"<!DOCTYPE html") or b"<html" in rep.html[:200]
+
+
+def test_fifty_concurrent_calls(served, realdata):
+    rt, addr, _, gate = served
+    rt.start(load_models=False)
+    gate.open.set()
+    jolie = sorted((realdata / "faces" / "Angelina_Jolie").glob("*.jpg"))[:3]
+    other = sorted((realdata / "faces" / "Barack_Obama").glob("*.jpg"))[:1]
+    with LikenessClient(addr, token=TOKEN) as c:
+        b = c.start_build(spec=SPEC, options={"k": 3})
+        c.wait_build(b.id, timeout=60)
+        # Warm the face models once so the 50 calls measure concurrency, not loading.
+        c.score_consistency([jolie[0]], reference=jolie[1:])
+
+        def call(i):
+            if i % 2:
+                got = c.get_build(b.id)
+                return got.id == b.id and got.state == pb.SUCCEEDED
+            r = c.score_consistency([jolie[0], other[0]], reference=jolie[1:])
+            same, diff = r.images
+            return same.face_found and diff.face_found and same.identity > diff.identity + 0.2 and same.same_identity \
+                and not diff.same_identity
+
+        with ThreadPoolExecutor(50) as pool:
+            results = list(pool.map(call, range(50)))
+    assert all(results), results
+
+
+def test_deadline_stops_long_generate_and_curate(served, realdata, tiny_models):
+    """A short client deadline: DEADLINE_EXCEEDED, and the server-side work stops (its call record
+    says how it ended and how far it got), and the server answers the next call."""
+    rt, addr, _, _ = served
+    rt.start(load_models=False)
+    with LikenessClient(addr, token=TOKEN, timeout=120) as c:
+        # Load the pipeline first so the deadline falls in the middle of the images.
+        assert len(list(c.generate("a photo", steps=1, width=64, height=64, seeds=[1]))) == 1
+        stream = c.generate("a photo", steps=4, width=64, height=64, count=64, timeout=1.5)
+        code, _ = _code(lambda: list(stream))
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert rt.calls.wait_idle(120)
+        gen = [r for r in rt.calls.finished if r.name == "generate"][-1]
+        assert gen.outcome in ("cancelled", "closed") and gen.units < 64, (gen.outcome, gen.units)
+        # Curate ~100 full-size real photos from a server-side folder: stops between batches.
+        req = pb.CurateRequest(gallery=str(realdata / "faces"), k=5)
+        code, _ = _code(lambda: c.stub.Curate(req, timeout=2, metadata=c._metadata))
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert rt.calls.wait_idle(120)
+        cur = [r for r in rt.calls.finished if r.name == "curate"][-1]
+        assert cur.outcome == "cancelled"
+        assert c.list_characters() == [] and rt.calls.active() == 0
+
+
+def test_watch_streams_are_capped_so_other_calls_still_run(tmp_path):
+    gate = Gate()
+    rt = Runtime(tmp_path / "data", devices=["cpu"], stages=gate.stages())
+    server, port, _ = create_server("127.0.0.1:0", rt, max_workers=4)  # at most 2 watchers
+    server.start()
+    rt.start(load_models=False)
+    try:
+        with LikenessClient(f"127.0.0.1:{port}") as c:
+            b = c.start_build(spec=SPEC, options={"k": 3})
+            assert gate.in_train.wait(30)
+            streams = [c.stub.WatchBuild(pb.WatchBuildRequest(id=b.id)) for _ in range(2)]
+            assert all(next(s).number == 1 for s in streams)
+            code, msg = _code(lambda: next(iter(c.stub.WatchBuild(pb.WatchBuildRequest(id=b.id)))))
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "GetBuild" in msg
+            assert c.get_build(b.id).state == pb.RUNNING  # unary calls still have threads
+            streams[0].cancel()
+            # The slot comes back once the server notices the client left.
+            for _ in range(100):
+                try:
+                    assert next(iter(c.stub.WatchBuild(pb.WatchBuildRequest(id=b.id)))).number == 1
+                    break
+                except grpc.RpcError as exc:
+                    assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    threading.Event().wait(0.1)
+            else:
+                raise AssertionError("the watch slot was never freed")
+            streams[1].cancel()
+    finally:
+        gate.open.set()
+        server.stop(0)
+        rt.stop()
+
+
+def test_more_bad_inputs(served, tmp_path):
+    rt, addr, _, _ = served
+    with LikenessClient(addr, token=TOKEN) as c:
+        cases = {
+            "count": lambda: list(c.generate("a photo", count=10**9)),
+            "seeds and count": lambda: list(c.generate("a photo", seeds=[1, 2], count=3)),
+            "character name": lambda: list(c.generate("a photo", characters=["../x"], seeds=[1])),
+            "profile": lambda: list(c.generate("a photo", profile="../../etc/passwd", seeds=[1])),
+            "format": lambda: c.stub.GetEmbedding(pb.GetEmbeddingRequest(build_id="b-x", format=99),
+                                                  metadata=c._metadata),
+            "build profile": lambda: c.start_build(spec=SPEC, options={"profile": "no-such-profile"}),
+            "gallery size": lambda: c.start_build(spec=SPEC, options={"images_per_cell": 1000}),
+            "trait count": lambda: c.create_character(spec_from_dict(
+                {"name": "Many", "token": "m4ny", "traits": [f"trait {i}" for i in range(65)]})),
+            "trait length": lambda: c.create_character(spec_from_dict(
+                {"name": "Long", "token": "l0ng", "traits": ["x" * 301]})),
+            "limit": lambda: c.list_builds(limit=-1),
+        }
+        for what, call in cases.items():
+            code, msg = _code(call)
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and msg, (what, code, msg)
+    # A port that is taken is a clear error, not a traceback from grpc.
+    taken = addr.rsplit(":", 1)[1]
+    with pytest.raises(errors.InvalidInput, match="could not"):
+        create_server(f"127.0.0.1:{taken}", Runtime(tmp_path / "d2", start_workers=False))
+
+
+def test_generate_with_a_character_without_embedding_is_failed_precondition(served):
+    rt, addr, _, gate = served
+    rt.start(load_models=False)
+    gate.open.set()
+    with LikenessClient(addr, token=TOKEN) as c:
+        c.create_character(SPEC)
+        b = c.start_build(character="Emily", options={"k": 3})
+        assert c.wait_build(b.id, timeout=60).state == pb.SUCCEEDED
+        # The stand-in export wrote no file: a clear status, not INTERNAL.
+        code, msg = _code(lambda: list(c.generate("photo of 3m1ly", characters=["Emily"], seeds=[1])))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "no embedding" in msg
+        assert _code(lambda: c.get_embedding(character="Emily"))[0] == grpc.StatusCode.NOT_FOUND
+
+
+def test_zero_seed_and_zero_margin_are_real_values_over_grpc():
+    from likeness.serve.servicer import options_to_dict
+
+    assert options_to_dict(pb.BuildOptions()) == {}
+    got = options_to_dict(pb.BuildOptions(base_seed=0, refinement_margin=0.0, k=5))
+    assert got == {"base_seed": 0, "refinement_margin": 0.0, "k": 5}
+    assert "base_seed" not in options_to_dict(pb.BuildOptions(base_seed=-1))
+    with pytest.raises(errors.InvalidInput, match="base_seed"):
+        options_to_dict(pb.BuildOptions(base_seed=-5))
+
+
+def test_report_of_a_build_cancelled_while_queued_says_no_stage_ran(tmp_path):
+    """Such a build never got a folder; GetReport still answers, with every stage marked as not run."""
+    rt = Runtime(tmp_path / "data", devices=["cpu"], default_profile="cpu-tiny", start_workers=False)
+    b = rt.start_build(spec=SPEC)
+    assert rt.cancel_build(b.id).state == "cancelled"
+    out = rt.get_report(b.id)
+    report = json.loads(out["json"])
+    assert report["build"]["character"] == "Emily" and not any(s["ran"] for s in report["stages"])
+    assert b"<html" in out["html"][:200]
