@@ -15,6 +15,53 @@ from likeness.errors import InvalidInput
 
 T = TypeVar("T")
 
+# Seeds are stored as A1111 writes them: unsigned 32-bit (its "Seed:" field, torch.Generator.manual_seed).
+SEED_MAX = 2**32 - 1
+
+
+def bounded(default: Any, lo: Any, hi: Any, *, zero_means: str = "") -> Any:
+    """A dataclass field whose default and inclusive bounds are declared in one place.
+
+    ``from_dict`` checks the bounds of every such field; :func:`check_bounds` checks an
+    instance built directly. ``zero_means`` explains a 0 that stands for "use the default"
+    (for example ``"the spec's"``), so the message can say so.
+    """
+    return dataclasses.field(default=default, metadata={"bounds": (lo, hi), "zero_means": zero_means})
+
+
+def same_as(cls: type, name: str) -> Any:
+    """A field with the default and bounds of ``cls.name`` (one home for an option used in two configs)."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return dataclasses.field(default=f.default, metadata=dict(f.metadata))
+
+
+def field_bounds(cls: type, name: str) -> tuple[Any, Any]:
+    """The inclusive (lo, hi) bounds declared on ``cls.name`` with :func:`bounded`."""
+    return {f.name: f for f in dataclasses.fields(cls)}[name].metadata["bounds"]
+
+
+def check_bounds(obj: Any, where: str = "") -> None:
+    """Raise InvalidInput naming the first field of ``obj`` outside its declared bounds."""
+    prefix = f"{where}." if where else ""
+    for f in dataclasses.fields(obj):
+        if "bounds" not in f.metadata:
+            continue
+        lo, hi = f.metadata["bounds"]
+        value = getattr(obj, f.name)
+        if value is None or lo <= value <= hi:
+            continue
+        zero = f.metadata.get("zero_means")
+        what = f"0 ({zero}) or {max(lo, 1)} to {hi}" if zero and lo == 0 else f"{lo} to {hi}"
+        raise InvalidInput(f"{prefix}{f.name}: {value!r} is out of range; use {what} (default {f.default!r})")
+
+
+def check_seed(seed: int, where: str, *, random_ok: bool = True) -> int:
+    """A seed in 0..2**32-1 (or -1 = random, drawn once and recorded, when ``random_ok``)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not (-1 if random_ok else 0) <= seed <= SEED_MAX:
+        allowed = f"-1 (random, recorded) or 0..{SEED_MAX}" if random_ok else f"0..{SEED_MAX}"
+        raise InvalidInput(f"{where}: {seed!r} is not a valid seed; use {allowed}")
+    return seed
+
 
 def _describe(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
@@ -113,7 +160,9 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     ]
     if missing:
         raise InvalidInput(f"{prefix}{missing[0]}: required field is missing")
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    check_bounds(obj, where)
+    return obj
 
 
 def to_dict(obj: Any) -> Any:

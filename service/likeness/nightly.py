@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from likeness import layout
+from likeness.build.options import BuildOptions
+from likeness.config import same_as
 from likeness.errors import FailedPrecondition, InvalidInput, NotFound
 from likeness.files import atomic_write_json, atomic_write_text, check_name
 
@@ -70,8 +72,8 @@ class NightlyConfig:
     margin: float = 0.05
     # Night key YYYY-MM-DD; "" = today in local time (what a cron job at 02:00 means).
     night: str = ""
-    # Build options passed to every build (0/"" = the build's defaults).
-    k: int = 25
+    # Build options passed to every build (0/"" = the build's defaults); k's default and bound are the build's.
+    k: int = same_as(BuildOptions, "k")
     images_per_cell: int = 0
     training_steps: int = 0
     profile: str = ""

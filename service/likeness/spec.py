@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from likeness.config import from_dict, to_dict
+from likeness.config import check_seed, from_dict, to_dict
 from likeness.errors import InvalidInput
 
 SamplerName = Literal[
@@ -138,8 +138,7 @@ def _validate(spec: CharacterSpec) -> None:
         v = getattr(s, dim)
         if v % 8 or not 64 <= v <= 4096:
             raise InvalidInput(f"sampling.{dim}: {v} must be a multiple of 8 between 64 and 4096")
-    if s.seed < -1 or s.seed >= 2**32:
-        raise InvalidInput(f"sampling.seed: {s.seed} must be -1 (random) or in 0..4294967295")
+    check_seed(s.seed, "sampling.seed")
     if not 0 <= s.batch_size <= 256:
         raise InvalidInput(f"sampling.batch_size: {s.batch_size} must be 0 (auto) to 256")
     try:

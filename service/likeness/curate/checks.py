@@ -13,7 +13,7 @@ from typing import Any, Literal, Mapping, Sequence
 import numpy as np
 
 from likeness import scores
-from likeness.config import from_dict
+from likeness.config import bounded, check_bounds, from_dict
 from likeness.errors import InvalidInput
 
 # Every reason an image can get, in the order checks run. Stable: the caption,
@@ -55,8 +55,9 @@ DEFAULT_BACKGROUND_ALTERNATIVES: tuple[str, ...] = (
 
 @dataclass(frozen=True)
 class CurateConfig:
-    # How many images the curated set holds: ~25 is what a textual inversion needs.
-    k: int = 25
+    # How many images the curated set holds: ~25 is what a textual inversion needs; at most 1000
+    # (a request may not hold a device for the curation of a whole photo library).
+    k: int = bounded(25, 1, 1000)
     # SCRFD confidence below which a face is doubtful (generated faces with
     # "Restore faces" score 0.8+; press photos >= 0.74 on the CPU pack).
     min_det_score: float = 0.6
@@ -131,8 +132,7 @@ def validate_config(cfg: CurateConfig) -> CurateConfig:
     def bad(name: str, why: str) -> None:
         raise InvalidInput(f"curate.{name}: {getattr(cfg, name)!r} {why}")
 
-    if not 1 <= cfg.k <= 10000:
-        bad("k", "must be between 1 and 10000 (25 is typical)")
+    check_bounds(cfg, "curate")
     for name in ("min_det_score", "several_faces_ratio", "several_faces_min_det", "several_faces_det_margin",
                  "min_sharpness", "min_face_area_fallback", "background_min_score", "background_min_drop"):
         if not 0.0 <= getattr(cfg, name) <= 1.0:

@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from likeness.serve.auth import AuthConfig, TokenAuthInterceptor, check_auth_config, server_credentials
+from likeness.config import check_seed
 from likeness.errors import InvalidInput, ResourceExhausted
 from likeness.serve.pb import likeness_pb2 as pb
 from likeness.serve.pb import likeness_pb2_grpc as pb_grpc
@@ -86,8 +87,7 @@ def options_to_dict(msg: pb.BuildOptions) -> dict[str, Any]:
     if msg.HasField("refinement_margin"):
         out["refinement_margin"] = msg.refinement_margin
     if msg.HasField("base_seed"):
-        if msg.base_seed < -1:
-            raise InvalidInput("options.base_seed must be -1 (spec's) or 0..4294967295")
+        check_seed(msg.base_seed, "options.base_seed")
         if msg.base_seed >= 0:
             out["base_seed"] = msg.base_seed
     if msg.eval_scenes:

@@ -54,7 +54,8 @@ def _report(args: argparse.Namespace) -> int:
 def _nightly(args: argparse.Namespace) -> int:
     from likeness.nightly import NightlyConfig, nightly_exit_code, run_nightly, service_builder
 
-    config = NightlyConfig(margin=args.margin, night=args.night or "", k=args.k,
+    config = NightlyConfig(margin=args.margin, night=args.night or "",
+                           **({"k": args.k} if args.k is not None else {}),
                            images_per_cell=args.images_per_cell, training_steps=args.training_steps,
                            profile=args.profile)
     builder = service_builder(args.server, token=args.token or os.environ.get("LIKENESS_TOKEN", "")) \
@@ -84,7 +85,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--margin", type=float, default=0.05,
                    help="a score falling by more than this vs the previous successful build is a regression")
     p.add_argument("--night", default="", help="night key YYYY-MM-DD (default: today, local time)")
-    p.add_argument("--k", type=int, default=25, help="images curation keeps")
+    p.add_argument("--k", type=int, default=None, help="images curation keeps (default: the build's, 25)")
     p.add_argument("--images-per-cell", type=int, default=0, help="0 = each spec's per_cell")
     p.add_argument("--training-steps", type=int, default=0, help="0 = the training stage's default")
     p.add_argument("--profile", default="", help="model profile (default: each spec's, else the best available)")
