@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from likeness.errors import FailedPrecondition, InvalidInput
-from likeness.evaluate import DEFAULT_SCENES, EvalConfig, eval_config, evaluate, read_evaluation, reference_centroid
+from likeness.evaluate import DEFAULT_SCENES, EvalConfig, eval_config, evaluate, read_evaluation
+from likeness.identity import folder_centroid
 from likeness.spec import spec_from_dict
 
 SPEC = spec_from_dict({
@@ -118,10 +119,10 @@ def test_evaluate_writes_both_arms_and_resumes(build_dir: Path, models) -> None:
 
 def test_reference_centroid_of_real_faces(models, realdata: Path) -> None:
     photos = sorted((realdata / "faces" / "Angelina_Jolie").glob("*"))[:3]
-    centroid, n = reference_centroid(models["faces"], photos)
+    centroid, n = folder_centroid(models["faces"], photos)
     assert n >= 2 and centroid is not None
     assert abs(float((centroid ** 2).sum()) - 1.0) < 1e-4
-    none, zero = reference_centroid(models["faces"], sorted((realdata / "faces" / "_negative_no_face").glob("*"))[:1])
+    none, zero = folder_centroid(models["faces"], sorted((realdata / "faces" / "_negative_no_face").glob("*"))[:1])
     assert none is None and zero == 0
 
 

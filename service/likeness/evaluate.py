@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from likeness import layout
+from likeness.identity import folder_centroid, main_embeddings
 from likeness.backends.protocols import ClipModel, FaceAnalyzer, Pipeline
-from likeness.config import from_dict, to_dict
+from likeness.config import check_seed, from_dict, to_dict
 from likeness.errors import FailedPrecondition, InvalidInput
 from likeness.files import atomic_save, atomic_write_json
 from likeness.progress import CancelToken, ProgressFn, report
@@ -72,8 +73,10 @@ def _check(cfg: EvalConfig) -> None:
         raise InvalidInput("evaluate.scenes: give 1-64 scenes of 1-300 characters, e.g. [\"cooking in a kitchen\"]")
     if len(cfg.scenes) > 64 or len(set(cfg.scenes)) != len(cfg.scenes):
         raise InvalidInput("evaluate.scenes: at most 64 distinct scenes")
-    if not cfg.seeds or len(cfg.seeds) > 64 or any(not 0 <= s < 2**32 for s in cfg.seeds):
-        raise InvalidInput("evaluate.seeds: give 1-64 seeds in 0..4294967295")
+    if not cfg.seeds or len(cfg.seeds) > 64:
+        raise InvalidInput("evaluate.seeds: give 1-64 seeds, e.g. [1, 2, 3]")
+    for s in cfg.seeds:
+        check_seed(s, "evaluate.seeds", random_ok=False)
     if not 0 <= cfg.steps <= 500 or not 0 <= cfg.cfg_scale <= 50 or not 1 <= cfg.batch_size <= 64:
         raise InvalidInput("evaluate: steps must be 0-500, cfg_scale 0-50, batch_size 1-64 (0 = the spec's value)")
     for dim in (cfg.width, cfg.height):
@@ -141,48 +144,6 @@ def _vectors_digest(embedding: Any) -> str:
     return h.hexdigest()
 
 
-def _main_embeddings(faces: FaceAnalyzer, images: Sequence[Any]) -> list[Any]:
-    """The main (largest) face's embedding per image, None where no face was found."""
-    import numpy as np
-
-    arrays = [np.asarray(im.convert("RGB")) for im in images]
-    out = []
-    for recs in faces.analyze(arrays) if arrays else []:
-        out.append(recs[0].embedding if recs else None)
-    return out
-
-
-def reference_centroid(faces: FaceAnalyzer, image_paths: Sequence[Path]) -> tuple[Any, int]:
-    """Identity centroid of the curated images' main faces, and how many faces it averages."""
-    from likeness.images import load_image
-    from likeness.scores import identity_centroid
-
-    embs = []
-    for i in range(0, len(image_paths), 16):
-        batch = [load_image(p)[0] for p in image_paths[i:i + 16]]
-        embs += [e for e in _main_embeddings(faces, batch) if e is not None]
-    if not embs:
-        return None, 0
-    import numpy as np
-
-    return identity_centroid(np.stack(embs)), len(embs)
-
-
-def _render(pipe: Pipeline, prompts: list[str], negatives: list[str], seeds: list[int], *, steps: int, cfg: float,
-            width: int, height: int) -> list[Any]:
-    """One denoising call; each image has its own seeded CPU generator (device-independent noise)."""
-    import torch
-
-    from likeness.prompts import encode_prompts
-
-    embeds = encode_prompts(pipe, prompts, negatives)
-    gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
-    with torch.no_grad():
-        out = pipe(**embeds, num_inference_steps=steps, guidance_scale=cfg, width=width, height=height,
-                   generator=gens, output_type="pil")
-    return list(out.images)
-
-
 def _plan(spec: CharacterSpec, cfg: EvalConfig) -> list[dict[str, Any]]:
     rows = []
     for si, scene in enumerate(cfg.scenes):
@@ -236,7 +197,9 @@ def evaluate(
     into ``pipe`` here). ``overrides`` replace EvalConfig fields
     (``scenes=``, ``seeds=``, ``steps=`` ...).
     """
+    from likeness.backends.diffusion import denoise
     from likeness.embeddings import load_into_pipeline
+    from likeness.prompts import encode_prompts
     from likeness.scores import clip_t, identity_similarities
 
     cfg = dataclasses.replace(config or EvalConfig(), **{k: tuple(v) if isinstance(v, list) else v
@@ -254,7 +217,8 @@ def evaluate(
     steps = cfg.steps or spec.sampling.steps
     guidance = cfg.cfg_scale or spec.sampling.cfg_scale
     width, height = cfg.width or spec.sampling.width, cfg.height or spec.sampling.height
-    centroid, n_ref = reference_centroid(faces, refs)
+    sampling = dataclasses.replace(spec.sampling, steps=steps, cfg_scale=guidance, width=width, height=height)
+    centroid, n_ref = folder_centroid(faces, refs)
     load_into_pipeline(pipe, embedding)
     digest = _vectors_digest(embedding)
     plan = _plan(spec, cfg)
@@ -279,8 +243,9 @@ def evaluate(
             if cancel is not None:
                 cancel.check()
             batch = rows[i:i + cfg.batch_size]
-            imgs = _render(pipe, [r["prompt"] for r in batch], [r["negative_prompt"] for r in batch],
-                           [r["seed"] for r in batch], steps=steps, cfg=guidance, width=width, height=height)
+            # The gallery's render path: per-image seeded noise (and SDE noise), per-step cancel.
+            embeds = encode_prompts(pipe, [r["prompt"] for r in batch], [r["negative_prompt"] for r in batch])
+            imgs = denoise(pipe, embeds, [r["seed"] for r in batch], sampling, cancel=cancel)
             for r, img in zip(batch, imgs):
                 atomic_save(out / r["file"], img.save)
             done += len(batch)
@@ -296,7 +261,7 @@ def evaluate(
     for r in plan:
         with Image.open(out / r["file"]) as im:
             pil.append(im.convert("RGB"))
-    embs = _main_embeddings(faces, pil)
+    embs = main_embeddings(faces, pil)
     # CLIP-T against the shared scene text (no token in it: nothing to strip).
     clips = clip_t(clip, pil, [r["scene_text"] for r in plan])
     images = []

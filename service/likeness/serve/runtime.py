@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Sequence
 from likeness import layout
 from likeness.build.options import BuildOptions, build_options, effective_spec
 from likeness.build.runner import run_build, start_build
+from likeness.config import SEED_MAX, check_seed, field_bounds
 from likeness.errors import Cancelled, FailedPrecondition, InvalidInput, NotFound
 from likeness.files import check_name, safe_join
 from likeness.backends.cache import ModelCache
@@ -316,10 +317,9 @@ class Runtime:
         return out
 
     def _embed_main_faces(self, profile: Any, pil_images: Sequence[Any]) -> list[Any]:
-        import numpy as np
+        from likeness.identity import main_embeddings
 
-        faces = self.models.faces(profile).analyze([np.asarray(im) for im in pil_images])
-        return [f[0].embedding if f else None for f in faces]
+        return main_embeddings(self.models.faces(profile), pil_images)
 
     def _reference_centroid(self, profile: Any, character: str = "",
                             reference: Sequence[tuple[str, bytes]] = ()) -> Any:
@@ -380,8 +380,9 @@ class Runtime:
 
         if bool(images) == bool(gallery):
             raise InvalidInput("send images or name a server-side gallery folder, not both or neither")
-        if not 0 <= k <= 1000:
-            raise InvalidInput("k must be 0 (default 25) to 1000")
+        lo, hi = field_bounds(CurateConfig, "k")
+        if k < 0 or (k and not lo <= k <= hi):
+            raise InvalidInput(f"k: {k} is out of range; use 0 (curation's default, {CurateConfig.k}) or {lo} to {hi}")
         spec = self.character_spec(character) if character else None
         prof = resolve_profile((spec.profile if spec else "") or self.default_profile)
         with self.calls.track("curate"), tempfile.TemporaryDirectory(dir=self.store.data_dir) as tmp:
@@ -395,7 +396,7 @@ class Runtime:
             else:
                 src = self.check_import_folder(gallery)
                 names = {}
-            cfg = CurateConfig(k=k or 25, batch_size=self.limits.curate_batch_size)
+            cfg = CurateConfig(k=k or CurateConfig.k, batch_size=self.limits.curate_batch_size)
             res = curate(src, spec, Path(tmp) / "out", cfg, faces=self.models.faces(prof),
                          clip=self.models.clip(prof), cancel=cancel)
         decisions = []
@@ -435,9 +436,9 @@ class Runtime:
         if seeds and count and count != len(seeds):
             raise InvalidInput(f"count {count} differs from the {len(seeds)} seeds given; give seeds or count")
         self.check_count(len(seeds) or count)  # before drawing seeds: a huge count must not allocate
-        if any(not 0 <= s < 2**32 for s in seeds):
-            raise InvalidInput("seeds must be 0..4294967295")
-        seeds = list(seeds) or [random.SystemRandom().randrange(0, 2**32 - 1) for _ in range(count)]
+        for s in seeds:
+            check_seed(s, "seeds", random_ok=False)
+        seeds = list(seeds) or [random.SystemRandom().randrange(0, SEED_MAX) for _ in range(count)]
         builds = [self._finished_build(character=c) for c in dict.fromkeys(characters)]
         for b in builds:
             if "safetensors" not in b.result.get("embeddings", {}):

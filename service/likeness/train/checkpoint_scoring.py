@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from likeness.identity import folder_centroid
 from likeness.backends.protocols import ClipModel, FaceAnalyzer, Pipeline
 from likeness.errors import InvalidInput
 
@@ -249,25 +250,6 @@ class ScoringValidator:
         )
 
 
-def dataset_centroid(faces: FaceAnalyzer, image_paths: Sequence[Path]) -> tuple[Any, int]:
-    """Identity centroid of the main faces of ``image_paths`` (None if no face), and the face count."""
-    import numpy as np
-
-    from likeness import scores as S
-    from likeness.backends.faces import main_face
-    from likeness.images import load_image
-
-    arrays = [np.asarray(load_image(p)[0]) for p in image_paths]
-    embs = []
-    for found in faces.analyze(arrays):
-        face = main_face(found)
-        if face is not None:
-            embs.append(np.asarray(face.embedding, np.float32))
-    if not embs:
-        return None, 0
-    return S.identity_centroid(np.stack(embs)), len(embs)
-
-
 def make_validator(
     spec: "CharacterSpec", cfg: ValidationConfig, profile: "Profile", image_paths: Sequence[Path], *, size: int,
     image_dir: str | Path | None = None,
@@ -278,5 +260,5 @@ def make_validator(
 
     faces = load_face_analyzer(profile)
     clip = load_clip(profile)
-    centroid, _ = dataset_centroid(faces, image_paths)
+    centroid, _ = folder_centroid(faces, image_paths)
     return ScoringValidator(spec, cfg, faces=faces, clip=clip, centroid=centroid, size=size, image_dir=image_dir)

@@ -13,8 +13,6 @@ from typing import Any, Iterable
 from likeness.backends.protocols import FaceAnalyzer
 from likeness.cli.output import emit, emit_line, say
 
-# Images decoded and analysed at once: bounds memory for folders of 4k photos.
-_CHUNK = 16
 
 
 def _profile(name: str | None):
@@ -44,22 +42,11 @@ def _load(path: Path):
 
 
 def _analyze_files(analyzer: FaceAnalyzer, files: Iterable[Path]) -> dict[Path, dict[str, Any]]:
-    """file -> {"faces": [FaceRecord...], "image": None} or {"error": reason}; analysed in chunks."""
-    from likeness.errors import InvalidInput
+    """file -> {"faces": [FaceRecord...]} or {"error": reason}; analysed in chunks (likeness.identity)."""
+    from likeness.identity import analyze_paths
 
-    out: dict[Path, dict[str, Any]] = {}
-    files = list(dict.fromkeys(files))
-    for start in range(0, len(files), _CHUNK):
-        chunk, images = [], []
-        for f in files[start:start + _CHUNK]:
-            try:
-                images.append(_load(f))
-                chunk.append(f)
-            except InvalidInput as exc:
-                out[f] = {"error": str(exc)}
-        for f, faces in zip(chunk, analyzer.analyze(images) if images else []):
-            out[f] = {"faces": faces}
-    return out
+    return {f: ({"error": r} if isinstance(r, str) else {"faces": r})
+            for f, r in analyze_paths(analyzer, list(files)).items()}
 
 
 def _calibration(analyzer: FaceAnalyzer):
