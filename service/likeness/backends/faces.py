@@ -204,15 +204,3 @@ def load_face_analyzer(profile: Profile, *, backend: str = "insightface") -> Fac
 def main_face(faces: Sequence[FaceRecord]) -> FaceRecord | None:
     """The image's main face: the largest (the labelled person, by convention)."""
     return faces[0] if faces else None
-
-
-def face_crop(image: np.ndarray, face: FaceRecord, margin: float = 0.1) -> np.ndarray:
-    """The RGB pixels of a face box (plus ``margin`` of its size), clipped to the image."""
-    x1, y1, x2, y2 = face.bbox
-    mx, my = (x2 - x1) * margin, (y2 - y1) * margin
-    h, w = image.shape[:2]
-    xa, ya = max(int(x1 - mx), 0), max(int(y1 - my), 0)
-    xb, yb = min(int(np.ceil(x2 + mx)), w), min(int(np.ceil(y2 + my)), h)
-    if xb <= xa or yb <= ya:
-        return image[0:0, 0:0]
-    return image[ya:yb, xa:xb]

@@ -19,7 +19,7 @@ docs/curation.md.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 

@@ -257,11 +257,6 @@ def calibrate(analyzer: FaceAnalyzer, pairs_csv: str | os.PathLike[str], realdat
                                   model=Path(model).name if model else "", pairs=Path(pairs_csv).name)
 
 
-def summarise(cal: Calibration) -> dict[str, Any]:
-    """JSON view for the CLI."""
-    return cal.to_dict()
-
-
 __all__: Sequence[str] = (
     "Calibration", "DEFAULT_CALIBRATION", "TABLE_PATH", "best_threshold", "calibrate", "calibrate_from_cosines",
     "calibration_for", "cv_accuracy", "load_table", "read_pairs", "resolve_image", "save_calibration",

@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 from likeness.config import from_dict, to_dict
 from likeness.files import atomic_write_text
@@ -95,12 +95,3 @@ def write_manifest(gallery: str | os.PathLike[str], rows: Iterable[GalleryImage]
     """Replace the manifest atomically (used by import and compaction)."""
     text = "".join(json.dumps(to_dict(r), ensure_ascii=False) + "\n" for r in rows)
     return atomic_write_text(manifest_path(gallery), text)
-
-
-def iter_images(gallery: str | os.PathLike[str]) -> Iterator[tuple[GalleryImage, Path]]:
-    """Rows with their absolute image paths, skipping rows whose file is gone."""
-    root = Path(gallery)
-    for row in read_manifest(root):
-        p = root / row.file
-        if p.is_file():
-            yield row, p
