@@ -56,3 +56,31 @@ def ray_cluster():
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture()
+def stand_in_stages():
+    """Stand-in stage functions that isolate build plumbing (store, worker, servicer) from the real stages.
+
+    ``stand_in_stages(hook)`` returns one function per real stage name (taken from
+    ``likeness.build.stages.STAGE_FUNCTIONS``, so the names cannot drift). Each reports one progress
+    event; ``hook(name, ctx, round_)`` may do more and return the stage's result (None = the default:
+    ``{"files": {}}`` for export, ``{"scores": {}}`` otherwise). Plumbing tests only: the real stages
+    are tested with the tiny models and real photos beside them.
+    """
+    from likeness.build.stages import STAGE_FUNCTIONS
+    from likeness.progress import report
+
+    def make_all(hook=None):
+        def make(name):
+            def run(ctx, round_):
+                report(ctx.progress, name, 1, 1, f"{name} (stand-in)")
+                result = hook(name, ctx, round_) if hook is not None else None
+                if result is None:
+                    result = {"files": {}} if name == "export" else {"scores": {}}
+                return result
+            return run
+
+        return {name: make(name) for name in STAGE_FUNCTIONS}
+
+    return make_all

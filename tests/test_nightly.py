@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from likeness.errors import FailedPrecondition, NotFound
+from likeness.errors import FailedPrecondition, InvalidInput, NotFound
 from likeness.nightly import (BuildOutcome, NightlyConfig, compare_scores, nightly_exit_code, nightly_lock,
                              run_nightly)
 
@@ -216,7 +216,7 @@ def test_inputs(tmp_path: Path) -> None:
     with pytest.raises(NotFound, match="no character specs"):
         run_nightly(tmp_path, data_dir=tmp_path / "d", build_fn=FakeBuilds({}))
     chars = _characters(tmp_path / "chars", {"Ada": "4d4x"})
-    with pytest.raises(Exception, match="YYYY-MM-DD"):
+    with pytest.raises(InvalidInput, match="YYYY-MM-DD"):
         run_nightly(chars, data_dir=tmp_path / "d", config=NightlyConfig(night="yesterday"), build_fn=FakeBuilds({}))
 
 
@@ -295,7 +295,7 @@ def test_scheduler_files_call_a_valid_command() -> None:
     assert len(cron_line.split()[:6]) == 6 and cron_line.split()[5] == "likeness"
 
 
-def test_nightly_through_a_running_service(tmp_path: Path, capsys) -> None:
+def test_nightly_through_a_running_service(tmp_path: Path, capsys, stand_in_stages) -> None:
     """`likeness nightly --server`: builds go through gRPC (StartBuild, WatchBuild, GetReport).
 
     The server's stages are stand-ins (plumbing only, as in tests/test_server.py) except the
@@ -307,14 +307,12 @@ def test_nightly_through_a_running_service(tmp_path: Path, capsys) -> None:
     from likeness.serve.runtime import Runtime
     from likeness.serve.servicer import create_server
 
-    def stand_in(name):
-        def run(ctx, round_):
-            if name == "report":
-                return {"files": {k: str(p.relative_to(ctx.root)) for k, p in write_report(ctx.root).items()}}
-            return {"files": {}} if name == "export" else {"scores": {}}
-        return run
+    def real_report(name, ctx, round_):
+        if name == "report":
+            return {"files": {k: str(p.relative_to(ctx.root)) for k, p in write_report(ctx.root).items()}}
+        return None
 
-    stages = {n: stand_in(n) for n in ("generate", "curate", "caption", "train", "export", "evaluate", "report")}
+    stages = stand_in_stages(real_report)
     rt = Runtime(tmp_path / "server-data", devices=["cpu"], default_profile="cpu-tiny", stages=stages)
     server, port, _health = create_server("127.0.0.1:0", rt, auth=AuthConfig(token="t0ken-for-tests"))
     server.start()

@@ -59,28 +59,27 @@ def test_refine_decision_margin_rule():
 
 
 # ------------------------------------------------------------------ the loop's bookkeeping
-def _stand_in_stages(consistency: list[float], calls: list[str]):
+@pytest.fixture()
+def recorded_stages(stand_in_stages):
     """Plumbing only: stages that record their calls; curate reports the given consistency per round."""
-    def make(name):
-        def run(ctx, round_):
+    def make(consistency: list[float], calls: list[str]):
+        def hook(name, ctx, round_):
             calls.append(f"{name}{round_}")
-            report(ctx.progress, name, 1, 1)
             if name == "curate":
                 return {"selected": ["a"], "scores": {"identity_consistency": consistency[round_], "n_faces": 1.0}}
             if name == "export":
                 return {"files": {}, "round": round_}
-            return {"scores": {}}
-        return run
+            return None
+        return stand_in_stages(hook)
+    return make
 
-    return {n: make(n) for n in ("generate", "curate", "caption", "train", "export", "evaluate", "report")}
 
-
-def test_refinement_loop_stops_on_margin_and_exports_the_best(tmp_path):
+def test_refinement_loop_stops_on_margin_and_exports_the_best(tmp_path, recorded_stages):
     store = Store(tmp_path)
     calls: list[str] = []
     bid = start_build(store, SPEC, {"refinement_rounds": 5, "refinement_margin": 0.05})
     store.claim(bid, "cpu")
-    result = run_build(store, bid, stages=_stand_in_stages([0.5, 0.6, 0.62, 0.9], calls))
+    result = run_build(store, bid, stages=recorded_stages([0.5, 0.6, 0.62, 0.9], calls))
     # Round 2 gained 0.02 < 0.05: stop there; it is still the best, so it was trained and exported.
     assert result["best_round"] == 2
     assert result["refinement"]["rounds_run"] == 3 and "less than the margin" in result["refinement"]["stop_reason"]
@@ -94,11 +93,11 @@ def test_refinement_loop_stops_on_margin_and_exports_the_best(tmp_path):
     calls.clear()
     bid = start_build(store, SPEC, {"refinement_rounds": 3})
     store.claim(bid, "cpu")
-    result = run_build(store, bid, stages=_stand_in_stages([0.5, 0.4], calls))
+    result = run_build(store, bid, stages=recorded_stages([0.5, 0.4], calls))
     assert result["best_round"] == 0 and "caption1" not in calls and calls[-3:] == ["export0", "evaluate0", "report0"]
 
 
-def test_cancel_requested_before_the_worker_holds_a_token_still_stops_the_build(tmp_path):
+def test_cancel_requested_before_the_worker_holds_a_token_still_stops_the_build(tmp_path, recorded_stages):
     """CancelBuild can land after a worker claimed the build but before it registered its token
     (or come from another process): the store's flag alone must stop the build at the next stage."""
     store = Store(tmp_path)
@@ -107,7 +106,7 @@ def test_cancel_requested_before_the_worker_holds_a_token_still_stops_the_build(
     store.claim(bid, "cpu")
     store.request_cancel(bid)  # the worker's token (below, a fresh one) never hears of it
     with pytest.raises(Cancelled):
-        run_build(store, bid, stages=_stand_in_stages([0.5], calls))
+        run_build(store, bid, stages=recorded_stages([0.5], calls))
     assert calls == [] and store.get_build(bid).state == "cancelled"
 
 

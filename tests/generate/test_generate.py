@@ -274,19 +274,27 @@ def test_model_name_and_cheap_hash(tmp_path):
     assert model_hash(load_profile("cpu-tiny")) == ""  # diffusers folders have no A1111 hash
 
 
-def test_model_hash_on_a_read_only_models_folder(tmp_path, monkeypatch):
+@pytest.mark.parametrize("error", [
+    InvalidInput("cannot write: permission denied"),  # what likeness.files raises for a refused write
+    PermissionError(13, "Permission denied"),  # a read-only volume seen by the OS
+], ids=["invalid-input", "permission-error"])
+def test_model_hash_on_a_read_only_models_folder(tmp_path, monkeypatch, error):
     """The sidecar cache is optional: an unwritable models/ volume must not fail generation."""
     import likeness.files
     from likeness.backends.diffusion import model_hash
 
     ckpt = tmp_path / "small.safetensors"
     ckpt.write_bytes(b"weights")
+    tried = []
 
     def read_only(path, text):
-        raise InvalidInput(f"cannot write {path}: permission denied")
+        tried.append(path)  # root ignores chmod, so the refusal is simulated where the write happens
+        raise error
 
     monkeypatch.setattr(likeness.files, "atomic_write_text", read_only)
     assert model_hash(Profile(name="m", base_model=str(ckpt))) == hashlib.sha256(b"weights").hexdigest()[:10]
+    assert tried == [tmp_path / "small.safetensors.sha256"], "the cache write was never attempted"
+    assert not (tmp_path / "small.safetensors.sha256").exists()
 
 
 def test_contact_sheet_marks(gallery, tmp_path):

@@ -38,27 +38,23 @@ class Gate:
         self.open = threading.Event()
         self.in_train = threading.Event()
 
-    def stages(self):
-        def make(name):
-            def run(ctx, round_):
-                for i in range(3):
-                    report(ctx.progress, name, i + 1, 3, f"{name} {i + 1}")
-                    ctx.cancel.check()
-                if name == "train":
-                    self.in_train.set()
-                    while not self.open.wait(0.05):
-                        ctx.cancel.check()
-                (ctx.root / f"{name}.done").write_text("ok")
-                return {"scores": {"identity_consistency": 0.5}} if name != "export" else {"files": {}}
-            return run
-
-        return {n: make(n) for n in ("generate", "curate", "caption", "train", "export", "evaluate", "report")}
+    def __call__(self, name, ctx, round_):
+        """The stand-in stages' hook (conftest ``stand_in_stages``)."""
+        for i in range(3):
+            report(ctx.progress, name, i + 1, 3, f"{name} {i + 1}")
+            ctx.cancel.check()
+        if name == "train":
+            self.in_train.set()
+            while not self.open.wait(0.05):
+                ctx.cancel.check()
+        (ctx.root / f"{name}.done").write_text("ok")
+        return {"scores": {"identity_consistency": 0.5}} if name != "export" else {"files": {}}
 
 
 @pytest.fixture()
-def served(tmp_path, face_pack, tiny_models, realdata):
+def served(tmp_path, face_pack, tiny_models, realdata, stand_in_stages):
     gate = Gate()
-    rt = Runtime(tmp_path / "data", devices=["cpu"], default_profile="cpu-tiny", stages=gate.stages(),
+    rt = Runtime(tmp_path / "data", devices=["cpu"], default_profile="cpu-tiny", stages=stand_in_stages(gate),
                  import_roots=[realdata / "faces"])
     server, port, health = create_server("127.0.0.1:0", rt, auth=AuthConfig(token=TOKEN))
     server.start()
@@ -118,10 +114,13 @@ def test_every_error_maps_to_its_status(exc_type):
     code, msg = status_for(exc_type("what to fix"))
     assert code == STATUS_CODES[exc_type] and msg == "what to fix"
 
+    class Aborted(Exception):
+        """What grpc's context.abort raises: the call ends here."""
+
     class Ctx:
         def abort(self, code, details):
             self.code, self.details = code, details
-            raise Exception()
+            raise Aborted()
 
     @grpc_errors
     def unary(self, request, context):
@@ -133,11 +132,11 @@ def test_every_error_maps_to_its_status(exc_type):
         raise exc_type("stream fix")
 
     ctx = Ctx()
-    with pytest.raises(Exception):
+    with pytest.raises(Aborted):
         unary(None, None, ctx)
     assert (ctx.code, ctx.details) == (STATUS_CODES[exc_type], "unary fix")
     ctx = Ctx()
-    with pytest.raises(Exception):
+    with pytest.raises(Aborted):
         list(stream(None, None, ctx))
     assert (ctx.code, ctx.details) == (STATUS_CODES[exc_type], "stream fix")
 
@@ -297,9 +296,9 @@ def test_deadline_stops_long_generate_and_curate(served, realdata, tiny_models):
         assert c.list_characters() == [] and rt.calls.active() == 0
 
 
-def test_watch_streams_are_capped_so_other_calls_still_run(tmp_path):
+def test_watch_streams_are_capped_so_other_calls_still_run(tmp_path, stand_in_stages):
     gate = Gate()
-    rt = Runtime(tmp_path / "data", devices=["cpu"], stages=gate.stages())
+    rt = Runtime(tmp_path / "data", devices=["cpu"], stages=stand_in_stages(gate))
     server, port, _ = create_server("127.0.0.1:0", rt, max_workers=4)  # at most 2 watchers
     server.start()
     rt.start(load_models=False)
