@@ -10,10 +10,13 @@ Pipeline (every rule and threshold is in docs/curation.md):
    level, blur) — ``likeness.curate.checks``. Steps 1-3 run per shard of
    ``batch_size`` images in ``likeness.curate.analysis``, in this process or
    on an executor's workers (``likeness.executor``, e.g. Ray actors).
-4. Identity clustering over the main faces that passed (faiss range search,
-   connected components, largest-then-most-cohesive cluster); outliers are
-   faces outside that cluster or below the threshold to its centroid —
-   ``likeness.curate.selection``.
+4. The passes (``likeness.curate.passes.PASSES``, one signature, each
+   rejecting with a code and a reason): identity clustering over the main
+   faces that passed (average linkage at the same-person threshold,
+   largest-then-most-cohesive cluster; outliers are faces outside that
+   cluster or below the threshold to its centroid —
+   ``likeness.curate.selection``), with a warning when no identity holds a
+   clear majority;
 5. Background score (CLIP text contrast + CIELAB border consistency) and
    off-background outliers — ``likeness.curate.background``.
 6. Near-duplicates among the rest (face cosine AND ORB same-picture matches);
@@ -38,7 +41,6 @@ import numpy as np
 from likeness import layout
 from likeness.backends.protocols import ClipModel, FaceAnalyzer
 from likeness import scores
-from likeness.curate.background import background_outliers, background_scores, clip_background_probability
 from likeness.config import to_dict
 from likeness.curate.analysis import CurationWorker, CurationWorkerFactory, LazyShards, ShardAnalysis
 from likeness.curate.checks import (
@@ -46,8 +48,6 @@ from likeness.curate.checks import (
     REASON_CODES,
     CurateConfig,
     curate_config_from_dict,
-    is_rear_angle,
-    near_duplicate_pairs,
     validate_config,
 )
 from likeness.errors import InvalidInput, NotFound
@@ -55,7 +55,8 @@ from likeness.files import atomic_save, atomic_write_json, ensure_dir, read_json
 from likeness.images import list_images, load_image
 from likeness.generate.manifest import GalleryImage, read_manifest
 from likeness.progress import CancelToken, ProgressFn, report
-from likeness.curate.selection import Candidate, cluster_identities, identity_verdicts, random_subset, select_k
+from likeness.curate.passes import PASSES, PassContext, _Item
+from likeness.curate.selection import random_subset
 from likeness.spec import CharacterSpec
 
 __all__ = [
@@ -108,6 +109,8 @@ class CurationResult:
     config: dict[str, Any]
     # Counts per reason_code, timings, backends, identity threshold.
     summary: dict[str, Any]
+    # Why this gallery may not be one consistent character (empty: no warning); the CLI exits non-zero on any.
+    warnings: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -160,25 +163,6 @@ def gallery_rows(gallery_dir: str | os.PathLike[str]) -> list[GalleryImage]:
 
 
 # --- the stage ------------------------------------------------------------------
-
-@dataclass
-class _Item:
-    row: GalleryImage
-    code: str = ""
-    reason: str = ""
-    faces: list[Any] = field(default_factory=list)
-    thumb: np.ndarray | None = None
-    border: np.ndarray | None = None
-    clip: np.ndarray | None = None
-    measures: dict[str, Any] = field(default_factory=dict)
-    scores: dict[str, float | None] = field(default_factory=dict)
-    cluster: int = -1
-    duplicate_of: str = ""
-
-    @property
-    def embedding(self) -> np.ndarray | None:
-        return self.faces[0].embedding if self.faces else None
-
 
 def _analyse(root: Path, items: list[_Item], cfg: CurateConfig, executor: Any, factory: Any,
              progress: ProgressFn | None, cancel: CancelToken | None) -> dict[str, Any]:
@@ -278,132 +262,12 @@ def curate(
     threshold = cfg.identity_threshold if cfg.identity_threshold is not None else cal.threshold
     scale = _identity_scale(threshold, cal)
 
-    # Identity: cluster the faces that passed every face check.
-    passed = [it for it in items if it.faces and not it.code]
-    emb = np.stack([it.embedding for it in passed]) if passed else np.zeros((0, 1), np.float32)
-    clusters = cluster_identities(emb, threshold)
-    centroid = clusters.centroid
-    for it, label, (_cos, why) in zip(passed, clusters.labels, identity_verdicts(emb, clusters, threshold)):
-        it.cluster = int(label)
-        if why:
-            it.code, it.reason = "identity_outlier", why
-    for it in items:
-        if it.faces and centroid is not None:
-            it.scores["identity"] = round(float(scores.identity_similarities(it.embedding[None], centroid)[0]), 4)
-    members = [i for i, it in enumerate(items) if it.faces and not it.code]
-
-    # Background: CLIP text contrast (with a spec) + border colours vs the identity images.
-    usable = [i for i, it in enumerate(items) if it.border is not None]
-    border = np.stack([items[i].border for i in usable]) if usable else np.zeros((0, 12), np.float32)
-    clip_prob = None
-    if clip is not None and spec is not None and usable:
-        clip_prob = clip_background_probability(np.stack([items[i].clip for i in usable]), clip, spec.background,
-                                                cfg.background_alternatives)
-    pos = {i: n for n, i in enumerate(usable)}
-    ref = [pos[i] for i in members]
-    bg = background_scores(border, clip_prob, ref)
-    for n, i in enumerate(usable):
-        items[i].scores["background"] = round(float(bg[n]), 4)
-        if clip_prob is not None:
-            items[i].scores["background_clip"] = round(float(clip_prob[n]), 4)
-
-    # Rear-angle shots without a face: explicit CLIP policy.
-    ident_clip = None
-    if clip is not None and members:
-        ident_clip = np.mean([items[i].clip for i in members], axis=0)
-        ident_clip /= max(float(np.linalg.norm(ident_clip)), 1e-12)
-    for it in items:
-        if it.code or it.faces or it.border is None:
-            continue
-        if not is_rear_angle(cfg, it.row.angle):
-            it.code, it.reason = "no_face", "no face found (and the image is not a rear-angle shot)"
-        elif cfg.rear_policy == "off":
-            it.code, it.reason = "rear_rejected", "rear-angle shot without a face; the rear policy is off"
-        elif ident_clip is None:
-            it.code, it.reason = "rear_rejected", "rear-angle shot without a face; no CLIP model or no identity to compare with"
-        else:
-            sim = float(it.clip @ ident_clip / max(float(np.linalg.norm(it.clip)), 1e-12))
-            it.scores["clip_identity"] = round(sim, 4)
-            if sim < cfg.rear_clip_threshold:
-                it.code, it.reason = "rear_rejected", (
-                    f"rear-angle shot without a face; CLIP similarity {sim:.2f} to the character's images is below "
-                    f"{cfg.rear_clip_threshold:.2f}")
-    rear = [i for i, it in enumerate(items) if not it.code and not it.faces and it.border is not None]
-
-    off = background_outliers(bg, ref, z=cfg.background_outlier_z, floor=cfg.background_min_score,
-                              min_drop=cfg.background_min_drop)
-    for n, i in enumerate(usable):
-        it = items[i]
-        if off[n] and not it.code:
-            it.code, it.reason = "off_background", (
-                f"background is unlike the character's set: score {bg[n]:.2f} (median of the identity images "
-                f"{float(np.median(bg[ref])) if ref else float('nan'):.2f})")
-
-    # Utility (for near-duplicate representatives and selection).
-    wsum = cfg.weight_identity + cfg.weight_background + cfg.weight_quality or 1.0
-    for it in items:
-        if it.code:
-            continue
-        idn = (float(scores.identity_score(it.scores["identity"], scale)) if it.faces
-               else float(it.scores.get("clip_identity") or 0.0))
-        q = float(it.measures.get("quality", 0.0)) if it.faces else 0.0
-        it.scores["quality"] = round(q, 4) if it.faces else None
-        u = (cfg.weight_identity * idn + cfg.weight_background * float(it.scores.get("background") or 0.0)
-             + cfg.weight_quality * q) / wsum
-        it.scores["utility"] = round(u, 6)
-
-    # Near-duplicates among the surviving faces: keep the best of each group.
-    alive = [i for i in members if not items[i].code]
-    pairs = near_duplicate_pairs(np.stack([items[i].embedding for i in alive]) if alive else np.zeros((0, 1)),
-                                 [items[i].thumb for i in alive], cfg)
-    parent = list(range(len(alive)))
-
-    def find(a: int) -> int:
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    for a, b, _cos, _m in pairs:
-        parent[find(a)] = find(b)
-    groups: dict[int, list[int]] = {}
-    for n in range(len(alive)):
-        groups.setdefault(find(n), []).append(n)
-    match_info = {(a, b): (c, m) for a, b, c, m in pairs}
-    for g in groups.values():
-        if len(g) < 2:
-            continue
-        best = min(g, key=lambda n: (-items[alive[n]].scores["utility"], items[alive[n]].row.id))
-        for n in g:
-            if n == best:
-                continue
-            it = items[alive[n]]
-            c, m = match_info.get((min(n, best), max(n, best)), (None, None))
-            it.code, it.duplicate_of = "near_duplicate", items[alive[best]].row.id
-            how = f" (face cosine {c:.2f}, {m} matching keypoints)" if c is not None else " (same group of copies)"
-            it.reason = f"near-duplicate of kept image {it.duplicate_of}: the same picture re-encoded, cropped or mirrored{how}"
-
-    # Selection over the zoom x angle grid.
-    cands = [i for i in members + rear if not items[i].code]
-    chosen = select_k(
-        [Candidate(i, items[i].row.id,
-                   (items[i].row.zoom_index, items[i].row.angle_index) if items[i].row.zoom_index >= 0 else None,
-                   float(items[i].scores["utility"])) for i in cands],
-        cfg.k, spread_over_cells=cfg.spread_over_cells)
-    chosen_set = set(chosen)
-    for rank, i in enumerate(chosen):
-        it = items[i]
-        if it.faces:
-            it.code, it.reason = "selected", f"kept: passed every check (choice {rank + 1} of {len(chosen)})"
-        else:
-            it.code, it.reason = "rear_kept", (
-                f"kept rear-angle shot: CLIP similarity {it.scores['clip_identity']:.2f} to the character's images "
-                f"is at least {cfg.rear_clip_threshold:.2f} (choice {rank + 1} of {len(chosen)})")
-    for i in cands:
-        if i not in chosen_set:
-            items[i].code = "not_selected"
-            items[i].reason = f"passed every check, but {len(chosen)} images with higher scores or in emptier grid cells were chosen"
-
+    ctx = PassContext(cfg=cfg, spec=spec, clip=clip, threshold=float(threshold), scale=scale)
+    for step in PASSES:
+        step(items, ctx)
+        if cancel is not None:
+            cancel.check()
+    clusters, chosen = ctx.clusters, ctx.chosen
     _prompt_adherence(items, clip, spec)
     set_block = _set_scores(items, chosen, spec, cfg, scale)
     if cancel is not None:
@@ -414,6 +278,7 @@ def curate(
         out_dir=str(out), selected=tuple(items[i].row.id for i in chosen), images=decisions, set_scores=set_block,
         clusters={**clusters.summary(), "threshold": round(float(threshold), 4), "calibrated": bool(cal.calibrated)},
         config=to_dict(cfg),
+        warnings=tuple(ctx.warnings),
         summary={"n_images": len(items), "n_selected": len(chosen), "reason_counts": {k: v for k, v in counts.items() if v},
                  "face_backend": models["face_backend"], "clip_backend": models["clip_backend"],
                  "spec": spec.name if spec is not None else None,
@@ -525,7 +390,7 @@ def read_curation(out_dir: str | os.PathLike[str]) -> CurationResult:
     images = tuple(ImageDecision(**d) for d in doc["images"])
     return CurationResult(out_dir=str(Path(out_dir)), selected=tuple(doc["selected"]), images=images,
                           set_scores=doc["set_scores"], clusters=doc["clusters"], config=doc["config"],
-                          summary=doc["summary"])
+                          summary=doc["summary"], warnings=tuple(doc.get("warnings", ())))
 
 
 def curate_with_profile(

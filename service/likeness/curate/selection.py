@@ -5,24 +5,29 @@ for the same input: ties are broken by index, never by hash order or time.
 
 Clustering rule (docs/curation.md):
 
-1. Inner-product index (``faiss.IndexFlatIP``) over the L2-normalised
-   main-face embeddings, so inner product = cosine.
-2. ``range_search`` at the calibrated same-person threshold ``t`` links every
-   pair with cosine > t (faiss keeps scores strictly above the radius for
-   inner product); the links form an undirected graph.
-3. Clusters = connected components of that graph (``scipy.sparse.csgraph``).
+1. The main-face embeddings are L2-normalised, so inner product = cosine.
+2. Clusters = **average linkage** (``scipy.cluster.hierarchy``, cosine
+   distance) cut at the calibrated same-person threshold ``t``: two groups
+   merge only when the *mean* cosine over all their cross pairs is at least
+   ``t``. This is a set rule, not a pair rule: single linkage (connected
+   components of pairs above ``t``) chained two brothers through 11 of 348
+   cross pairs above ``t`` (issue 11) and a lookalike then scored 0.80 to the
+   merged centroid, above every photo of the character. Under average
+   linkage a few bridging pairs move the mean cross cosine by a few hundredths;
+   a lookalike with several photos stays a cluster of its own
+   (tests/curate/test_membership.py).
+3. ``n_links`` (diagnostic only): pairs above ``t`` from a faiss range search
+   (``faiss.IndexFlatIP``; exactly the brute-force pairs, tested).
 4. The character's identity is the **largest** cluster; ties go to the most
    **cohesive** one, cohesion = mean cosine to the cluster's normalised mean
    (The Chosen One's "mean distance to the centroid", as a similarity); a
    remaining tie goes to the cluster holding the lowest image index.
 5. Outliers (:func:`identity_verdicts`): images outside the identity
-   cluster, and members whose cosine to the identity centroid is below ``t``
-   (single-link components can chain; the centroid test undoes a chain).
+   cluster, and members whose cosine to the identity centroid is below ``t``.
    Both tests are needed: a cosine to a centroid runs higher than a pair
    cosine (the centroid averages away each photo's noise), so a lookalike
    whose every pair cosine is below ``t`` can still reach ``t`` against the
-   centroid (on the real photos one impostor sits at 0.449 vs 0.4558);
-   membership asks what the threshold was calibrated on, a pair above ``t``.
+   centroid (on the real photos one impostor sits at 0.449 vs 0.4558).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from likeness import scores
 
 @dataclass(frozen=True)
 class Clusters:
-    """Connected components of the same-person graph."""
+    """Average-linkage clusters of the main faces at the same-person threshold."""
 
     # Cluster label per embedding row (0..n_clusters-1, numbered by first member).
     labels: np.ndarray
@@ -91,18 +96,28 @@ def same_person_links(embeddings: np.ndarray, threshold: float) -> tuple[np.ndar
     return rows[keep].astype(np.int64), ids[keep].astype(np.int64)
 
 
+def average_linkage_labels(x: np.ndarray, threshold: float) -> np.ndarray:
+    """Raw average-linkage cluster ids of unit rows ``x``: groups merge while their mean cross cosine >= ``threshold``."""
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.spatial.distance import pdist
+
+    n = x.shape[0]
+    if n < 2:
+        return np.zeros(n, np.int64)
+    dist = np.clip(pdist(x.astype(np.float64), "cosine"), 0.0, 2.0)
+    tree = linkage(dist, method="average")
+    # Cophenetic distance <= 1 - t  <=>  mean cross cosine >= t (average linkage is monotone).
+    return fcluster(tree, t=1.0 - float(threshold) + 1e-9, criterion="distance").astype(np.int64)
+
+
 def cluster_identities(embeddings: np.ndarray, threshold: float) -> Clusters:
     """Cluster main-face embeddings and choose the identity cluster (rule in the module doc)."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     x = _unit(embeddings) if len(embeddings) else np.zeros((0, 1), np.float32)
     n = x.shape[0]
     if n == 0:
         return Clusters(np.zeros(0, np.int64), (), (), -1, None, 0)
-    i, j = same_person_links(x, threshold)
-    graph = coo_matrix((np.ones(len(i), np.int8), (i, j)), shape=(n, n))
-    _, raw = connected_components(graph, directed=False)
+    i, _j = same_person_links(x, threshold)
+    raw = average_linkage_labels(x, threshold)
     # Renumber by first member so labels do not depend on scipy internals.
     order: dict[int, int] = {}
     labels = np.array([order.setdefault(int(r), len(order)) for r in raw], np.int64)
@@ -135,8 +150,8 @@ def identity_verdicts(embeddings: np.ndarray, clusters: Clusters, threshold: flo
             why = (f"face is a different person: cosine {c:.2f} to the character's identity is below "
                    f"the same-person threshold {threshold:.2f}")
         elif n not in members:
-            why = (f"face is a different person: no face of the character's cluster is above the same-person "
-                   f"threshold {threshold:.2f} with it (its cosine {c:.2f} to the averaged identity is not enough)")
+            why = (f"face is a different person: its mean cosine to the character's cluster is below the same-person "
+                   f"threshold {threshold:.2f} (average linkage; its cosine {c:.2f} to the averaged identity is not enough)")
         else:
             why = ""
         out.append((float(c), why))

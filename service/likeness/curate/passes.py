@@ -1,0 +1,267 @@
+"""Curation after the per-image analysis: a list of passes with one signature.
+
+``pass(items, ctx) -> None``; a pass rejects an item with ``ctx.reject(item, code,
+reason)`` (the first rejecting pass wins, the way datatrove's filters record why a
+document was dropped) and leaves what later passes need on ``ctx``. ``PASSES`` is
+the order :func:`likeness.curate.decide.curate` runs them in; docs/curation.md
+states each rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from likeness import scores
+from likeness.backends.protocols import ClipModel
+from likeness.curate.background import background_outliers, background_scores, clip_background_probability
+from likeness.curate.checks import REASON_CODES, CurateConfig, is_rear_angle, near_duplicate_pairs
+from likeness.curate.selection import Candidate, cluster_identities, identity_verdicts, select_k
+from likeness.generate.manifest import GalleryImage
+from likeness.spec import CharacterSpec
+
+__all__ = ["PASSES", "Pass", "PassContext", "consistency_warnings", "MAJORITY_SHARE"]
+
+
+@dataclass
+class _Item:
+    """One gallery image as the passes see it (code "" = not decided yet)."""
+
+    row: GalleryImage
+    code: str = ""
+    reason: str = ""
+    faces: list[Any] = field(default_factory=list)
+    thumb: np.ndarray | None = None
+    border: np.ndarray | None = None
+    clip: np.ndarray | None = None
+    measures: dict[str, Any] = field(default_factory=dict)
+    scores: dict[str, float | None] = field(default_factory=dict)
+    cluster: int = -1
+    duplicate_of: str = ""
+
+    @property
+    def embedding(self) -> np.ndarray | None:
+        return self.faces[0].embedding if self.faces else None
+
+
+
+
+@dataclass
+class PassContext:
+    """What the passes share: the config and models, and what earlier passes found."""
+
+    cfg: CurateConfig
+    spec: CharacterSpec | None
+    clip: ClipModel | None
+    threshold: float
+    scale: scores.IdentityScale
+    clusters: Any = None
+    # Indices of items with a face that are the character (after identity_pass).
+    members: list[int] = field(default_factory=list)
+    # Indices of decodable items (with border features), their background scores, the reference rows in them.
+    usable: list[int] = field(default_factory=list)
+    bg: np.ndarray | None = None
+    ref: list[int] = field(default_factory=list)
+    # Indices of rear-angle shots without a face still in the running.
+    rear: list[int] = field(default_factory=list)
+    chosen: list[int] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @staticmethod
+    def reject(it: _Item, code: str, reason: str) -> bool:
+        """Reject ``it`` with ``code``/``reason`` unless an earlier pass decided it; True if this pass did."""
+        if it.code:
+            return False
+        if code not in REASON_CODES:
+            raise ValueError(f"unknown reason code {code!r}")  # a programming error, not user input
+        it.code, it.reason = code, reason
+        return True
+
+    @staticmethod
+    def alive(items: Sequence[_Item]) -> list[_Item]:
+        """Items no pass has decided yet."""
+        return [it for it in items if not it.code]
+
+
+Pass = Callable[[list[_Item], PassContext], None]
+
+
+def identity_pass(items: list[_Item], ctx: PassContext) -> None:
+    """Cluster the faces that passed every face check; reject faces that are not the character."""
+    passed = [it for it in items if it.faces and not it.code]
+    emb = np.stack([it.embedding for it in passed]) if passed else np.zeros((0, 1), np.float32)
+    ctx.clusters = clusters = cluster_identities(emb, ctx.threshold)
+    for it, label, (_cos, why) in zip(passed, clusters.labels, identity_verdicts(emb, clusters, ctx.threshold)):
+        it.cluster = int(label)
+        if why:
+            ctx.reject(it, "identity_outlier", why)
+    if clusters.centroid is not None:
+        for it in items:
+            if it.faces:
+                it.scores["identity"] = round(float(scores.identity_similarities(it.embedding[None],
+                                                                                 clusters.centroid)[0]), 4)
+    ctx.members = [i for i, it in enumerate(items) if it.faces and not it.code]
+    ctx.warnings.extend(consistency_warnings(len(passed), len(ctx.members), ctx.cfg))
+
+
+def consistency_warnings(n_faces: int, n_identity: int, cfg: CurateConfig) -> list[str]:
+    """Warnings when no identity holds a clear majority of the faces that passed the face checks.
+
+    Why a majority: a gallery generated for one character should be mostly that
+    character; when the largest identity cluster holds less than half of the
+    faces (issue 11: a pool of 50 different people kept 1 of K=25 and reported
+    identity 1.00), the "character" is whichever stranger happened to win, and
+    training on it is wrong. One face is never an identity.
+    """
+    if n_faces == 0:
+        return ["no face passed the face checks: there is no character to keep"]
+    out = []
+    share = n_identity / n_faces
+    if n_identity < 2:
+        out.append(f"no consistent identity: the largest identity cluster holds {n_identity} face of {n_faces}; "
+                   f"one face is not a character (generate more images of one person)")
+    elif share < MAJORITY_SHARE:
+        out.append(f"no identity holds a clear majority: the largest cluster holds {n_identity} of {n_faces} faces "
+                   f"({share:.0%} < {MAJORITY_SHARE:.0%}); the gallery is not one consistent character")
+    return out
+
+
+# Why 0.5: a clear majority is more than any other identity could hold; below half
+# the chosen "identity" is not what most of the gallery shows (issue 11's 50-people pool: 1/50).
+MAJORITY_SHARE = 0.5
+
+
+def background_score_pass(items: list[_Item], ctx: PassContext) -> None:
+    """Background score (CLIP text contrast with a spec + border colours vs the identity images)."""
+    usable = ctx.usable = [i for i, it in enumerate(items) if it.border is not None]
+    border = np.stack([items[i].border for i in usable]) if usable else np.zeros((0, 12), np.float32)
+    clip_prob = None
+    if ctx.clip is not None and ctx.spec is not None and usable:
+        clip_prob = clip_background_probability(np.stack([items[i].clip for i in usable]), ctx.clip,
+                                                ctx.spec.background, ctx.cfg.background_alternatives)
+    pos = {i: n for n, i in enumerate(usable)}
+    ctx.ref = [pos[i] for i in ctx.members]
+    ctx.bg = bg = background_scores(border, clip_prob, ctx.ref)
+    for n, i in enumerate(usable):
+        items[i].scores["background"] = round(float(bg[n]), 4)
+        if clip_prob is not None:
+            items[i].scores["background_clip"] = round(float(clip_prob[n]), 4)
+
+
+def rear_pass(items: list[_Item], ctx: PassContext) -> None:
+    """Images without a face: kept only as rear-angle shots close enough to the character (CLIP policy)."""
+    cfg = ctx.cfg
+    ident_clip = None
+    if ctx.clip is not None and ctx.members:
+        ident_clip = np.mean([items[i].clip for i in ctx.members], axis=0)
+        ident_clip /= max(float(np.linalg.norm(ident_clip)), 1e-12)
+    for it in items:
+        if it.code or it.faces or it.border is None:
+            continue
+        if not is_rear_angle(cfg, it.row.angle):
+            ctx.reject(it, "no_face", "no face found (and the image is not a rear-angle shot)")
+        elif cfg.rear_policy == "off":
+            ctx.reject(it, "rear_rejected", "rear-angle shot without a face; the rear policy is off")
+        elif ident_clip is None:
+            ctx.reject(it, "rear_rejected",
+                       "rear-angle shot without a face; no CLIP model or no identity to compare with")
+        else:
+            sim = float(it.clip @ ident_clip / max(float(np.linalg.norm(it.clip)), 1e-12))
+            it.scores["clip_identity"] = round(sim, 4)
+            if sim < cfg.rear_clip_threshold:
+                ctx.reject(it, "rear_rejected", (
+                    f"rear-angle shot without a face; CLIP similarity {sim:.2f} to the character's images is below "
+                    f"{cfg.rear_clip_threshold:.2f}"))
+    ctx.rear = [i for i, it in enumerate(items) if not it.code and not it.faces and it.border is not None]
+
+
+def background_outlier_pass(items: list[_Item], ctx: PassContext) -> None:
+    """Reject images whose background is unlike the character's set."""
+    cfg, bg, ref = ctx.cfg, ctx.bg, ctx.ref
+    if bg is None:
+        return
+    off = background_outliers(bg, ref, z=cfg.background_outlier_z, floor=cfg.background_min_score,
+                              min_drop=cfg.background_min_drop)
+    for n, i in enumerate(ctx.usable):
+        if off[n]:
+            ctx.reject(items[i], "off_background", (
+                f"background is unlike the character's set: score {bg[n]:.2f} (median of the identity images "
+                f"{float(np.median(bg[ref])) if ref else float('nan'):.2f})"))
+
+
+def utility_pass(items: list[_Item], ctx: PassContext) -> None:
+    """Weighted identity/background/quality utility of every undecided item (rejects nothing)."""
+    cfg = ctx.cfg
+    wsum = cfg.weight_identity + cfg.weight_background + cfg.weight_quality or 1.0
+    for it in ctx.alive(items):
+        idn = (float(scores.identity_score(it.scores["identity"], ctx.scale)) if it.faces
+               else float(it.scores.get("clip_identity") or 0.0))
+        q = float(it.measures.get("quality", 0.0)) if it.faces else 0.0
+        it.scores["quality"] = round(q, 4) if it.faces else None
+        u = (cfg.weight_identity * idn + cfg.weight_background * float(it.scores.get("background") or 0.0)
+             + cfg.weight_quality * q) / wsum
+        it.scores["utility"] = round(u, 6)
+
+
+def near_duplicate_pass(items: list[_Item], ctx: PassContext) -> None:
+    """Among the surviving faces, groups of copies (connected components, scipy) keep their best image."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    alive = [i for i in ctx.members if not items[i].code]
+    pairs = near_duplicate_pairs(np.stack([items[i].embedding for i in alive]) if alive else np.zeros((0, 1)),
+                                 [items[i].thumb for i in alive], ctx.cfg)
+    if not pairs:
+        return
+    a_idx = np.array([p[0] for p in pairs], np.int64)
+    b_idx = np.array([p[1] for p in pairs], np.int64)
+    _, comp = connected_components(coo_matrix((np.ones(len(pairs), np.int8), (a_idx, b_idx)),
+                                              shape=(len(alive), len(alive))), directed=False)
+    groups: dict[int, list[int]] = {}
+    for n in range(len(alive)):
+        groups.setdefault(int(comp[n]), []).append(n)
+    match_info = {(a, b): (c, m) for a, b, c, m in pairs}
+    for g in groups.values():
+        if len(g) < 2:
+            continue
+        best = min(g, key=lambda n: (-items[alive[n]].scores["utility"], items[alive[n]].row.id))
+        for n in g:
+            if n == best:
+                continue
+            it = items[alive[n]]
+            c, m = match_info.get((min(n, best), max(n, best)), (None, None))
+            how = f" (face cosine {c:.2f}, {m} matching keypoints)" if c is not None else " (same group of copies)"
+            if ctx.reject(it, "near_duplicate", f"near-duplicate of kept image {items[alive[best]].row.id}: "
+                                                f"the same picture re-encoded, cropped or mirrored{how}"):
+                it.duplicate_of = items[alive[best]].row.id
+
+
+def select_pass(items: list[_Item], ctx: PassContext) -> None:
+    """Choose K over the zoom x angle grid; the rest that passed every check are ``not_selected``."""
+    cfg = ctx.cfg
+    cands = [i for i in ctx.members + ctx.rear if not items[i].code]
+    chosen = ctx.chosen = select_k(
+        [Candidate(i, items[i].row.id,
+                   (items[i].row.zoom_index, items[i].row.angle_index) if items[i].row.zoom_index >= 0 else None,
+                   float(items[i].scores["utility"])) for i in cands],
+        cfg.k, spread_over_cells=cfg.spread_over_cells)
+    chosen_set = set(chosen)
+    for rank, i in enumerate(chosen):
+        it = items[i]
+        if it.faces:
+            it.code, it.reason = "selected", f"kept: passed every check (choice {rank + 1} of {len(chosen)})"
+        else:
+            it.code, it.reason = "rear_kept", (
+                f"kept rear-angle shot: CLIP similarity {it.scores['clip_identity']:.2f} to the character's images "
+                f"is at least {cfg.rear_clip_threshold:.2f} (choice {rank + 1} of {len(chosen)})")
+    for i in cands:
+        if i not in chosen_set:
+            ctx.reject(items[i], "not_selected", f"passed every check, but {len(chosen)} images with higher scores "
+                                                 f"or in emptier grid cells were chosen")
+
+
+# The passes in order; a new rule is a new function here (docs/curation.md lists them).
+PASSES: tuple[Pass, ...] = (identity_pass, background_score_pass, rear_pass, background_outlier_pass,
+                            utility_pass, near_duplicate_pass, select_pass)
