@@ -13,6 +13,25 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Markers follow from what a test uses, so they cannot be forgotten: `pytest -m "not slow"` is the
+# fast tier (under a minute on 2 cores), `-m "not realdata"` runs without ../shared/realdata.
+REALDATA_FIXTURES = {"realdata", "face_pack"}
+RAY_FIXTURES = {"ray_cluster"}
+# Starting a Ray cluster costs ~5 s and its tests 20-25 s each (measured on the 2-core CI machine).
+SLOW_FIXTURES = RAY_FIXTURES
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Set the realdata / ray / slow markers from each test's fixture closure."""
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        if used & REALDATA_FIXTURES:
+            item.add_marker(pytest.mark.realdata)
+        if used & RAY_FIXTURES:
+            item.add_marker(pytest.mark.ray)
+        if used & SLOW_FIXTURES:
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def tiny_models() -> Path:

@@ -76,3 +76,9 @@ def test_every_seed_check_uses_the_same_range():
 
     with pytest.raises(InvalidInput, match=r"evaluate\.seeds"):
         _check(EvalConfig(seeds=(SEED_MAX + 1,)))
+
+
+def test_markers_follow_the_fixtures_a_test_uses(request, realdata):
+    # conftest sets them from the fixture closure: a test on real photos is a realdata test.
+    assert request.node.get_closest_marker("realdata") is not None
+    assert request.node.get_closest_marker("ray") is None

@@ -35,7 +35,8 @@ def test_failed_save_leaves_old_file_and_no_temporary(tmp_path):
     assert os.listdir(tmp_path) == ["keep.txt"]
 
 
-@pytest.mark.parametrize("name", ["../x", "a/b", "..", ".hidden", "", "x" * 200, "a b"])
+@pytest.mark.parametrize("name", ["../x", "a/b", "..", ".hidden", "", "x" * 200, "a b"],
+                         ids=["parent", "slash", "dotdot", "hidden", "empty", "too-long", "space"])
 def test_unsafe_names_are_refused(name):
     with pytest.raises(InvalidInput, match="not allowed"):
         check_name(name)

@@ -33,6 +33,8 @@ def test_example_spec_loads_with_workflow_defaults():
         ({"zooms": []}, "zooms"),
         ({"sampling": {"steps": "30"}}, "sampling.steps"),
     ],
+    ids=["token-two-words", "unknown-sampler", "width-not-multiple-of-8", "per-cell-zero", "unknown-field",
+         "unknown-placeholder", "no-prompt-sr-value", "format-spec", "conversion", "no-zooms", "steps-as-text"],
 )
 def test_invalid_specs_name_the_field(patch, field):
     data = {"name": "E", "token": "3m1ly", **patch}

@@ -21,7 +21,8 @@ from likeness.serve.client import LikenessClient
 from likeness.serve.pb import likeness_pb2 as pb
 from likeness.spec import spec_from_dict
 
-pytestmark = [pytest.mark.slow, pytest.mark.realdata]
+# Whole builds (tiny models, real photos): 6-34 s each on 2 cores.
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = spec_from_dict({

@@ -127,7 +127,6 @@ def photos(tmp_path_factory, realdata, face_pack, tiny_models) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.realdata
 def test_refinement_round_without_identity_keeps_round_zero(tmp_path, photos, monkeypatch):
     import torch
 

@@ -220,7 +220,6 @@ def mixed_pool(tmp_path_factory: pytest.TempPathFactory, realdata: Path, labels,
     return result, chosen, out, distinct
 
 
-@pytest.mark.realdata
 def test_mixed_pool_selects_only_the_identity(mixed_pool) -> None:
     result, chosen, out, distinct = mixed_pool
     by_id = {d.file: d for d in result.images}
@@ -240,7 +239,6 @@ def test_mixed_pool_selects_only_the_identity(mixed_pool) -> None:
             assert by_id[rid].reason_code == "identity_outlier", (rid, by_id[rid].reason)
 
 
-@pytest.mark.realdata
 def test_every_negative_rejected_with_the_right_reason(mixed_pool) -> None:
     result, chosen, _out, _ = mixed_pool
     by_id = {d.file: d for d in result.images}
@@ -258,7 +256,6 @@ def test_every_negative_rejected_with_the_right_reason(mixed_pool) -> None:
     assert checked >= 18
 
 
-@pytest.mark.realdata
 def test_odd_files_are_reported_not_fatal(mixed_pool) -> None:
     result, _chosen, _out, _ = mixed_pool
     by_id = {d.id: d for d in result.images}
@@ -274,7 +271,6 @@ def test_odd_files_are_reported_not_fatal(mixed_pool) -> None:
     assert all(d.reason_code in REASON_CODES for d in result.images)
 
 
-@pytest.mark.realdata
 def test_outputs_and_scores(mixed_pool) -> None:
     result, _chosen, out, _ = mixed_pool
     pngs = sorted(p.stem for p in out.glob("*.png"))
@@ -292,7 +288,7 @@ def test_outputs_and_scores(mixed_pool) -> None:
     assert result.clusters["identity_size"] >= 9 and result.clusters["calibrated"]
 
 
-@pytest.mark.realdata
+@pytest.mark.slow  # ~7 s on 2 cores
 def test_several_faces_tells_groups_from_bystanders(realdata: Path, labels, analyzer) -> None:
     """Every group photo the detector sees as such is several_faces; no single-person photo is.
 
@@ -311,7 +307,6 @@ def test_several_faces_tells_groups_from_bystanders(realdata: Path, labels, anal
     assert "faces/Jack_Dorsey/deepface_img62.jpg" in got and "faces/Jack_Dorsey/deepface_img59.jpg" in got
 
 
-@pytest.mark.realdata
 def test_near_duplicates_of_obama(realdata: Path, labels, analyzer) -> None:
     """Crops, a re-encode and a 32-bit PNG copy group with their source; distinct photos do not."""
     from likeness.images import load_image
@@ -349,7 +344,6 @@ def _grid_gallery(root: Path, realdata: Path) -> Path:
     return g
 
 
-@pytest.mark.realdata
 def test_manifest_gallery_zoom_rules_and_rear_policy(tmp_path: Path, realdata: Path, analyzer, tiny_clip) -> None:
     g = _grid_gallery(tmp_path, realdata)
     keep = curate(g, None, tmp_path / "a", CurateConfig(k=2, rear_clip_threshold=-1.0), faces=analyzer, clip=tiny_clip)
@@ -370,7 +364,6 @@ def test_manifest_gallery_zoom_rules_and_rear_policy(tmp_path: Path, realdata: P
     assert off.set_scores["selected"]["grid_coverage"] is not None
 
 
-@pytest.mark.realdata
 def test_cli_curate_prints_json(tmp_path: Path, realdata: Path, tiny_models: Path, capsys) -> None:
     from likeness.cli.main import main
 

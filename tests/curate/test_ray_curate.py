@@ -55,7 +55,6 @@ def _comparable(result) -> dict[str, Any]:
     return doc
 
 
-@pytest.mark.realdata
 def test_ray_curation_equals_local_and_dead_worker_shard_is_rerun(pool: Path, tmp_path: Path, ray_cluster,
                                                                   monkeypatch) -> None:
     import likeness.curate.decide as cur
@@ -82,7 +81,6 @@ def test_ray_curation_equals_local_and_dead_worker_shard_is_rerun(pool: Path, tm
     assert not list((tmp_path / "ray").glob(".*tmp*"))
 
 
-@pytest.mark.realdata
 def test_local_executor_with_worker_factory_equals_in_process(pool: Path, tmp_path: Path) -> None:
     from likeness.backends.clip import load_clip
     from likeness.backends.faces import load_face_analyzer
@@ -123,7 +121,7 @@ def test_executor_options_build_the_config() -> None:
     (["--executor", "ray", "--workers", "0"], "--workers 0: must be at least 1"),
     (["--executor", "ray", "--gpus-per-worker", "-1"], "must not be negative"),
     (["--executor", "ray", "--ray-address", " "], "--ray-address is empty"),
-])
+], ids=["address-without-ray", "workers-without-ray", "zero-workers", "negative-gpus", "empty-address"])
 def test_bad_executor_options_are_invalid_input(command: str, argv: list[str], message: str, tmp_path: Path,
                                                 capsys) -> None:
     from likeness.cli.main import main

@@ -246,6 +246,7 @@ def test_watch_reconnect_and_cancel(served):
         assert rep.html.startswith(b"<!DOCTYPE html") or b"<html" in rep.html[:200]
 
 
+@pytest.mark.slow  # ~7 s on 2 cores
 def test_fifty_concurrent_calls(served, realdata):
     rt, addr, _, gate = served
     rt.start(load_models=False)
