@@ -154,3 +154,13 @@ def test_strip_token_and_image_scores():
     s = scores.image_scores(e, _unit([1, 1, 0])[0], background=0.5, quality=0.25, prompt_adherence=0.3)
     assert s.identity == pytest.approx(2 ** -0.5, abs=1e-6) and s.background == 0.5
     assert scores.image_scores(None, e).identity is None
+
+
+def test_one_face_never_reports_identity_one() -> None:
+    """Issue 11: a set of one face is not a consistent character; it scored identity 1.00 before."""
+    one = scores.set_scores([_unit([1.0, 0.0, 0.0])[0]])
+    assert one.n_faces == 1
+    assert one.identity_mean_pairwise is None
+    assert one.identity_consistency == 0.0
+    two = scores.set_scores(list(_unit([1.0, 0.0, 0.0], [1.0, 0.1, 0.0])))
+    assert two.identity_consistency > 0.9

@@ -365,7 +365,8 @@ def set_scores(
     - identity: centroid ``c`` = normalised mean face; mean and min of
       ``cos(e_i, c)``; mean pairwise cosine ``P`` over faces;
       ``identity_consistency = identity_score(P) * n_faces / n_images``
-      (a faceless image counts as a failure).
+      (a faceless image counts as a failure); with fewer than two faces
+      ``P`` is None and identity_consistency 0 (one face is no evidence).
     - background_consistency = mean of per-image background scores.
     - quality = mean of per-image qualities.
     - grid_coverage = :func:`grid_coverage` of ``cells`` (one per image).
@@ -382,9 +383,11 @@ def set_scores(
         c = _unit(faces.mean(axis=0))
         sims = faces @ c
         mean_c, min_c = float(sims.mean()), float(sims.min())
-        # A single face is perfectly consistent with itself.
-        pair = float(pairwise_cosines(faces).mean()) if n_faces >= 2 else 1.0
-        ident = float(identity_score(pair, scale)) * n_faces / max(n_images, 1)
+        # Consistency needs at least two faces: one face is consistent with itself by definition, which
+        # says nothing about a character (issue 11: a pool of 50 strangers kept 1 face and reported 1.00).
+        if n_faces >= 2:
+            pair = float(pairwise_cosines(faces).mean())
+            ident = float(identity_score(pair, scale)) * n_faces / max(n_images, 1)
     comps: dict[str, float | None] = {
         "identity": ident,
         "background": _mean(background),

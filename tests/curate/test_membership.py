@@ -68,3 +68,37 @@ def test_one_face_is_one_cluster_and_empty_is_none() -> None:
     assert c.members == ((0,),) and c.identity == 0
     e = cluster_identities(np.zeros((0, 4), np.float32), 0.4)
     assert e.identity == -1 and e.centroid is None
+
+
+def test_no_clear_majority_warns_and_one_face_is_no_identity() -> None:
+    from likeness.curate.checks import CurateConfig
+    from likeness.curate.passes import consistency_warnings
+
+    cfg = CurateConfig()
+    assert consistency_warnings(40, 30, cfg) == []
+    many = consistency_warnings(50, 12, cfg)
+    assert many and "clear majority" in many[0] and "12 of 50" in many[0]
+    one = consistency_warnings(50, 1, cfg)
+    assert one and "one face is not a character" in one[0]
+    assert consistency_warnings(0, 0, cfg)
+
+
+def test_fifty_strangers_warn_in_the_identity_pass() -> None:
+    """A pool of 50 different people (random unit faces: pair cosines ~0) has no majority identity."""
+    from likeness.curate.checks import CurateConfig
+    from likeness.curate.passes import PassContext, _Item, identity_pass
+    from likeness.generate.manifest import GalleryImage
+    from likeness import scores
+
+    rng = np.random.default_rng(0)
+    x = _unit(rng.normal(size=(50, 128)))
+
+    class _F:
+        def __init__(self, e: np.ndarray) -> None:
+            self.embedding = e
+
+    items = [_Item(GalleryImage(id=f"p{i}", file=f"p{i}.png"), faces=[_F(x[i])]) for i in range(50)]
+    ctx = PassContext(cfg=CurateConfig(), spec=None, clip=None, threshold=0.31, scale=scores.DEFAULT_SCALE)
+    identity_pass(items, ctx)
+    assert ctx.warnings and "one face is not a character" in ctx.warnings[0]
+    assert sum(1 for it in items if it.code == "identity_outlier") == 49

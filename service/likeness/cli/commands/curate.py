@@ -45,7 +45,15 @@ def _curate(args: argparse.Namespace) -> int:
         "summary": result.summary,
         "set_scores": {k: result.set_scores[k] for k in ("selected", "pool", "random_k", "uplift")},
         "clusters": result.clusters,
+        "warnings": list(result.warnings),
     })
+    if result.warnings:
+        # The curated set is written (for inspection), but it is not one consistent character: say why, exit 2.
+        from likeness.cli.output import say
+
+        for w in result.warnings:
+            say(f"likeness curate: warning: {w}")
+        return 2
     return 0
 
 
