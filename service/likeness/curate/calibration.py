@@ -154,11 +154,64 @@ def calibrate_from_cosines(cosines: np.ndarray, same: np.ndarray, *, n_missing: 
 
 # --- pair files --------------------------------------------------------------
 
-def read_pairs(path: str | os.PathLike[str]) -> list[tuple[str, str, bool | None]]:
-    """Rows of a pairs CSV: ``a,b[,same]`` or deepface's ``file_x,file_y,Decision`` (Yes/No)."""
+LFW_IMAGES = "lfw-deepfunneled"
+
+
+def _lfw_name(p: Path, n: int, name: str, num: str) -> str:
+    try:
+        k = int(num)
+    except ValueError:
+        raise InvalidInput(f"{p}:{n}: image number {num!r} is not an integer (LFW rows: name i j or name1 i name2 j)") from None
+    if k < 1 or k > 9999 or not name or "/" in name or "\\" in name or name.startswith("."):
+        raise InvalidInput(f"{p}:{n}: {name!r} {num!r} is not an LFW person name and image number 1..9999")
+    return f"{LFW_IMAGES}/{name}/{name}_{k:04d}.jpg"
+
+
+def read_lfw_pairs(path: str | os.PathLike[str]) -> list[tuple[str, str, bool | None]]:
+    """Rows of an LFW pairs file (pairsDevTrain.txt / pairs.txt), as paths relative to its folder.
+
+    Format (LFW README): a header line of counts (``1084\t1091``, or
+    ``folds\tn``), then tab-separated ``name i j`` (same person) or
+    ``name1 i name2 j`` (different people); image ``i`` of ``name`` is
+    ``lfw-deepfunneled/name/name_000i.jpg`` beside the pairs file.
+    """
     p = Path(path)
     if not p.is_file():
         raise NotFound(f"pairs file {p} not found")
+    lines = p.read_text(encoding="utf-8-sig").splitlines()
+    rows: list[tuple[str, str, bool | None]] = []
+    for n, line in enumerate(lines[1:], start=2):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) == 3:
+            rows.append((_lfw_name(p, n, parts[0], parts[1]), _lfw_name(p, n, parts[0], parts[2]), True))
+        elif len(parts) == 4:
+            rows.append((_lfw_name(p, n, parts[0], parts[1]), _lfw_name(p, n, parts[2], parts[3]), False))
+        else:
+            raise InvalidInput(f"{p}:{n}: an LFW pair row has 3 fields (name i j) or 4 (name1 i name2 j); got {len(parts)}")
+    if not rows:
+        raise InvalidInput(f"{p}: no pair rows after the header")
+    return rows
+
+
+def is_lfw_pairs(path: str | os.PathLike[str]) -> bool:
+    """True when the file starts with LFW's header line of integer counts (not a CSV header)."""
+    try:
+        with open(path, encoding="utf-8-sig") as fh:
+            first = fh.readline().split()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return 1 <= len(first) <= 2 and all(f.isdigit() for f in first)
+
+
+def read_pairs(path: str | os.PathLike[str]) -> list[tuple[str, str, bool | None]]:
+    """Rows of a pairs file: CSV ``a,b[,same]``, deepface's ``file_x,file_y,Decision`` (Yes/No), or LFW's pairs format."""
+    p = Path(path)
+    if not p.is_file():
+        raise NotFound(f"pairs file {p} not found")
+    if is_lfw_pairs(p):
+        return read_lfw_pairs(p)
     with open(p, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         cols = [c.strip().lower() for c in (reader.fieldnames or [])]
@@ -226,11 +279,19 @@ def save_calibration(sha256: str, cal: Calibration, path: Path = TABLE_PATH) -> 
     return atomic_write_json(path, dict(sorted(table.items())))
 
 
-def calibrate(analyzer: FaceAnalyzer, pairs_csv: str | os.PathLike[str], realdata: Path | None = None) -> Calibration:
-    """Embed every pair image once (batched), then :func:`calibrate_from_cosines`."""
+def calibrate(analyzer: FaceAnalyzer, pairs_csv: str | os.PathLike[str], realdata: Path | None = None,
+              limit: int | None = None) -> Calibration:
+    """Embed every pair image once (batched), then :func:`calibrate_from_cosines`.
+
+    ``pairs_csv``: any format :func:`read_pairs` reads (CSV, deepface, LFW).
+    ``limit``: the first ``limit`` same and first ``limit`` different pairs
+    only (a deterministic subset, for tests).
+    """
     from likeness.images import load_image
 
     rows = read_pairs(pairs_csv)
+    if limit is not None:
+        rows = [r for r in rows if r[2]][:limit] + [r for r in rows if r[2] is False][:limit]
     if any(lab is None for _, _, lab in rows):
         raise InvalidInput(f"{pairs_csv}: calibration needs a label (same / Decision) on every row")
     base = Path(pairs_csv).resolve().parent
@@ -240,9 +301,11 @@ def calibrate(analyzer: FaceAnalyzer, pairs_csv: str | os.PathLike[str], realdat
             if n not in files:
                 files[n] = resolve_image(n, base, realdata)
     names = list(files)
-    images = [np.asarray(load_image(files[n])[0]) for n in names]
-    faces = analyzer.analyze(images)
-    emb = {n: (f[0].embedding if f else None) for n, f in zip(names, faces)}
+    emb: dict[str, Any] = {}
+    for start in range(0, len(names), 256):  # bounded memory: LFW devtrain is 3,403 images
+        chunk = names[start:start + 256]
+        faces = analyzer.analyze([np.asarray(load_image(files[n])[0]) for n in chunk])
+        emb.update({n: (f[0].embedding if f else None) for n, f in zip(chunk, faces)})
     cos, same, missing = [], [], 0
     for a, b, lab in rows:
         ea, eb = emb[a], emb[b]
@@ -259,5 +322,5 @@ def calibrate(analyzer: FaceAnalyzer, pairs_csv: str | os.PathLike[str], realdat
 
 __all__: Sequence[str] = (
     "Calibration", "DEFAULT_CALIBRATION", "TABLE_PATH", "best_threshold", "calibrate", "calibrate_from_cosines",
-    "calibration_for", "cv_accuracy", "load_table", "read_pairs", "resolve_image", "save_calibration",
+    "calibration_for", "cv_accuracy", "is_lfw_pairs", "load_table", "read_lfw_pairs", "read_pairs", "resolve_image", "save_calibration",
 )

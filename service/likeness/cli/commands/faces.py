@@ -272,7 +272,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     _common(p)
     p.set_defaults(func=_compare)
     p = fsub.add_parser("calibrate", help="recompute the identity threshold on labelled pairs")
-    p.add_argument("--pairs", required=True, help="CSV a,b,same or deepface's file_x,file_y,Decision")
+    p.add_argument("--pairs", required=True,
+                   help="CSV a,b,same, deepface's file_x,file_y,Decision, or an LFW pairs file (pairsDevTrain.txt)")
     p.add_argument("--write", action="store_true", help="store it in service/likeness/curate/calibration_table.json")
     _common(p)
     p.set_defaults(func=_calibrate)
