@@ -62,10 +62,11 @@ def refine_decision(consistency: Sequence[float | None], margin: float, max_roun
 
 
 def round_consistency(ctx: BuildContext, round_: int) -> float | None:
-    """Round ``round_``'s curated identity consistency; None when curation kept no face."""
+    """Round ``round_``'s curated identity consistency; None when curation kept no face or warned
+    that the gallery holds no one consistent character."""
     res = ctx.result(round_, "curate")
     scores = res.get("scores", {})
-    if "selected" in res and (not res["selected"] or not scores.get("n_faces", 1)):
+    if res.get("warnings") or ("selected" in res and (not res["selected"] or not scores.get("n_faces", 1))):
         return None
     return float(scores.get("identity_consistency") or 0.0)
 

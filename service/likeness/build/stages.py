@@ -131,14 +131,16 @@ def stage_curate(ctx: BuildContext, round_: int) -> dict[str, Any]:
     else:
         res = curate(rd / layout.GALLERY_DIR, ctx.spec, rd / layout.CURATED_DIR, CurateConfig(k=ctx.options.k), faces=_faces(ctx),
                      clip=clip, progress=ctx.progress, cancel=ctx.cancel)
-    if res.warnings:
-        # Stop before training on a gallery that is not one consistent character (issue 11).
+    if res.warnings and round_ == 0:
+        # Stop before training on a gallery that is not one consistent character (issue 11). A
+        # refinement round that warns is not an error: it records the warnings and the refine
+        # decision treats it as a round that found no identity (round 0's embedding stays).
         from likeness.errors import FailedPrecondition
 
         raise FailedPrecondition("curation: " + "; ".join(res.warnings)
                                  + f" (see {rd / layout.CURATED_DIR / layout.CURATION_FILE})")
     selected = res.set_scores.get("selected", {})
-    return {"selected": list(res.selected),
+    return {"selected": list(res.selected), "warnings": list(res.warnings),
             "scores": {k: float(v) for k, v in selected.items() if isinstance(v, (int, float)) and v is not None}}
 
 
