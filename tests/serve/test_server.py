@@ -388,6 +388,31 @@ def test_report_of_a_build_cancelled_while_queued_says_no_stage_ran(tmp_path):
     b = rt.start_build(spec=SPEC)
     assert rt.cancel_build(b.id).state == "cancelled"
     out = rt.get_report(b.id)
-    report = json.loads(out["json"])
+    report = json.loads(out.json)
     assert report["build"]["character"] == "Emily" and not any(s["ran"] for s in report["stages"])
-    assert b"<html" in out["html"][:200]
+    assert b"<html" in out.html[:200]
+
+
+def test_score_consistency_takes_the_face_packs_calibration(tmp_path, face_pack, tiny_models, realdata, monkeypatch):
+    """ScoreConsistency decides 'same identity' with the pack's calibrated threshold (as curation and
+    `likeness score` do), not a fixed constant, and returns a typed result the servicer converts."""
+    import dataclasses
+
+    from likeness.curate import calibration
+    from likeness.profiles import resolve_profile
+    from likeness.serve.runtime import ConsistencyResult
+
+    rt = Runtime(tmp_path / "data", devices=["cpu"], default_profile="cpu-tiny", start_workers=False)
+    jolie = [("j", p.read_bytes()) for p in sorted((realdata / "faces" / "Angelina_Jolie").glob("*.jpg"))[:3]]
+    out = rt.score_consistency(jolie[:1], reference=jolie[1:])
+    assert isinstance(out, ConsistencyResult)
+    sha = rt.models.faces(resolve_profile("cpu-tiny")).recognition_sha256
+    assert out.threshold == pytest.approx(calibration.calibration_for(sha).threshold)
+    (img,) = out.images
+    assert img.face_found and img.same_identity and img.identity < 0.99
+    # A pack calibrated stricter than this pair's cosine: the same photos are now not the same identity.
+    real = calibration.calibration_for
+    strict = lambda s, *a, **k: dataclasses.replace(real(s, *a, **k), threshold=0.99, same_mean=0.995)  # noqa: E731
+    monkeypatch.setattr(calibration, "calibration_for", strict)
+    out2 = rt.score_consistency(jolie[:1], reference=jolie[1:])
+    assert out2.threshold == 0.99 and not out2.images[0].same_identity

@@ -54,6 +54,71 @@ class Limits:
     curate_batch_size: int = 8
 
 
+# ------------------------------------------------------- typed results
+# What the data plane returns; the servicer converts each to its message, the
+# CLI prints it. Plain frozen dataclasses: no dicts whose keys drift apart.
+
+@dataclass(frozen=True)
+class EmbeddingBlob:
+    filename: str
+    data: bytes
+    format: str
+    token: str
+    build_id: str
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    build_id: str
+    json: str
+    html: bytes
+
+
+@dataclass(frozen=True)
+class ImageConsistency:
+    index: int
+    name: str
+    face_found: bool
+    # Cosine of the image's main face to the reference centroid (0.0 without a face).
+    identity: float
+    # identity >= the face pack's calibrated same-person threshold.
+    same_identity: bool
+
+
+@dataclass(frozen=True)
+class ConsistencyResult:
+    images: tuple[ImageConsistency, ...]
+    set_scores: dict[str, float]
+    # The same-person threshold used: the face pack's calibration (curate and `likeness score` use the same).
+    threshold: float
+    # False when the face pack has no calibration and the CPU pack's defaults were used.
+    calibrated: bool
+
+
+@dataclass(frozen=True)
+class CurateDecision:
+    index: int
+    name: str
+    kept: bool
+    # (reason code, reason in words)
+    reasons: tuple[str, str]
+    scores: dict[str, float]
+
+
+@dataclass(frozen=True)
+class CurateResult:
+    decisions: tuple[CurateDecision, ...]
+    set_scores: dict[str, float]
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    index: int
+    seed: int
+    png: bytes
+    infotext: str
+
+
 class CallRecord:
     """One long call (Generate, Curate): how many units it finished and how it ended."""
 
@@ -262,7 +327,7 @@ class Runtime:
             raise FailedPrecondition(f"build {row.id} is {row.state}, not succeeded; wait for it (WatchBuild)")
         return row
 
-    def get_embedding(self, *, build_id: str = "", character: str = "", format: str = "safetensors") -> dict[str, Any]:
+    def get_embedding(self, *, build_id: str = "", character: str = "", format: str = "safetensors") -> EmbeddingBlob:
         if format not in EMBEDDING_FORMATS:
             raise InvalidInput(f"embedding format {format!r} is not valid; use one of {EMBEDDING_FORMATS}")
         row = self._finished_build(build_id, character)
@@ -272,10 +337,10 @@ class Runtime:
         path = safe_join(self.store.build_dir(row.id), files[format])
         if not path.is_file():
             raise NotFound(f"build {row.id}'s {format} embedding file is missing from the data directory; rebuild it")
-        return {"filename": path.name, "data": path.read_bytes(), "format": format,
-                "token": row.result.get("token", ""), "build_id": row.id}
+        return EmbeddingBlob(filename=path.name, data=path.read_bytes(), format=format,
+                             token=row.result.get("token", ""), build_id=row.id)
 
-    def get_report(self, build_id: str) -> dict[str, Any]:
+    def get_report(self, build_id: str) -> ReportFiles:
         """The build's report; a cancelled or failed build gets one made from what it left.
 
         Such a report says which stages did not run (issue: a build cancelled
@@ -296,8 +361,8 @@ class Runtime:
             # A build cancelled while queued never got a folder: its report says no stage ran.
             prepare_build_dir(self.store, row)
             write_report(build_dir)
-        return {"build_id": row.id, "json": js.read_text(encoding="utf-8"),
-                "html": html.read_bytes() if html.is_file() else b""}
+        return ReportFiles(build_id=row.id, json=js.read_text(encoding="utf-8"),
+                           html=html.read_bytes() if html.is_file() else b"")
 
     # -------------------------------------------------------------- scoring
     def _check_images(self, images: Sequence[tuple[str, bytes]], what: str = "images") -> list[Any]:
@@ -347,9 +412,15 @@ class Runtime:
         return centroid
 
     def score_consistency(self, images: Sequence[tuple[str, bytes]], *, character: str = "",
-                          reference: Sequence[tuple[str, bytes]] = (), profile: str = "") -> dict[str, Any]:
-        """Identity similarity of each image to a character (or reference images), plus set scores."""
+                          reference: Sequence[tuple[str, bytes]] = (), profile: str = "") -> ConsistencyResult:
+        """Identity similarity of each image to a character (or reference images), plus set scores.
+
+        The same-person threshold and the identity scale come from the face pack's
+        calibration (:func:`likeness.curate.calibration.calibration_for`), as in
+        curation and ``likeness score``: one rule, whichever door a client uses.
+        """
         from likeness import scores
+        from likeness.curate.calibration import calibration_for
 
         if bool(character) == bool(reference):
             raise InvalidInput("give either a character or reference_images, not both or neither")
@@ -357,21 +428,24 @@ class Runtime:
         prof = resolve_profile(profile or self.default_profile)
         centroid = self._reference_centroid(prof, character, reference)
         embs = self._embed_main_faces(prof, pil)
+        cal = calibration_for(getattr(self.models.faces(prof), "recognition_sha256", None))
+        threshold = float(cal.threshold)
         per_image = []
         for i, e in enumerate(embs):
             ident = None if e is None else float(scores.identity_similarities(e[None], centroid)[0])
-            per_image.append({"index": i, "name": images[i][0], "face_found": e is not None,
-                              "identity": ident if ident is not None else 0.0,
-                              "same_identity": ident is not None and scores.same_person(ident)})
-        s = scores.set_scores(embs)
+            per_image.append(ImageConsistency(index=i, name=images[i][0], face_found=e is not None,
+                                              identity=ident if ident is not None else 0.0,
+                                              same_identity=ident is not None and scores.same_person(ident, threshold)))
+        s = scores.set_scores(embs, scale=cal.scale)
         set_dict = {k: float(v) for k, v in s.to_dict().items() if isinstance(v, (int, float)) and v is not None}
-        found = [p["identity"] for p in per_image if p["face_found"]]
+        found = [p.identity for p in per_image if p.face_found]
         set_dict["identity_mean_to_reference"] = float(sum(found) / len(found)) if found else 0.0
-        return {"images": per_image, "set_scores": set_dict, "threshold": float(scores.IDENTITY_THRESHOLD)}
+        return ConsistencyResult(images=tuple(per_image), set_scores=set_dict, threshold=threshold,
+                                 calibrated=bool(cal.calibrated))
 
     # ----------------------------------------------------------- curation
     def curate(self, *, images: Sequence[tuple[str, bytes]] = (), gallery: str = "", character: str = "",
-               k: int = 0, cancel: CancelToken | None = None) -> dict[str, Any]:
+               k: int = 0, cancel: CancelToken | None = None) -> CurateResult:
         """Decisions, reasons and scores for sent images or a server-side folder."""
         import tempfile
 
@@ -403,18 +477,20 @@ class Runtime:
         for j, d in enumerate(res.images):
             i = names.get(d.id, j)
             name = images[i][0] if images else d.file
-            decisions.append({"index": i, "name": name or d.id, "kept": d.decision == "kept",
-                              "reasons": [d.reason_code, d.reason],
-                              "scores": {k2: v for k2, v in d.scores.items() if v is not None}})
+            decisions.append(CurateDecision(index=i, name=name or d.id, kept=d.decision == "kept",
+                                            reasons=(d.reason_code, d.reason),
+                                            scores={k2: float(v) for k2, v in d.scores.items()
+                                                    if isinstance(v, (int, float)) and v is not None}))
         selected = res.set_scores.get("selected", {})
-        return {"decisions": decisions,
-                "set_scores": {k2: v for k2, v in selected.items() if isinstance(v, (int, float)) and v is not None}}
+        return CurateResult(decisions=tuple(decisions),
+                            set_scores={k2: float(v) for k2, v in selected.items()
+                                        if isinstance(v, (int, float)) and v is not None})
 
     # ---------------------------------------------------------- generation
     def generate(self, *, characters: Sequence[str] = (), prompt: str, negative_prompt: str = "",
                  sampler: str = "", steps: int = 0, cfg_scale: float = 0.0, width: int = 0, height: int = 0,
                  seeds: Sequence[int] = (), count: int = 0, profile: str = "",
-                 cancel: CancelToken | None = None) -> Iterator[dict[str, Any]]:
+                 cancel: CancelToken | None = None) -> Iterator[GeneratedImage]:
         """Images for an A1111 prompt with trained tokens, one per seed, yielded as they are made.
 
         Everything is validated here, before the first image (a bad request fails at once,
@@ -455,7 +531,7 @@ class Runtime:
         return self._generate(builds, prof, sampling, prompt, negative_prompt, seeds, cancel)
 
     def _generate(self, builds: list[BuildRow], prof: Any, sampling: Any, prompt: str, negative_prompt: str,
-                  seeds: list[int], cancel: CancelToken | None) -> Iterator[dict[str, Any]]:
+                  seeds: list[int], cancel: CancelToken | None) -> Iterator[GeneratedImage]:
         from likeness.backends.diffusion import load_pipeline, model_hash, model_name, set_sampler
         from likeness.embeddings import load_embedding, load_into_pipeline
         from likeness.generate.gallery import PromptCache, infotext_for, render_images
@@ -477,8 +553,8 @@ class Runtime:
                                     prompt=prompt, negative_prompt=negative_prompt, seed=int(seed))
                 (r,) = render_images(pipe, [item], sampling, model=model, model_hash=mhash, cache=cache, cancel=cancel)
                 rec.units += 1
-                yield {"index": i, "seed": int(seed), "png": r.png,
-                       "infotext": infotext_for(item, sampling, model, mhash)}
+                yield GeneratedImage(index=i, seed=int(seed), png=r.png,
+                                     infotext=infotext_for(item, sampling, model, mhash))
 
     def character_spec(self, name: str) -> CharacterSpec:
         return spec_from_dict(self.get_character(name).spec)

@@ -212,7 +212,7 @@ class LikenessServicer(pb_grpc.LikenessServicer):
             height=request.height, seeds=list(request.seeds), count=request.count, profile=request.profile,
             cancel=cancel,
         ):
-            yield pb.GeneratedImage(index=img["index"], seed=img["seed"], png=img["png"], infotext=img["infotext"])
+            yield pb.GeneratedImage(index=img.index, seed=img.seed, png=img.png, infotext=img.infotext)
 
     @grpc_errors
     def ScoreConsistency(self, request: pb.ScoreConsistencyRequest,
@@ -222,11 +222,11 @@ class LikenessServicer(pb_grpc.LikenessServicer):
             _images(request.images), character=request.character if ref == "character" else "",
             reference=_images(request.reference_images.images) if ref == "reference_images" else (),
         )
-        msg = pb.ScoreConsistencyResponse(threshold=out["threshold"])
-        for s in out["images"]:
-            msg.images.add(index=s["index"], name=s["name"], face_found=s["face_found"], identity=s["identity"],
-                           same_identity=s["same_identity"])
-        msg.set_scores.update(_floats(out["set_scores"]))
+        msg = pb.ScoreConsistencyResponse(threshold=out.threshold)
+        for s in out.images:
+            msg.images.add(index=s.index, name=s.name, face_found=s.face_found, identity=s.identity,
+                           same_identity=s.same_identity)
+        msg.set_scores.update(_floats(out.set_scores))
         return msg
 
     @grpc_errors
@@ -234,10 +234,10 @@ class LikenessServicer(pb_grpc.LikenessServicer):
         out = self.rt.curate(images=_images(request.images), gallery=request.gallery, character=request.character,
                              k=request.k, cancel=_cancel_on_done(context))
         msg = pb.CurateResponse()
-        for d in out["decisions"]:
-            m = msg.decisions.add(index=d["index"], name=d["name"], kept=d["kept"], reasons=d["reasons"])
-            m.scores.update(_floats(d.get("scores", {})))
-        msg.set_scores.update(_floats(out["set_scores"]))
+        for d in out.decisions:
+            m = msg.decisions.add(index=d.index, name=d.name, kept=d.kept, reasons=list(d.reasons))
+            m.scores.update(_floats(d.scores))
+        msg.set_scores.update(_floats(out.set_scores))
         return msg
 
     @grpc_errors
@@ -251,13 +251,13 @@ class LikenessServicer(pb_grpc.LikenessServicer):
         out = self.rt.get_embedding(build_id=request.build_id if src == "build_id" else "",
                                     character=request.character if src == "character" else "",
                                     format=_FORMATS[request.format])
-        return pb.EmbeddingFile(filename=out["filename"], data=out["data"], format=_FORMAT_ENUM[out["format"]],
-                                token=out["token"], build_id=out["build_id"])
+        return pb.EmbeddingFile(filename=out.filename, data=out.data, format=_FORMAT_ENUM[out.format],
+                                token=out.token, build_id=out.build_id)
 
     @grpc_errors
     def GetReport(self, request: pb.GetReportRequest, context: grpc.ServicerContext) -> pb.Report:
         out = self.rt.get_report(request.build_id)
-        return pb.Report(build_id=out["build_id"], json=out["json"], html=out["html"])
+        return pb.Report(build_id=out.build_id, json=out.json, html=out.html)
 
 
 def _cancel_on_done(context: grpc.ServicerContext) -> Any:
