@@ -82,6 +82,14 @@ def test_regression_is_named_and_exit_is_non_zero(tmp_path: Path) -> None:
     assert summary["trends"]["Bea"]["series"]["eval_identity_token"] == [0.6, 0.4]
     html = Path(night2.summary_html).read_text()
     assert "Regressions" in html and "Bea" in html and html.count('src="data:image/png;base64,') == 2
+    # The page is made from summary.json alone (report/nightly_page.py), so it can be re-made from it.
+    from likeness.report.nightly_page import nightly_page
+
+    assert nightly_page(summary) == html
+    # The history is the store's: the rows are read through likeness.build.store.
+    from likeness.build.store import Store
+
+    assert Store(data).nightly_run("2026-01-02", "Bea").scores["eval_identity_token"] == 0.4
     # A wider margin forgives the same drop.
     assert compare_scores(worse, GOOD, margin=0.25) == []
     # A score that vanished is a regression too.

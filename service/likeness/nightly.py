@@ -17,21 +17,19 @@
   (trend plot per character) and returns a result whose exit code is non-zero
   when any build failed or any score regressed.
 
-History lives in the service's SQLite file (``<data_dir>/likeness.db``) in this
-module's own table ``nightly_runs`` (the store has no per-night table).
+History lives in the service's store (``<data_dir>/likeness.db``, table
+``nightly_runs``, :meth:`likeness.build.store.Store.nightly_run` and friends): the
+store is the one owner of that file. The summary page is made by
+:mod:`likeness.report.nightly_page`, beside the build report page.
 """
 
 from __future__ import annotations
 
-import base64
 import datetime as _dt
 import fcntl
 import hashlib
-import html
 import json
 import os
-import sqlite3
-import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +37,7 @@ from typing import Any, Callable, Iterator
 
 from likeness import layout
 from likeness.build.options import BuildOptions
+from likeness.build.store import Store
 from likeness.config import same_as
 from likeness.errors import FailedPrecondition, InvalidInput, NotFound
 from likeness.files import atomic_write_json, atomic_write_text, check_name
@@ -47,24 +46,6 @@ LOCK_NAME = "nightly.lock"
 # Scores drawn in the trend plot (all of report summary.scores are compared).
 TREND_SCORES = ("curated_overall", "curated_identity_consistency", "train_best_score",
                 "eval_identity_token", "eval_clip_t_token", "eval_identity_gain_vs_baseline")
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS nightly_runs (
-    night TEXT NOT NULL,
-    character TEXT NOT NULL,
-    spec_file TEXT NOT NULL DEFAULT '',
-    spec_sha256 TEXT NOT NULL DEFAULT '',
-    build_id TEXT NOT NULL DEFAULT '',
-    state TEXT NOT NULL,
-    scores_json TEXT NOT NULL DEFAULT '{}',
-    error TEXT NOT NULL DEFAULT '',
-    started_at REAL NOT NULL,
-    finished_at REAL NOT NULL DEFAULT 0,
-    PRIMARY KEY (night, character)
-);
-CREATE INDEX IF NOT EXISTS nightly_runs_by_character ON nightly_runs(character, night);
-"""
-
 
 @dataclass(frozen=True)
 class NightlyConfig:
@@ -156,7 +137,7 @@ def nightly_exit_code(result: NightlyResult) -> int:
     return 0 if result.ok else 1
 
 
-# ------------------------------------------------------------------ lock, history
+# ------------------------------------------------------------------ lock
 
 @contextmanager
 def nightly_lock(data_dir: Path) -> Iterator[Path]:
@@ -179,53 +160,6 @@ def nightly_lock(data_dir: Path) -> Iterator[Path]:
         yield path
     finally:
         os.close(fd)  # closing the descriptor releases the lock
-
-
-class History:
-    """Per-night, per-character build results in ``<data_dir>/likeness.db`` (table ``nightly_runs``)."""
-
-    def __init__(self, data_dir: Path) -> None:
-        from likeness.build.store import DB_NAME
-
-        data_dir.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(str(data_dir / DB_NAME), isolation_level=None, timeout=30)
-        self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.executescript(_SCHEMA)
-
-    def close(self) -> None:
-        self._conn.close()
-
-    def get(self, night: str, character: str) -> sqlite3.Row | None:
-        return self._conn.execute("SELECT * FROM nightly_runs WHERE night=? AND character=?",
-                                  (night, character)).fetchone()
-
-    def start(self, night: str, character: str, spec_file: str, spec_sha: str) -> None:
-        self._conn.execute(
-            "INSERT INTO nightly_runs(night, character, spec_file, spec_sha256, state, started_at) "
-            "VALUES (?,?,?,?, 'running', ?) ON CONFLICT(night, character) DO UPDATE SET state='running', "
-            "spec_file=excluded.spec_file, spec_sha256=excluded.spec_sha256, error='', started_at=excluded.started_at",
-            (night, character, spec_file, spec_sha, time.time()))
-
-    def set_build(self, night: str, character: str, build_id: str) -> None:
-        self._conn.execute("UPDATE nightly_runs SET build_id=? WHERE night=? AND character=?",
-                           (build_id, night, character))
-
-    def finish(self, night: str, character: str, state: str, build_id: str, scores: dict[str, Any], error: str) -> None:
-        self._conn.execute(
-            "UPDATE nightly_runs SET state=?, build_id=?, scores_json=?, error=?, finished_at=? "
-            "WHERE night=? AND character=?",
-            (state, build_id, json.dumps(scores), error[:4000], time.time(), night, character))
-
-    def previous_success(self, character: str, night: str) -> sqlite3.Row | None:
-        return self._conn.execute(
-            "SELECT * FROM nightly_runs WHERE character=? AND night<? AND state='succeeded' "
-            "ORDER BY night DESC LIMIT 1", (character, night)).fetchone()
-
-    def series(self, character: str, until: str) -> list[sqlite3.Row]:
-        return self._conn.execute(
-            "SELECT * FROM nightly_runs WHERE character=? AND night<=? AND state='succeeded' ORDER BY night",
-            (character, until)).fetchall()
 
 
 # ------------------------------------------------------------------ comparing
@@ -282,20 +216,20 @@ def run_nightly(characters_dir: str | Path, *, data_dir: str | Path, config: Nig
         raise NotFound(f"no character specs (*.toml) in {root}; put one spec file per character there")
     data = Path(data_dir)
     with nightly_lock(data):
-        history = History(data)
+        store = Store(data)
         build = build_fn or embedded_builder(data)
         results = []
         try:
             for spec_file in specs:
-                results.append(_one(history, build, spec_file, night, config, load_spec))
+                results.append(_one(store, build, spec_file, night, config, load_spec))
             result = NightlyResult(night, config.margin, results)
-            _write_summary(data, history, result)
+            _write_summary(data, store, result)
         finally:
-            history.close()
+            store.close()
     return result
 
 
-def _one(history: History, build: BuildFn, spec_file: Path, night: str, config: NightlyConfig,
+def _one(store: Store, build: BuildFn, spec_file: Path, night: str, config: NightlyConfig,
          load_spec: Callable[[Path], Any]) -> CharacterNight:
     sha = hashlib.sha256(spec_file.read_bytes()).hexdigest()
     try:
@@ -304,33 +238,32 @@ def _one(history: History, build: BuildFn, spec_file: Path, night: str, config: 
     except Exception as exc:  # noqa: BLE001 - a broken spec is that character's failure only
         return CharacterNight(character=spec_file.stem, spec_file=str(spec_file), state="failed",
                               error=f"spec {spec_file.name}: {exc}")
-    row = history.get(night, character)
-    if row is not None and row["state"] == "succeeded":
-        cn = CharacterNight(character, str(spec_file), "succeeded", row["build_id"], json.loads(row["scores_json"]),
-                            reused=True)
+    row = store.nightly_run(night, character)
+    if row is not None and row.state == "succeeded":
+        cn = CharacterNight(character, str(spec_file), "succeeded", row.build_id, dict(row.scores), reused=True)
     else:
-        resume = row["build_id"] if row is not None and row["state"] == "running" else ""
-        history.start(night, character, str(spec_file), sha)
+        resume = row.build_id if row is not None and row.state == "running" else ""
+        store.start_nightly(night, character, str(spec_file), sha)
         started = [resume]
 
         def record(build_id: str) -> None:
             started[0] = build_id
-            history.set_build(night, character, build_id)
+            store.set_nightly_build(night, character, build_id)
 
         try:
             outcome = build(spec, spec_file, config.build_options(), resume, record)
         except Exception as exc:  # noqa: BLE001 - one failing character must not stop the others
             outcome = BuildOutcome(build_id=started[0], state="failed", error=f"{type(exc).__name__}: {exc}")
         scores = outcome.scores if outcome.state == "succeeded" else {}
-        history.finish(night, character, outcome.state, outcome.build_id, scores,
+        store.finish_nightly(night, character, outcome.state, outcome.build_id, scores,
                        outcome.error or ("" if outcome.state == "succeeded" else outcome.state))
         cn = CharacterNight(character, str(spec_file), outcome.state, outcome.build_id, dict(scores),
                             error=outcome.error or ("" if outcome.state == "succeeded" else f"build {outcome.state}"))
     if cn.state == "succeeded":
-        prev = history.previous_success(character, night)
+        prev = store.previous_nightly_success(character, night)
         if prev is not None:
-            before = json.loads(prev["scores_json"])
-            cn.previous = {"night": prev["night"], "build_id": prev["build_id"], "scores": before}
+            before = dict(prev.scores)
+            cn.previous = {"night": prev.night, "build_id": prev.build_id, "scores": before}
             cn.regressions = compare_scores(cn.scores, before, config.margin)
     return cn
 
@@ -349,7 +282,6 @@ def embedded_builder(data_dir: Path, *, device: str = "") -> BuildFn:
     def build(spec: Any, spec_file: Path, options: dict[str, Any], resume_build_id: str,
               started: Callable[[str], None]) -> BuildOutcome:
         from likeness.build.runner import run_build
-        from likeness.build.store import Store
         from likeness.build.worker import detect_devices
 
         name = character_name(spec)
@@ -434,66 +366,20 @@ def _state_name(build: Any) -> str:
 
 # ------------------------------------------------------------------ summary
 
-def _write_summary(data: Path, history: History, result: NightlyResult) -> None:
-    from likeness.report import plots
+def _write_summary(data: Path, store: Store, result: NightlyResult) -> None:
+    from likeness.report.nightly_page import nightly_page
 
     out = data / "nightly" / result.night
     trends: dict[str, dict[str, Any]] = {}
     for c in result.characters:
-        rows = history.series(c.character, result.night)
-        nights = [r["night"] for r in rows]
+        rows = store.nightly_series(c.character, result.night)
         series = {}
         for name in TREND_SCORES:
-            vals = [json.loads(r["scores_json"]).get(name) for r in rows]
+            vals = [r.scores.get(name) for r in rows]
             if any(isinstance(v, (int, float)) for v in vals):
                 series[name] = vals
-        trends[c.character] = {"nights": nights, "series": series}
+        trends[c.character] = {"nights": [r.night for r in rows], "series": series}
     doc = dict(result.to_dict(), trends=trends, generated_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     doc.pop("summary_json"), doc.pop("summary_html")
     result.summary_json = str(atomic_write_json(out / "summary.json", doc))
-    e = html.escape
-    parts = [f"<h1>Nightly builds — {e(result.night)}</h1>",
-             f"<p class={'ok' if result.ok else 'bad'}>" + (
-                 "All builds succeeded and no score fell by more than the margin." if result.ok else
-                 f"{len(result.failures)} failed build(s), {len(result.regressions)} regression(s).") +
-             f" Margin: a score falling by more than {result.margin} since the character's previous successful "
-             "build is a regression. All scores are higher-is-better.</p>"]
-    if result.regressions:
-        parts.append("<h2>Regressions</h2><table><tr><th>character</th><th>score</th><th>previous</th><th>now</th>"
-                     "<th>why</th></tr>" + "".join(
-                         f"<tr><td>{e(r['character'])}</td><td>{e(r['score'])}</td><td>{r['previous']}</td>"
-                         f"<td>{r['current']}</td><td>{e(r['why'])}</td></tr>" for r in result.regressions) + "</table>")
-    if result.failures:
-        parts.append("<h2>Failed builds</h2><table><tr><th>character</th><th>build</th><th>error</th></tr>" + "".join(
-            f"<tr><td>{e(f['character'])}</td><td>{e(f['build_id'])}</td><td>{e(f['error'])}</td></tr>"
-            for f in result.failures) + "</table>")
-    for c in result.characters:
-        parts.append(f"<h2>{e(c.character)}</h2><p>state <b>{e(c.state)}</b>"
-                     + (" (finished earlier tonight, not rebuilt)" if c.reused else "")
-                     + (f", build {e(c.build_id)}" if c.build_id else "")
-                     + (f", compared with {e(c.previous['night'])} ({e(c.previous['build_id'])})" if c.previous else
-                        ", no previous successful build to compare with") + "</p>")
-        if c.error:
-            parts.append(f"<p class=bad>{e(c.error)}</p>")
-        if c.scores:
-            prev = (c.previous or {}).get("scores", {})
-            parts.append("<table><tr><th>score</th><th>now</th><th>previous</th><th>change</th></tr>")
-            for k, v in c.scores.items():
-                p = prev.get(k)
-                ch = f"{v - p:+.3f}" if isinstance(v, (int, float)) and isinstance(p, (int, float)) else "—"
-                parts.append(f"<tr><td>{e(k)}</td><td>{'—' if v is None else f'{v:.3f}'}</td>"
-                             f"<td>{'—' if p is None else f'{p:.3f}'}</td><td>{ch}</td></tr>")
-            parts.append("</table>")
-        t = trends[c.character]
-        if t["series"]:
-            png = plots.trend_plot(t["nights"], t["series"], f"{c.character}: scores per night")
-            parts.append(f'<img alt="trend of {e(c.character)}" src="data:image/png;base64,'
-                         f'{base64.b64encode(png).decode()}">')
-    page = ("<!doctype html><html lang=en><head><meta charset=utf-8>"
-            "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
-            "style-src 'unsafe-inline'\"><title>Likeness nightly " + e(result.night) + "</title><style>"
-            "body{font-family:system-ui,sans-serif;max-width:1000px;margin:auto;padding:1em 2em}"
-            "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .6em}"
-            ".ok{color:#007a55}.bad{color:#c0392b}img{max-width:100%}</style></head><body>"
-            + "".join(parts) + "</body></html>\n")
-    result.summary_html = str(atomic_write_text(out / "summary.html", page))
+    result.summary_html = str(atomic_write_text(out / "summary.html", nightly_page(doc)))

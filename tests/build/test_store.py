@@ -189,3 +189,33 @@ def test_a_data_dir_from_before_build_owners_is_migrated(tmp_path):
     conn.close()
     s2 = Store(tmp_path)
     assert s2.claim(b.id, "cpu").state == "running"
+
+
+def test_nightly_history_lives_in_the_store(tmp_path):
+    """The nightly runner's per-night rows are the store's (one owner of likeness.db): a row goes
+    running -> build recorded -> finished, survives reopening, and the queries the runner uses
+    (previous success before a night, the series up to a night) skip failures and later nights."""
+    s = Store(tmp_path)
+    assert s.nightly_run("2026-01-01", "Emily") is None
+    s.start_nightly("2026-01-01", "Emily", "emily.toml", "ab" * 32)
+    s.set_nightly_build("2026-01-01", "Emily", "b-1")
+    row = s.nightly_run("2026-01-01", "Emily")
+    assert (row.state, row.build_id, row.scores) == ("running", "b-1", {})
+    s.finish_nightly("2026-01-01", "Emily", "succeeded", "b-1", {"curated_overall": 0.8}, "")
+    s.start_nightly("2026-01-02", "Emily", "emily.toml", "cd" * 32)
+    s.finish_nightly("2026-01-02", "Emily", "failed", "b-2", {}, "boom " * 2000)
+    s.start_nightly("2026-01-03", "Emily", "emily.toml", "cd" * 32)
+    s.finish_nightly("2026-01-03", "Emily", "succeeded", "b-3", {"curated_overall": 0.7}, "")
+    s.close()
+    s = Store(tmp_path)  # reopened: the history is durable
+    failed = s.nightly_run("2026-01-02", "Emily")
+    assert failed.state == "failed" and len(failed.error) == 4000
+    assert s.previous_nightly_success("Emily", "2026-01-03").build_id == "b-1"
+    assert s.previous_nightly_success("Emily", "2026-01-01") is None
+    assert [r.night for r in s.nightly_series("Emily", "2026-01-03")] == ["2026-01-01", "2026-01-03"]
+    assert [r.scores["curated_overall"] for r in s.nightly_series("Emily", "2026-01-02")] == [0.8]
+    assert s.nightly_series("Bob", "2026-01-03") == []
+    # A restart of the night's build marks it running again and clears the old error.
+    s.start_nightly("2026-01-02", "Emily", "emily.toml", "cd" * 32)
+    again = s.nightly_run("2026-01-02", "Emily")
+    assert again.state == "running" and again.error == "" and again.build_id == "b-2"

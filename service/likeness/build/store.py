@@ -80,6 +80,20 @@ CREATE TABLE IF NOT EXISTS events (
     state TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (build_id, number)
 );
+CREATE TABLE IF NOT EXISTS nightly_runs (
+    night TEXT NOT NULL,
+    character TEXT NOT NULL,
+    spec_file TEXT NOT NULL DEFAULT '',
+    spec_sha256 TEXT NOT NULL DEFAULT '',
+    build_id TEXT NOT NULL DEFAULT '',
+    state TEXT NOT NULL,
+    scores_json TEXT NOT NULL DEFAULT '{}',
+    error TEXT NOT NULL DEFAULT '',
+    started_at REAL NOT NULL,
+    finished_at REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (night, character)
+);
+CREATE INDEX IF NOT EXISTS nightly_runs_by_character ON nightly_runs(character, night);
 """
 
 
@@ -162,6 +176,24 @@ class EventRow:
     message: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
     state: str = ""
+
+
+@dataclass(frozen=True)
+class NightlyRow:
+    """One character's build of one night (``likeness nightly``)."""
+
+    night: str
+    character: str
+    spec_file: str
+    spec_sha256: str
+    build_id: str
+    # "running" while the night's build runs, then the build's final state.
+    state: str
+    # report.json summary.scores of a succeeded build (higher is better).
+    scores: dict[str, float | None]
+    error: str
+    started_at: float
+    finished_at: float
 
 
 def new_build_id() -> str:
@@ -487,6 +519,53 @@ class Store:
         """Block until any event lands (in this process) or ``timeout`` passes."""
         with self._changed:
             self._changed.wait(timeout)
+
+    # ------------------------------------------------------------- nightly
+    # The nightly runner's history: one row per (night, character), in the same file and
+    # under the same transaction rules as builds (the store is the one owner of likeness.db).
+    def nightly_run(self, night: str, character: str) -> NightlyRow | None:
+        rows = self._query("SELECT * FROM nightly_runs WHERE night=? AND character=?", (night, character))
+        return self._nightly(rows[0]) if rows else None
+
+    def start_nightly(self, night: str, character: str, spec_file: str, spec_sha256: str) -> None:
+        """Mark the character's build of ``night`` running (again, after a failure or a kill)."""
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO nightly_runs(night, character, spec_file, spec_sha256, state, started_at) "
+                "VALUES (?,?,?,?, 'running', ?) ON CONFLICT(night, character) DO UPDATE SET state='running', "
+                "spec_file=excluded.spec_file, spec_sha256=excluded.spec_sha256, error='', "
+                "started_at=excluded.started_at", (night, character, spec_file, spec_sha256, time.time()))
+
+    def set_nightly_build(self, night: str, character: str, build_id: str) -> None:
+        """Record the build as soon as it exists, so a killed run resumes it instead of starting over."""
+        with self._tx() as c:
+            c.execute("UPDATE nightly_runs SET build_id=? WHERE night=? AND character=?", (build_id, night, character))
+
+    def finish_nightly(self, night: str, character: str, state: str, build_id: str,
+                       scores: dict[str, Any], error: str) -> None:
+        with self._tx() as c:
+            c.execute("UPDATE nightly_runs SET state=?, build_id=?, scores_json=?, error=?, finished_at=? "
+                      "WHERE night=? AND character=?",
+                      (state, build_id, json.dumps(scores), error[:4000], time.time(), night, character))
+
+    def previous_nightly_success(self, character: str, night: str) -> NightlyRow | None:
+        """The character's last succeeded nightly build before ``night``."""
+        rows = self._query("SELECT * FROM nightly_runs WHERE character=? AND night<? AND state='succeeded' "
+                           "ORDER BY night DESC LIMIT 1", (character, night))
+        return self._nightly(rows[0]) if rows else None
+
+    def nightly_series(self, character: str, until: str) -> list[NightlyRow]:
+        """The character's succeeded nightly builds up to and including ``until``, oldest first."""
+        return [self._nightly(r) for r in self._query(
+            "SELECT * FROM nightly_runs WHERE character=? AND night<=? AND state='succeeded' ORDER BY night",
+            (character, until))]
+
+    @staticmethod
+    def _nightly(r: sqlite3.Row) -> NightlyRow:
+        return NightlyRow(night=r["night"], character=r["character"], spec_file=r["spec_file"],
+                          spec_sha256=r["spec_sha256"], build_id=r["build_id"], state=r["state"],
+                          scores=json.loads(r["scores_json"]), error=r["error"], started_at=r["started_at"],
+                          finished_at=r["finished_at"])
 
     def watch(self, build_id: str, after: int = 0, *, poll: float = 0.5,
               active: Any = None) -> Iterator[EventRow]:
