@@ -20,7 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -65,6 +65,11 @@ class Calibration:
     pairs: str = ""
     # False when no calibration exists for this model and defaults are used.
     calibrated: bool = True
+    # A second, independent labelled set scored at this threshold (the threshold is not refitted):
+    # its file name, pair count and accuracy. None when no check set was given.
+    check_pairs: str = ""
+    check_n_pairs: int = 0
+    check_accuracy: float | None = None
 
     @property
     def scale(self) -> IdentityScale:
@@ -279,22 +284,24 @@ def save_calibration(sha256: str, cal: Calibration, path: Path = TABLE_PATH) -> 
     return atomic_write_json(path, dict(sorted(table.items())))
 
 
-def calibrate(analyzer: FaceAnalyzer, pairs_csv: str | os.PathLike[str], realdata: Path | None = None,
-              limit: int | None = None) -> Calibration:
-    """Embed every pair image once (batched), then :func:`calibrate_from_cosines`.
+def pair_cosines(analyzer: FaceAnalyzer, pairs_file: str | os.PathLike[str], realdata: Path | None = None,
+                 limit: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(cosines, same labels, images without a detected face) of a labelled pairs file.
 
-    ``pairs_csv``: any format :func:`read_pairs` reads (CSV, deepface, LFW).
+    Every distinct image is embedded once, in chunks of 256 (LFW devtrain: 3,403
+    images); its first (main) face is used. A pair with a faceless image gets
+    cosine -1: it cannot be verified as the same person.
     ``limit``: the first ``limit`` same and first ``limit`` different pairs
     only (a deterministic subset, for tests).
     """
     from likeness.images import load_image
 
-    rows = read_pairs(pairs_csv)
+    rows = read_pairs(pairs_file)
     if limit is not None:
         rows = [r for r in rows if r[2]][:limit] + [r for r in rows if r[2] is False][:limit]
     if any(lab is None for _, _, lab in rows):
-        raise InvalidInput(f"{pairs_csv}: calibration needs a label (same / Decision) on every row")
-    base = Path(pairs_csv).resolve().parent
+        raise InvalidInput(f"{pairs_file}: calibration needs a label (same / Decision) on every row")
+    base = Path(pairs_file).resolve().parent
     files: dict[str, Path] = {}
     for a, b, _ in rows:
         for n in (a, b):
@@ -302,25 +309,41 @@ def calibrate(analyzer: FaceAnalyzer, pairs_csv: str | os.PathLike[str], realdat
                 files[n] = resolve_image(n, base, realdata)
     names = list(files)
     emb: dict[str, Any] = {}
-    for start in range(0, len(names), 256):  # bounded memory: LFW devtrain is 3,403 images
+    for start in range(0, len(names), 256):
         chunk = names[start:start + 256]
         faces = analyzer.analyze([np.asarray(load_image(files[n])[0]) for n in chunk])
         emb.update({n: (f[0].embedding if f else None) for n, f in zip(chunk, faces)})
-    cos, same, missing = [], [], 0
-    for a, b, lab in rows:
-        ea, eb = emb[a], emb[b]
-        if ea is None or eb is None:
-            missing += 1
-            cos.append(-1.0)  # no face: cannot be verified as the same person
-        else:
-            cos.append(float(np.dot(ea, eb)))
-        same.append(bool(lab))
+    cos = [(-1.0 if emb[a] is None or emb[b] is None else float(np.dot(emb[a], emb[b]))) for a, b, _ in rows]
+    return np.array(cos), np.array([bool(lab) for _, _, lab in rows]), [n for n in names if emb[n] is None]
+
+
+def calibrate(analyzer: FaceAnalyzer, pairs_csv: str | os.PathLike[str], realdata: Path | None = None,
+              limit: int | None = None, check: str | os.PathLike[str] | None = None,
+              faceless: list[str] | None = None) -> Calibration:
+    """Fit the threshold on one labelled pairs file, then score a second one at it.
+
+    ``pairs_csv``: any format :func:`read_pairs` reads (CSV, deepface, LFW).
+    ``check``: an independent pairs file (the deepface pairs beside LFW), scored
+    at the fitted threshold without refitting: a threshold that only fits its own
+    data shows there. ``faceless``: a list that receives the pair images where no
+    face was found (what ``n_missing`` counts), for the user to look at.
+    """
+    x, y, no_face = pair_cosines(analyzer, pairs_csv, realdata, limit)
+    if faceless is not None:
+        faceless.extend(no_face)
+    missing = int(sum(1 for c in x if c == -1.0))
     model = getattr(analyzer, "recognition_model", None)
-    return calibrate_from_cosines(np.array(cos), np.array(same), n_missing=missing,
-                                  model=Path(model).name if model else "", pairs=Path(pairs_csv).name)
+    cal = calibrate_from_cosines(x, y, n_missing=missing, model=Path(model).name if model else "",
+                                 pairs=Path(pairs_csv).name)
+    if check is not None:
+        cx, cy, _ = pair_cosines(analyzer, check, realdata)
+        cal = replace(cal, check_pairs=Path(check).name, check_n_pairs=int(cx.size),
+                      check_accuracy=float(np.mean((cx >= cal.threshold) == cy)))
+    return cal
 
 
 __all__: Sequence[str] = (
     "Calibration", "DEFAULT_CALIBRATION", "TABLE_PATH", "best_threshold", "calibrate", "calibrate_from_cosines",
+    "pair_cosines",
     "calibration_for", "cv_accuracy", "is_lfw_pairs", "load_table", "read_lfw_pairs", "read_pairs", "resolve_image", "save_calibration",
 )

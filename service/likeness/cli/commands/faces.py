@@ -138,8 +138,9 @@ def _calibrate(args: argparse.Namespace) -> int:
     from likeness.profiles import realdata_dir
 
     analyzer = _analyzer(args)
-    cal = calibrate(analyzer, args.pairs, realdata_dir())
-    out = {"sha256": analyzer.recognition_sha256, **cal.to_dict(), "written": False}
+    faceless: list[str] = []
+    cal = calibrate(analyzer, args.pairs, realdata_dir(), check=args.check, faceless=faceless)
+    out = {"sha256": analyzer.recognition_sha256, **cal.to_dict(), "faceless_images": faceless, "written": False}
     if args.write:
         out["written"] = str(save_calibration(analyzer.recognition_sha256, cal))
     emit(out)
@@ -274,6 +275,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = fsub.add_parser("calibrate", help="recompute the identity threshold on labelled pairs")
     p.add_argument("--pairs", required=True,
                    help="CSV a,b,same, deepface's file_x,file_y,Decision, or an LFW pairs file (pairsDevTrain.txt)")
+    p.add_argument("--check", help="a second labelled pairs file scored at the fitted threshold (not refitted), "
+                                   "e.g. the deepface pairs beside LFW")
     p.add_argument("--write", action="store_true", help="store it in service/likeness/curate/calibration_table.json")
     _common(p)
     p.set_defaults(func=_calibrate)
