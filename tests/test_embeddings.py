@@ -207,3 +207,86 @@ def test_damaged_pt_is_one_clear_error_without_torch_warnings(tmp_path: Path) ->
         with pytest.raises(InvalidInput, match="not a loadable PyTorch embedding"):
             load_embedding(bad)
     assert not caught, [str(w.message) for w in caught]
+
+
+# --- .pt files A1111 accepts -------------------------------------------------------------------
+
+# A1111's rule (modules/safe.py, learned from its source): before unpickling a .pt it opens it as a
+# zip and refuses it ("bad file inside ...") unless EVERY record is <top>/data.pkl, <top>/version,
+# <top>/byteorder, <top>/data/<n> or <top>/.data/serialization_id, with exactly one data.pkl.
+# Releases before 1.6 allowed only data.pkl, version and data/<n>, and read the first record as
+# the pickle. Its unpickler then allows only a short list of globals.
+A1111_RECORD = r"^([^/]+)/((data/\d+)|version|byteorder|\.data/serialization_id|(data\.pkl))$"
+A1111_OLD_RECORD = r"^([^/]+)/((data/\d+)|version|(data\.pkl))$"
+
+
+def _a1111_globals_ok(module: str, name: str) -> bool:
+    # The globals A1111's RestrictedUnpickler lets a tensor file use (the ones torch writes).
+    return (module, name) in {("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
+                              ("collections", "OrderedDict")} or (module == "torch" and name.endswith("Storage"))
+
+
+def assert_a1111_accepts(path: Path) -> None:
+    import pickletools
+    import re
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+        bad = [n for n in names if not re.match(A1111_RECORD, n)]
+        assert not bad, f"A1111 refuses {path.name}: bad file inside: {bad}"
+        assert all(re.match(A1111_OLD_RECORD, n) for n in names), names  # also A1111 < 1.6
+        pkls = [n for n in names if n.endswith("/data.pkl")]
+        assert len(pkls) == 1 and names[0] == pkls[0], names
+        assert len({n.split("/", 1)[0] for n in names}) == 1, names
+        for op, arg, _ in pickletools.genops(z.read(pkls[0])):
+            if op.name == "GLOBAL":
+                module, name = str(arg).split(" ", 1)
+                assert _a1111_globals_ok(module, name), f"A1111's unpickler forbids {module}/{name}"
+            assert op.name != "STACK_GLOBAL", "a protocol-4 pickle: its globals are not checked here"
+
+
+def test_a1111_rule_bites_on_plain_torch_save_and_passes_real_a1111_files(tmp_path: Path, realdata: Path) -> None:
+    # The rule as stated is A1111's: a plain torch.save of this torch refuses, files A1111 wrote pass.
+    torch.save({"x": torch.ones(2)}, tmp_path / "plain.pt")
+    with pytest.raises(AssertionError, match="format_version"):
+        assert_a1111_accepts(tmp_path / "plain.pt")
+    real = sorted((realdata / "generated").rglob("*.pt"))
+    assert len(real) >= 10
+    for path in real:
+        assert_a1111_accepts(path)
+
+
+def test_every_pt_the_project_writes_passes_a1111s_check(tmp_path: Path) -> None:
+    import re
+
+    from likeness.embeddings import save_pt
+
+    # Every .pt writer of the package goes through save_pt: no other torch.save call exists.
+    pkg = Path(__file__).resolve().parents[1] / "service" / "likeness"
+    writers = {str(p.relative_to(pkg)) for p in pkg.rglob("*.py") if re.search(r"torch\.save\(", p.read_text())}
+    assert writers == {"embeddings.py"}, writers
+    # The embedding export ...
+    emb = _emb("sd15", n=3, dims={"clip_l": 768})
+    path = save_embedding(emb, tmp_path, "a1111-pt")
+    assert_a1111_accepts(path)
+    back = torch.load(path, map_location="cpu", weights_only=True)
+    assert torch.equal(back["string_to_param"]["*"], emb.vectors["clip_l"]) and back["name"] == TOKEN
+    mapped = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # torch's alignment kept
+    assert torch.equal(mapped["string_to_param"]["*"], emb.vectors["clip_l"])
+    _assert_same(emb, load_embedding(path))
+    # ... the SDXL .pt ...
+    xl = _emb("sdxl", n=2, dims={"clip_l": 768, "clip_g": 1280})
+    assert_a1111_accepts(save_embedding(xl, tmp_path / "xl.pt", "a1111-pt"))
+    _assert_same(xl, load_embedding(tmp_path / "xl.pt"))
+    # ... and the trainer's state.pt (checkpoints.save_checkpoint writes it with save_pt): an AdamW state.
+    p = torch.nn.Parameter(torch.randn(2, 32))
+    opt = torch.optim.AdamW([p], lr=1e-3)
+    p.grad = torch.randn(2, 32)
+    opt.step()
+    state = {"vectors": p.detach().clone(), "optimizer": opt.state_dict(), "step": 6, "scaler": None}
+    assert_a1111_accepts(save_pt(state, tmp_path / "state.pt"))
+    got = torch.load(tmp_path / "state.pt", map_location="cpu", weights_only=True)
+    assert torch.equal(got["vectors"], state["vectors"]) and got["step"] == 6
+    assert torch.equal(got["optimizer"]["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    assert not list(tmp_path.glob(".*tmp*"))

@@ -12,8 +12,13 @@ Formats (each proven by loading it through diffusers' ``load_textual_inversion``
 
 from __future__ import annotations
 
+import io
 import os
+import re
+import struct
+import sys
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -158,7 +163,7 @@ def save_embedding(emb: TrainedEmbedding, path: str | Path, format: Format) -> P
                 "sd_checkpoint": emb.base_model_hash or None,
                 "sd_checkpoint_name": emb.base_model or None,
             }
-        return atomic_save(path, lambda tmp: torch.save(data, tmp))
+        return save_pt(data, path)
     if emb.family == "sdxl":
         tensors = {"clip_l": vec["clip_l"], "clip_g": vec["clip_g"]}
     elif format == "safetensors":
@@ -166,6 +171,63 @@ def save_embedding(emb: TrainedEmbedding, path: str | Path, format: Format) -> P
     else:
         tensors = {emb.token: vec["clip_l"]}
     return atomic_save(path, lambda tmp: save_file(tensors, tmp, metadata=_metadata(emb)))
+
+
+# --- .pt files A1111 accepts ---------------------------------------------------------------------
+
+# A1111 (modules/safe.py) opens every .pt as a zip before unpickling it and refuses the file when a
+# record name is not one of these; releases before 1.6 accepted only data.pkl, version and data/<n>
+# (byteorder and .data/serialization_id came later, with the torch versions that write them).
+A1111_ZIP_RECORD = re.compile(r"^([^/]+)/((data/\d+)|version|byteorder|\.data/serialization_id|(data\.pkl))$")
+# The top folder torch itself uses when saving to a buffer; A1111 before 1.6 opened "archive/data.pkl".
+PT_TOP_FOLDER = "archive"
+# torch aligns tensor records to 64 bytes so that torch.load(mmap=True) can map them in place.
+_PT_ALIGNMENT = 64
+# Local file header size of a zip entry, before its name and extra field (zip APPNOTE 4.3.7).
+_ZIP_LOCAL_HEADER = 30
+# The extra-field id torch pads its records with ("FB").
+_ZIP_PAD_ID = 0x4246
+
+
+def _kept_record(rel: str) -> bool:
+    if rel in ("data.pkl", "version") or re.fullmatch(r"data/\d+", rel):
+        return True
+    # Without a byteorder record torch.load reads little-endian, which is what this machine wrote.
+    return rel == "byteorder" and sys.byteorder != "little"
+
+
+def save_pt(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` ``obj`` to ``path`` as a zip that A1111's loader accepts (atomically).
+
+    torch 2.14 adds ``.format_version``, ``.storage_alignment``, ``byteorder`` and
+    ``.data/serialization_id`` records and names the top folder after the (temporary) file; A1111
+    refuses the first two and its older releases the last two. This keeps torch's own pickle and
+    tensor bytes, drops those records, names the folder ``archive``, writes ``data.pkl`` first (the
+    oldest check reads the first record) and keeps torch's 64-byte alignment, so ``torch.load``
+    (ComfyUI, kohya, diffusers), ``torch.load(mmap=True)`` and A1111 all read it.
+    """
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    with zipfile.ZipFile(buf) as src:
+        records = [(name.split("/", 1)[1], src.read(name)) for name in src.namelist()]
+    records = [r for r in records if _kept_record(r[0])]
+    records.sort(key=lambda r: r[0] != "data.pkl")  # stable: torch's order otherwise
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh, zipfile.ZipFile(fh, "w", zipfile.ZIP_STORED) as out:
+            for rel, data in records:
+                name = f"{PT_TOP_FOLDER}/{rel}"
+                info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+                info.compress_type = zipfile.ZIP_STORED
+                start = fh.tell() + _ZIP_LOCAL_HEADER + len(name.encode()) + 4
+                pad = -start % _PT_ALIGNMENT
+                info.extra = struct.pack("<HH", _ZIP_PAD_ID, pad) + b"Z" * pad
+                out.writestr(info, data)
+
+    return atomic_save(path, write)
 
 
 # --- loading -------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from likeness.errors import FailedPrecondition
-from likeness.files import atomic_save, atomic_write_json, read_json
+from likeness.files import atomic_write_json, read_json
 from likeness.train.checkpoint_scoring import CheckpointScores
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -46,9 +46,7 @@ def checkpoint_dir(out_dir: str | Path, step: int) -> Path:
 
 def save_checkpoint(out_dir: str | Path, trainer: "Trainer", step: int, meta: dict[str, Any]) -> Path:
     """Write ``checkpoints/step-<n>/`` (embedding, optimizer state, meta) whole or not at all."""
-    import torch
-
-    from likeness.embeddings import save_embedding
+    from likeness.embeddings import save_embedding, save_pt
 
     final = checkpoint_dir(out_dir, step)
     tmp = final.parent / f".step-{step}.tmp"
@@ -56,7 +54,7 @@ def save_checkpoint(out_dir: str | Path, trainer: "Trainer", step: int, meta: di
     tmp.mkdir(parents=True)
     save_embedding(trainer.embedding(step), tmp / f"{trainer.token}.safetensors", "safetensors")
     state = trainer.state_dict(step)
-    atomic_save(tmp / "state.pt", lambda p: torch.save(state, p))
+    save_pt(state, tmp / "state.pt")
     atomic_write_json(tmp / "meta.json", {"step": step, "fingerprint": trainer.fingerprint(), **meta})
     if final.exists():
         shutil.rmtree(final)
