@@ -10,7 +10,7 @@ manifest giving each image's zoom and angle label the way a generated gallery do
 - **target** (correct): every photo of the target, each at one of the 5 zoom levels in
   turn: extreme closeup (a 140 px centre crop blown up: the face fills ~60-80% of the
   frame), closeup (the whole photo), medium closeup / medium shot / full body (the photo
-  shrunk to 360 / 200 / 90 px on a grey canvas: faces down to ~36 px wide);
+  shrunk to 360 / 200 / 100 px on a canvas of its own mean border colour: faces down to ~40 px wide);
 - **dup**: a mirrored copy, a JPEG q=35 re-encoding and a blurred copy of three target
   photos (kept beside their original, each is a mistake);
 - **lookalike**: the photos of the identities whose mean face is nearest the target's
@@ -99,8 +99,13 @@ def _frame(img, zoom: str):
         return img.crop((55, 55, 195, 195)).resize((512, 512), Image.LANCZOS)
     if zoom == "closeup":
         return img.resize((512, 512), Image.LANCZOS)
-    side = {"medium closeup": 360, "medium shot": 200, "full body": 90}[zoom]
-    canvas = Image.new("RGB", (512, 512), GREY)
+    side = {"medium closeup": 360, "medium shot": 200, "full body": 100}[zoom]
+    # The canvas takes the photo's own mean border colour: backdrops vary from image to image as
+    # LFW's do, so no zoom level is singled out by its background.
+    a = np.asarray(img, np.float32)
+    border = np.concatenate([a[:10].reshape(-1, 3), a[-10:].reshape(-1, 3), a[:, :10].reshape(-1, 3),
+                             a[:, -10:].reshape(-1, 3)])
+    canvas = Image.new("RGB", (512, 512), tuple(int(v) for v in border.mean(axis=0)))
     small = img.resize((side, side), Image.LANCZOS)
     # Full body: the head sits in the upper part of the frame, as in a standing figure.
     top = (512 - side) // 2 if zoom != "full body" else 60

@@ -35,3 +35,36 @@ def test_real_devtrain_file_counts() -> None:
     rows = read_pairs(p)
     assert sum(r[2] for r in rows) == 1084 and sum(not r[2] for r in rows) == 1091
     assert all((p.parent / a).is_file() and (p.parent / b).is_file() for a, b, _ in rows[:50])
+
+
+def test_membership_thresholds_separate_own_centroid_from_nearest_other() -> None:
+    """calibrate_membership on labelled identities: the member threshold lies between a face's cosine to its
+    own identity's leave-one-out centroid and to the nearest other identity's centroid; the cluster cut
+    between two halves of one identity and the nearest other identity's faces; fewer than 2 usable
+    identities is InvalidInput."""
+    import numpy as np
+    import pytest
+
+    from likeness.curate.calibration import calibrate_membership
+    from likeness.errors import InvalidInput
+
+    rng = np.random.default_rng(0)
+    d, embs, who = 32, [], []
+    centres = rng.normal(size=(6, d))
+    centres[1] = centres[0] + 0.8 * rng.normal(size=d)  # a lookalike pair of identities
+    for k, c in enumerate(centres):
+        c = c / np.linalg.norm(c)
+        for _ in range(6):
+            embs.append(c + 0.12 * rng.normal(size=d))
+            who.append(f"id{k}")
+    x = np.stack(embs)
+    out = calibrate_membership(x, who)
+    assert out["membership_identities"] == 6
+    assert out["member_accuracy"] >= 0.95 and out["cluster_accuracy"] >= 0.95
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    # The lookalike identities' centroids are nearer each other than the member threshold lets in.
+    c0, c1 = xn[:6].mean(0), xn[6:12].mean(0)
+    assert float(xn[6] @ (c0 / np.linalg.norm(c0))) < out["member_threshold"] < float(xn[0] @ (c0 / np.linalg.norm(c0)))
+    assert float((xn[:6] @ xn[6:12].T).mean()) < out["cluster_threshold"]
+    with pytest.raises(InvalidInput, match="at least 2 identities"):
+        calibrate_membership(x[:6], who[:6])

@@ -1,4 +1,5 @@
-"""Identity membership cannot chain: average linkage at the same-person threshold (issue 11)."""
+"""Identity membership cannot chain: average linkage at the calibrated set threshold, membership against the
+character's centroid (issue 11)."""
 
 from __future__ import annotations
 
@@ -102,3 +103,40 @@ def test_fifty_strangers_warn_in_the_identity_pass() -> None:
     identity_pass(items, ctx)
     assert ctx.warnings and "one face is not a character" in ctx.warnings[0]
     assert sum(1 for it in items if it.code == "identity_outlier") == 49
+
+
+def test_real_lookalikes_stay_out_at_the_lfw_thresholds(face_pack, realdata) -> None:
+    """Acceptance (issue 11) on real photos: for LFW devtrain targets, the other identities whose mean face
+    is nearest the target's join the pool with several photos each; at the pack's calibrated LFW
+    thresholds none of them is the character and every target photo with a face is."""
+    from PIL import Image
+
+    from likeness.backends.faces import load_face_analyzer
+    from likeness.curate.calibration import calibration_for
+    from likeness.identity import main_embeddings
+    from likeness.profiles import load_profile
+
+    root = realdata / "lfw_view1_devtrain" / "lfw-deepfunneled"
+    if not root.is_dir():
+        pytest.skip(f"LFW devtrain images missing at {root}")
+    an = load_face_analyzer(load_profile("cpu-tiny"))
+    cal = calibration_for(an.recognition_sha256)
+    assert cal.member_threshold is not None and cal.cluster_threshold is not None, "membership is calibrated"
+
+    def faces(name: str) -> np.ndarray:
+        embs = main_embeddings(an, [Image.open(f) for f in sorted((root / name).glob("*.jpg"))])
+        return np.stack([e for e in embs if e is not None])
+
+    # Targets and their nearest identities among LFW devtrain's 273 people with 3+ photos
+    # (by mean face, this pack: Jolie-Lopez 0.43, Lopez-Crow 0.43, Roddick-Woods 0.42).
+    for target, lookalikes in (("Angelina_Jolie", ("Jennifer_Lopez", "Jennifer_Garner")),
+                               ("Jennifer_Lopez", ("Sheryl_Crow", "Angelina_Jolie")),
+                               ("Andy_Roddick", ("Tiger_Woods",))):
+        t = faces(target)
+        others = [faces(n)[:4] for n in lookalikes]
+        x = np.concatenate([t, *others])
+        c = cluster_identities(x, cal.cluster_t)
+        verdicts = identity_verdicts(x, c, cal.member_t)
+        kept = [i for i, (_cos, why) in enumerate(verdicts) if not why]
+        assert all(i < len(t) for i in kept), (target, kept, len(t))
+        assert len(kept) >= len(t) - 1, (target, kept, len(t))  # at most one real photo of the target lost

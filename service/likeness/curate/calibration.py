@@ -70,6 +70,28 @@ class Calibration:
     check_pairs: str = ""
     check_n_pairs: int = 0
     check_accuracy: float | None = None
+    # Membership (curation), calibrated on labelled identities (calibrate_membership), not on pairs:
+    # - member_threshold: a face is the character when its cosine to the character's centroid reaches it
+    #   (own identity's leave-one-out centroid vs the nearest other identity's centroid);
+    # - cluster_threshold: the average-linkage cut (mean cross cosine of two halves of one identity vs
+    #   the most similar other identity's photos);
+    # with each rule's accuracy on its calibration data. None: not calibrated, the pairwise threshold is used.
+    member_threshold: float | None = None
+    member_accuracy: float | None = None
+    cluster_threshold: float | None = None
+    cluster_accuracy: float | None = None
+    membership_identities: int = 0
+    membership_source: str = ""
+
+    @property
+    def member_t(self) -> float:
+        """The membership threshold curation uses (the pairwise one when membership is uncalibrated)."""
+        return float(self.member_threshold if self.member_threshold is not None else self.threshold)
+
+    @property
+    def cluster_t(self) -> float:
+        """The average-linkage cut curation uses (the pairwise threshold when uncalibrated)."""
+        return float(self.cluster_threshold if self.cluster_threshold is not None else self.threshold)
 
     @property
     def scale(self) -> IdentityScale:
@@ -284,6 +306,81 @@ def save_calibration(sha256: str, cal: Calibration, path: Path = TABLE_PATH) -> 
     return atomic_write_json(path, dict(sorted(table.items())))
 
 
+def calibrate_membership(embeddings: np.ndarray, identities: Sequence[str], seed: int = 0) -> dict[str, Any]:
+    """Membership and clustering thresholds from faces labelled by identity (rows of unit embeddings).
+
+    - member: for each face of an identity with >= 3 faces, its cosine to its own identity's
+      leave-one-out centroid (the character's centroid without it: "same") and to the nearest
+      *other* identity's centroid (the worst lookalike among all others: "different");
+    - cluster: for each identity with >= 4 faces, the mean cross cosine between two random halves
+      ("same"); for each identity with >= 3 faces, the highest mean cross cosine to another
+      identity's faces ("different").
+    Each threshold is :func:`best_threshold` of its two classes (the accuracy-maximising midpoint).
+    """
+    x = np.asarray(embeddings, np.float64)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    who = np.asarray(list(identities))
+    names = [n for n in dict.fromkeys(who.tolist()) if int((who == n).sum()) >= 3]
+    if len(names) < 2:
+        raise InvalidInput("membership calibration needs at least 2 identities with 3 or more faces each")
+    rows = {n: np.flatnonzero(who == n) for n in names}
+    cent = np.stack([x[rows[n]].mean(axis=0) for n in names])
+    cent /= np.maximum(np.linalg.norm(cent, axis=1, keepdims=True), 1e-12)
+    own, near = [], []
+    for k, n in enumerate(names):
+        r = rows[n]
+        total = x[r].sum(axis=0)
+        for i in r:
+            loo = total - x[i]
+            own.append(float(x[i] @ loo / max(np.linalg.norm(loo), 1e-12)))
+            sims = cent @ x[i]
+            sims[k] = -np.inf
+            near.append(float(sims.max()))
+    mx = np.array(own + near)
+    my = np.array([True] * len(own) + [False] * len(near))
+    member_t, member_acc = best_threshold(mx, my)
+    rng = np.random.default_rng(seed)
+    halves, cross = [], []
+    sims_all = x @ x.T
+    for n in names:
+        r = rows[n]
+        if len(r) >= 4:
+            perm = rng.permutation(r)
+            a, b = perm[:len(r) // 2], perm[len(r) // 2:]
+            halves.append(float(sims_all[np.ix_(a, b)].mean()))
+        cross.append(max(float(sims_all[np.ix_(r, rows[m])].mean()) for m in names if m != n))
+    cx = np.array(halves + cross)
+    cy = np.array([True] * len(halves) + [False] * len(cross))
+    cluster_t, cluster_acc = best_threshold(cx, cy)
+    return {"member_threshold": round(member_t, 4), "member_accuracy": member_acc,
+            "cluster_threshold": round(cluster_t, 4), "cluster_accuracy": cluster_acc,
+            "membership_identities": len(names)}
+
+
+def identity_folder_embeddings(analyzer: FaceAnalyzer, folder: str | os.PathLike[str],
+                               min_faces: int = 3) -> tuple[np.ndarray, list[str]]:
+    """Main-face embeddings of a folder of identity folders (``<folder>/<Name>/*.jpg``, LFW's layout),
+    for identities with at least ``min_faces`` images; (rows, identity per row)."""
+    from likeness.images import list_images, load_image
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise NotFound(f"identities folder {root} not found (one sub-folder of photos per person, like LFW's)")
+    embs, who = [], []
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        files = list_images(d)
+        if len(files) < min_faces:
+            continue
+        faces = analyzer.analyze([np.asarray(load_image(f)[0]) for f in files])
+        for f in faces:
+            if f:
+                embs.append(np.asarray(f[0].embedding, np.float64))
+                who.append(d.name)
+    if not embs:
+        raise InvalidInput(f"{root}: no identity folder with {min_faces}+ images where a face was found")
+    return np.stack(embs), who
+
+
 def pair_cosines(analyzer: FaceAnalyzer, pairs_file: str | os.PathLike[str], realdata: Path | None = None,
                  limit: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(cosines, same labels, images without a detected face) of a labelled pairs file.
@@ -319,13 +416,14 @@ def pair_cosines(analyzer: FaceAnalyzer, pairs_file: str | os.PathLike[str], rea
 
 def calibrate(analyzer: FaceAnalyzer, pairs_csv: str | os.PathLike[str], realdata: Path | None = None,
               limit: int | None = None, check: str | os.PathLike[str] | None = None,
-              faceless: list[str] | None = None) -> Calibration:
+              faceless: list[str] | None = None, identities: str | os.PathLike[str] | None = None) -> Calibration:
     """Fit the threshold on one labelled pairs file, then score a second one at it.
 
     ``pairs_csv``: any format :func:`read_pairs` reads (CSV, deepface, LFW).
     ``check``: an independent pairs file (the deepface pairs beside LFW), scored
     at the fitted threshold without refitting: a threshold that only fits its own
-    data shows there. ``faceless``: a list that receives the pair images where no
+    data shows there. ``identities``: a folder of per-person folders (LFW's
+    ``lfw-deepfunneled``) for :func:`calibrate_membership`. ``faceless``: a list that receives the pair images where no
     face was found (what ``n_missing`` counts), for the user to look at.
     """
     x, y, no_face = pair_cosines(analyzer, pairs_csv, realdata, limit)
@@ -335,6 +433,9 @@ def calibrate(analyzer: FaceAnalyzer, pairs_csv: str | os.PathLike[str], realdat
     model = getattr(analyzer, "recognition_model", None)
     cal = calibrate_from_cosines(x, y, n_missing=missing, model=Path(model).name if model else "",
                                  pairs=Path(pairs_csv).name)
+    if identities is not None:
+        emb, who = identity_folder_embeddings(analyzer, identities)
+        cal = replace(cal, **calibrate_membership(emb, who), membership_source=Path(identities).name)
     if check is not None:
         cx, cy, _ = pair_cosines(analyzer, check, realdata)
         cal = replace(cal, check_pairs=Path(check).name, check_n_pairs=int(cx.size),
@@ -344,6 +445,6 @@ def calibrate(analyzer: FaceAnalyzer, pairs_csv: str | os.PathLike[str], realdat
 
 __all__: Sequence[str] = (
     "Calibration", "DEFAULT_CALIBRATION", "TABLE_PATH", "best_threshold", "calibrate", "calibrate_from_cosines",
-    "pair_cosines",
+    "calibrate_membership", "identity_folder_embeddings", "pair_cosines",
     "calibration_for", "cv_accuracy", "is_lfw_pairs", "load_table", "read_lfw_pairs", "read_pairs", "resolve_image", "save_calibration",
 )

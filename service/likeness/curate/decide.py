@@ -12,9 +12,10 @@ Pipeline (every rule and threshold is in docs/curation.md):
    on an executor's workers (``likeness.executor``, e.g. Ray actors).
 4. The passes (``likeness.curate.passes.PASSES``, one signature, each
    rejecting with a code and a reason): identity clustering over the main
-   faces that passed (average linkage at the same-person threshold,
-   largest-then-most-cohesive cluster; outliers are faces outside that
-   cluster or below the threshold to its centroid —
+   faces that passed (average linkage at the calibrated set threshold,
+   largest-then-most-cohesive cluster; a face is the character when its
+   cosine to that cluster's centroid reaches the calibrated membership
+   threshold and it is not part of another multi-face group —
    ``likeness.curate.selection``), with a warning when no identity holds a
    clear majority;
 5. Background score (CLIP text contrast + CIELAB border consistency) and
@@ -261,8 +262,12 @@ def curate(
     cal = calibration_for(models["recognition_sha256"])
     threshold = cfg.identity_threshold if cfg.identity_threshold is not None else cal.threshold
     scale = _identity_scale(threshold, cal)
+    # Membership is its own calibrated rule (docs/curation.md); an explicit identity_threshold sets all three.
+    cluster_t = cfg.identity_threshold if cfg.identity_threshold is not None else cal.cluster_t
+    member_t = cfg.identity_threshold if cfg.identity_threshold is not None else cal.member_t
 
-    ctx = PassContext(cfg=cfg, spec=spec, clip=clip, threshold=float(threshold), scale=scale)
+    ctx = PassContext(cfg=cfg, spec=spec, clip=clip, threshold=float(threshold), scale=scale,
+                      cluster_threshold=float(cluster_t), member_threshold=float(member_t))
     for step in PASSES:
         step(items, ctx)
         if cancel is not None:
@@ -276,7 +281,9 @@ def curate(
     counts = {code: sum(d.reason_code == code for d in decisions) for code in REASON_CODES}
     result = CurationResult(
         out_dir=str(out), selected=tuple(items[i].row.id for i in chosen), images=decisions, set_scores=set_block,
-        clusters={**clusters.summary(), "threshold": round(float(threshold), 4), "calibrated": bool(cal.calibrated)},
+        clusters={**clusters.summary(), "threshold": round(float(threshold), 4),
+                  "cluster_threshold": round(float(cluster_t), 4), "member_threshold": round(float(member_t), 4),
+                  "calibrated": bool(cal.calibrated), "membership_calibrated": cal.member_threshold is not None},
         config=to_dict(cfg),
         warnings=tuple(ctx.warnings),
         summary={"n_images": len(items), "n_selected": len(chosen), "reason_counts": {k: v for k, v in counts.items() if v},

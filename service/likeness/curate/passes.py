@@ -55,8 +55,12 @@ class PassContext:
     cfg: CurateConfig
     spec: CharacterSpec | None
     clip: ClipModel | None
+    # Pairwise same-person threshold (verification), the average-linkage cut, and the membership threshold
+    # (a face against the character's centroid): see likeness.curate.calibration.Calibration.
     threshold: float
     scale: scores.IdentityScale
+    cluster_threshold: float = 0.0
+    member_threshold: float = 0.0
     clusters: Any = None
     # Indices of items with a face that are the character (after identity_pass).
     members: list[int] = field(default_factory=list)
@@ -92,8 +96,10 @@ def identity_pass(items: list[_Item], ctx: PassContext) -> None:
     """Cluster the faces that passed every face check; reject faces that are not the character."""
     passed = [it for it in items if it.faces and not it.code]
     emb = np.stack([it.embedding for it in passed]) if passed else np.zeros((0, 1), np.float32)
-    ctx.clusters = clusters = cluster_identities(emb, ctx.threshold)
-    for it, label, (_cos, why) in zip(passed, clusters.labels, identity_verdicts(emb, clusters, ctx.threshold)):
+    cluster_t = ctx.cluster_threshold or ctx.threshold
+    member_t = ctx.member_threshold or ctx.threshold
+    ctx.clusters = clusters = cluster_identities(emb, cluster_t)
+    for it, label, (_cos, why) in zip(passed, clusters.labels, identity_verdicts(emb, clusters, member_t)):
         it.cluster = int(label)
         if why:
             ctx.reject(it, "identity_outlier", why)

@@ -7,7 +7,7 @@ Clustering rule (docs/curation.md):
 
 1. The main-face embeddings are L2-normalised, so inner product = cosine.
 2. Clusters = **average linkage** (``scipy.cluster.hierarchy``, cosine
-   distance) cut at the calibrated same-person threshold ``t``: two groups
+   distance) cut at the calibrated *set* threshold ``t`` (rule 5): two groups
    merge only when the *mean* cosine over all their cross pairs is at least
    ``t``. This is a set rule, not a pair rule: single linkage (connected
    components of pairs above ``t``) chained two brothers through 11 of 348
@@ -22,12 +22,15 @@ Clustering rule (docs/curation.md):
    **cohesive** one, cohesion = mean cosine to the cluster's normalised mean
    (The Chosen One's "mean distance to the centroid", as a similarity); a
    remaining tie goes to the cluster holding the lowest image index.
-5. Outliers (:func:`identity_verdicts`): images outside the identity
-   cluster, and members whose cosine to the identity centroid is below ``t``.
-   Both tests are needed: a cosine to a centroid runs higher than a pair
-   cosine (the centroid averages away each photo's noise), so a lookalike
-   whose every pair cosine is below ``t`` can still reach ``t`` against the
-   centroid (on the real photos one impostor sits at 0.449 vs 0.4558).
+5. Membership (:func:`identity_verdicts`) is a separate, calibrated rule: a
+   face is the character when its cosine to the identity centroid reaches the
+   *membership* threshold (calibrated on LFW devtrain photos against their own
+   identity's leave-one-out centroid vs the nearest other identity's centroid)
+   and it is in the identity cluster or alone in a cluster of its own; a face
+   in another cluster of two or more faces is another person. The clustering
+   cut (step 2) is the *set* threshold, calibrated on LFW as the mean cross
+   cosine of two halves of one identity vs two different identities. Both
+   differ from the pairwise same-person threshold that verification uses.
 """
 
 from __future__ import annotations
@@ -135,23 +138,31 @@ def cluster_identities(embeddings: np.ndarray, threshold: float) -> Clusters:
 def identity_verdicts(embeddings: np.ndarray, clusters: Clusters, threshold: float) -> list[tuple[float, str]]:
     """Per row: (cosine to the identity centroid, "" if the row is the character else why not).
 
-    A row is the character when it is in the identity cluster (linked to one
-    of its faces above ``threshold``) *and* its cosine to the centroid is at
-    least ``threshold`` (rule 5 of the module doc). No faces: no rows.
+    ``threshold`` is the *membership* threshold (a face against the character's
+    centroid; :attr:`likeness.curate.calibration.Calibration.member_threshold`),
+    not the pairwise one. A row is the character when its cosine to the centroid
+    is at least ``threshold`` and it is in the identity cluster, or alone in a
+    cluster of its own (a face that average linkage left unmerged but that the
+    averaged identity accepts). A row in *another* cluster of two or more faces
+    stays out even above ``threshold``: those faces are closer to one another than
+    to the character, i.e. another person who resembles it (a lookalike with
+    several photos). No faces: no rows.
     """
     if clusters.centroid is None or len(embeddings) == 0:
         return []
     # The one definition of the per-image identity score, so the decision and the reported score agree.
     cos = scores.identity_similarities(embeddings, clusters.centroid)
     members = set(clusters.members[clusters.identity])
+    size = {r: len(m) for m in clusters.members for r in m}
     out: list[tuple[float, str]] = []
     for n, c in enumerate(cos.tolist()):
         if c < threshold:
             why = (f"face is a different person: cosine {c:.2f} to the character's identity is below "
-                   f"the same-person threshold {threshold:.2f}")
-        elif n not in members:
-            why = (f"face is a different person: its mean cosine to the character's cluster is below the same-person "
-                   f"threshold {threshold:.2f} (average linkage; its cosine {c:.2f} to the averaged identity is not enough)")
+                   f"the membership threshold {threshold:.2f}")
+        elif n not in members and size.get(n, 1) > 1:
+            why = (f"face is another person who resembles the character: it and {size[n] - 1} other face(s) form a "
+                   f"group of their own (average linkage), although its cosine {c:.2f} to the character reaches "
+                   f"{threshold:.2f}")
         else:
             why = ""
         out.append((float(c), why))

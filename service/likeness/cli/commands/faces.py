@@ -139,7 +139,8 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     analyzer = _analyzer(args)
     faceless: list[str] = []
-    cal = calibrate(analyzer, args.pairs, realdata_dir(), check=args.check, faceless=faceless)
+    cal = calibrate(analyzer, args.pairs, realdata_dir(), check=args.check, faceless=faceless,
+                    identities=args.identities)
     out = {"sha256": analyzer.recognition_sha256, **cal.to_dict(), "faceless_images": faceless, "written": False}
     if args.write:
         out["written"] = str(save_calibration(analyzer.recognition_sha256, cal))
@@ -277,6 +278,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="CSV a,b,same, deepface's file_x,file_y,Decision, or an LFW pairs file (pairsDevTrain.txt)")
     p.add_argument("--check", help="a second labelled pairs file scored at the fitted threshold (not refitted), "
                                    "e.g. the deepface pairs beside LFW")
+    p.add_argument("--identities", help="a folder of per-person photo folders (LFW's lfw-deepfunneled) to calibrate "
+                                        "curation's membership and clustering thresholds on")
     p.add_argument("--write", action="store_true", help="store it in service/likeness/curate/calibration_table.json")
     _common(p)
     p.set_defaults(func=_calibrate)
