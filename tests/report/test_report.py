@@ -10,6 +10,7 @@ train/validation's own row class (training itself is covered by its tests).
 from __future__ import annotations
 
 import base64
+import html as _html
 import json
 import os
 import re
@@ -275,3 +276,45 @@ def test_cli_report(build: Path, tmp_path: Path, capsys) -> None:
     assert main(["report", build.name, "--data", str(build.parent.parent), "--format", "html", "--out", str(out)]) == 0
     assert out.read_text().startswith("<!doctype html>")
     assert main(["report", "b-nope", "--data", str(tmp_path)]) == 3
+
+
+def test_report_says_what_a_new_user_needs(build: Path, tmp_path: Path) -> None:
+    """The page says a failed build failed (first), that tiny random weights were used, where the
+    embeddings are, whether the face model is calibrated; lists every rejection reason in words
+    (not only on hover); draws the loss on its own axis; shows the chosen step's validation images."""
+    from PIL import Image
+
+    from likeness.files import atomic_write_json, read_json
+
+    b = tmp_path / "b-20260101-000001-feedbeef"
+    shutil.copytree(build, b, ignore=shutil.ignore_patterns("report"))
+    atomic_write_json(b / "gallery" / "plan.json", {"settings": {"profile": "cpu-tiny"}, "images": []})
+    (b / "embeddings").mkdir()
+    (b / "embeddings" / "4ng13.safetensors").write_bytes(b"x" * 10)
+    scores = read_json(b / "train" / "checkpoint_scores.json")
+    (b / "train" / "validation" / "step-20").mkdir(parents=True)
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(b / "train" / "validation" / "step-20" / "00-seed7.png")
+    scores["checkpoints"][1]["images"] = [{"prompt": "4ng13 woman in a park", "seed": 7, "identity": 0.5,
+                                           "clip_t": 0.2, "file": "validation/step-20/00-seed7.png"}]
+    atomic_write_json(b / "train" / "checkpoint_scores.json", scores)
+
+    report = build_report(b, {"state": "failed", "error": "ResourceExhausted: out of memory at train"})
+    notes = report["summary"]["notes"]
+    assert notes[0].startswith("This build FAILED: ResourceExhausted") and "RANDOM weights" in notes[1]
+    assert report["build"]["profile"] == {"name": "cpu-tiny", "random_weights": True,
+                                          "description": report["build"]["profile"]["description"]}
+    assert report["build"]["embeddings"] == [{"file": "embeddings/4ng13.safetensors", "bytes": 10}]
+    assert any("face model is calibrated" in n for n in notes)
+    assert not any("raised the overall consistency score by -" in n for n in notes)
+    assert report["training"]["checkpoints"][1]["images"][0]["file"] == "train/validation/step-20/00-seed7.png"
+    html = render_html(report, b)
+    assert 'class="bad">This build <b>FAILED</b>' in html and "random weights</b>" in html
+    assert "<code>embeddings/4ng13.safetensors</code>" in html
+    rejected = [i for i in report["gallery"]["images"] if i["kept"] is False]
+    assert f"{len(rejected)} rejected images and why" in html
+    assert all(html.count(_html.escape(i["reason"])) >= 2 for i in rejected)  # on hover AND in the table
+    assert 'alt="training loss"' in html and "Validation images of the chosen step 20" in html
+    assert 'alt="validation 4ng13 woman in a park"' in html
+    # A succeeded build on a real profile says neither.
+    ok = build_report(build)
+    assert ok["build"]["state"] == "succeeded" and not any("FAILED" in n or "RANDOM" in n for n in ok["summary"]["notes"])

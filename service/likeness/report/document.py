@@ -22,7 +22,7 @@ from likeness import layout
 from likeness.errors import FailedPrecondition, NotFound
 from likeness.files import atomic_write_json, atomic_write_text, read_json
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: build.state, error, profile, embeddings; checkpoint images (optional)
 SCHEMA_PATH = Path(__file__).with_name("schema.json")
 STAGES = ("generate", "curate", "caption", "train", "evaluate")
 # Scores shown side by side for the curated set and its baselines.
@@ -230,7 +230,14 @@ def _training(build_dir: Path) -> dict[str, Any] | None:
     checkpoints = []
     for r in (doc or {}).get("checkpoints", []) if isinstance(doc, dict) else []:
         if isinstance(r, dict) and isinstance(r.get("step"), int):
-            checkpoints.append({"step": r["step"], "scores": _scores({k: v for k, v in r.items() if k != "step"})})
+            cp: dict[str, Any] = {"step": r["step"], "scores": _scores({k: v for k, v in r.items() if k != "step"})}
+            # Validation images (files relative to train/) that are still on disk, for the page.
+            imgs = [i for i in r.get("images") or [] if isinstance(i, dict) and isinstance(i.get("file"), str)
+                    and (train / i["file"]).is_file()]
+            if imgs:
+                cp["images"] = [{"file": f"{layout.TRAIN_DIR}/{i['file']}", "prompt": str(i.get("prompt", "")),
+                                 "identity": _num(i.get("identity")), "clip_t": _num(i.get("clip_t"))} for i in imgs]
+            checkpoints.append(cp)
     checkpoints.sort(key=lambda c: c["step"])
     best = best if isinstance(best, dict) else {}
     step = best.get("step")
@@ -265,7 +272,11 @@ def _summary(cur: dict[str, Any] | None, training: dict[str, Any] | None, ev: di
         g = cur["gain"].get("vs_random_k", {}).get("overall")
         if g is not None:
             s["curation_gain_overall_vs_random_k"] = g
-            notes.append(f"Curation raised the overall consistency score by {g:+.3f} over a random set of the same size.")
+            if g >= 0:
+                notes.append(f"Curation raised the overall consistency score by {g:.3f} over a random set of the same size.")
+            else:
+                notes.append(f"Curation LOWERED the overall consistency score by {-g:.3f} below a random set of the "
+                             "same size: the kept set is less consistent than chance; look at the rejection reasons.")
     if training and training["best_step"] is not None:
         best = next((c for c in training["checkpoints"] if c["step"] == training["best_step"]), None)
         if best and training["metric"] in best["scores"] and isinstance(best["scores"][training["metric"]], (int, float)):
@@ -293,8 +304,41 @@ def _build_id(build_dir: Path) -> str:
     return p.name
 
 
-def build_report(build_dir: str | Path) -> dict[str, Any]:
-    """report.json of a build folder as a dict, validated against the schema."""
+def _profile_info(build_dir: Path, spec: dict[str, Any] | None, options: dict[str, Any] | None) -> dict[str, Any]:
+    """The profile the build ran on (the gallery plan's record, else the options', else the spec's) and
+    whether its weights are real: a report made on tiny random weights must say so."""
+    plan = _load(build_dir / layout.GALLERY_DIR / "plan.json")
+    name = ""
+    if isinstance(plan, dict):
+        name = str((plan.get("settings") or {}).get("profile") or plan.get("profile") or "")
+    name = name or str((options or {}).get("profile") or (spec or {}).get("profile") or "")
+    info: dict[str, Any] = {"name": name, "description": "", "random_weights": None}
+    if name:
+        try:
+            from likeness.profiles import load_profile
+
+            prof = load_profile(name)
+            info["description"] = str(getattr(prof, "description", "") or "")
+        except Exception:  # noqa: BLE001 - a report never fails over a profile file that moved
+            pass
+        info["random_weights"] = name.endswith("-tiny") or "random weights" in info["description"]
+    return info
+
+
+def _embedding_files(build_dir: Path) -> list[dict[str, Any]]:
+    """The exported embedding files (paths relative to the build folder), for "where is my embedding"."""
+    root = build_dir / layout.EMBEDDINGS_DIR
+    if not root.is_dir():
+        return []
+    return [{"file": _rel(build_dir, p), "bytes": p.stat().st_size} for p in sorted(root.rglob("*")) if p.is_file()]
+
+
+def build_report(build_dir: str | Path, outcome: dict[str, Any] | None = None) -> dict[str, Any]:
+    """report.json of a build folder as a dict, validated against the schema.
+
+    ``outcome``: the build's final state from the store (``{"state": ..., "error": ...}``) when
+    it did not succeed; the report then says, first, that the build failed or was cancelled.
+    """
     build_dir = Path(build_dir)
     if not build_dir.is_dir():
         raise NotFound(f"build folder {build_dir} does not exist; pass a folder under <data_dir>/builds/")
@@ -320,7 +364,12 @@ def build_report(build_dir: str | Path) -> dict[str, Any]:
         "schema_version": SCHEMA_VERSION,
         "generated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "build": {"id": _build_id(build_dir), "character": str((spec or {}).get("name", "")),
-                  "token": str((spec or {}).get("token", "")), "options": options},
+                  "token": str((spec or {}).get("token", "")), "options": options,
+                  "state": str((outcome or {}).get("state") or ("succeeded" if all(r for r, _ in ran.values())
+                                                               else "unknown")),
+                  "error": str((outcome or {}).get("error") or ""),
+                  "profile": _profile_info(build_dir, spec, options),
+                  "embeddings": _embedding_files(build_dir)},
         "stages": stages,
         "summary": _summary(curation, training, evaluation),
         "spec": spec,
@@ -332,6 +381,26 @@ def build_report(build_dir: str | Path) -> dict[str, Any]:
     missing = [s["name"] for s in stages if not s["ran"]]
     if missing:
         report["summary"]["notes"].append("Stages that did not run: " + ", ".join(missing) + ".")
+    notes = report["summary"]["notes"]
+    state, error = report["build"]["state"], report["build"]["error"]
+    if state in ("failed", "cancelled"):
+        notes.insert(0, f"This build {state.upper()}" + (f": {error}" if error else "") + ". The sections below show "
+                     "what its finished stages left; it exported no usable embedding unless the embeddings are listed.")
+    prof = report["build"]["profile"]
+    if prof["random_weights"]:
+        notes.insert(0 if state not in ("failed", "cancelled") else 1,
+                     f"This build ran on profile {prof['name']!r}: tiny RANDOM weights (the images are noise, not "
+                     "pictures of the character). The numbers test the pipeline, not the character; use a real "
+                     "profile (e.g. sd15 on a GPU) for a character you mean to keep.")
+    calibrated = ((curation or {}).get("details") or {}).get("clusters", {}).get("calibrated")
+    if calibrated is False:
+        notes.append("The face recognition model has no calibration: identity decisions use the CPU pack's "
+                     "threshold. Run `likeness faces calibrate` for this pack.")
+    elif calibrated:
+        thr = ((curation or {}).get("details") or {}).get("clusters", {})
+        notes.append("The face model is calibrated (same-person threshold "
+                     f"{thr.get('threshold')}, membership {thr.get('member_threshold', thr.get('threshold'))}; "
+                     "docs/scores.md).")
     validate_report(report)
     return report
 
@@ -362,10 +431,10 @@ def _marked_contact_sheet(build_dir: Path, report: dict[str, Any], out: Path) ->
         return None  # the HTML's own marked grid still shows every image
 
 
-def write_report(build_dir: str | Path) -> dict[str, Path]:
+def write_report(build_dir: str | Path, outcome: dict[str, Any] | None = None) -> dict[str, Path]:
     """Write ``report/report.json`` and ``report/report.html`` atomically; return their paths."""
     build_dir = Path(build_dir)
-    report = build_report(build_dir)
+    report = build_report(build_dir, outcome)
     out = build_dir / layout.REPORT_DIR
     sheet = _marked_contact_sheet(build_dir, report, out / layout.CONTACT_SHEET)
     if sheet is not None:

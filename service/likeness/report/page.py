@@ -66,6 +66,7 @@ h1{margin-bottom:.2em}h2{border-bottom:2px solid #0072B2;padding-bottom:.2em;mar
 table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:.25em .6em;vertical-align:top;text-align:left}
 th{background:#f2f5f8}td.n{text-align:right;font-variant-numeric:tabular-nums}
 .muted{color:#666;font-size:.9em}.ok{color:#009E73;font-weight:bold}.no{color:#D55E00;font-weight:bold}
+.bad{background:#fde8e0;border-left:4px solid #D55E00;padding:.4em .8em}
 .pos{color:#007a55}.neg{color:#c0392b}
 .sheet td{padding:3px}.cell{display:grid;grid-template-columns:repeat(4,44px);gap:3px}
 .th{position:relative;width:40px;height:40px;border:2px solid #ccc}.th img{width:40px;height:40px;display:block}
@@ -142,9 +143,25 @@ def _scores_table(scores: dict[str, Any], keys: list[str] | None = None) -> str:
 
 def _header(r: dict[str, Any]) -> str:
     b = r["build"]
+    state = b.get("state", "unknown")
+    prof = b.get("profile") or {}
     out = [f"<h1>{_e(b['character'] or 'Build')} <span class=muted>token <code>{_e(b['token'])}</code></span></h1>",
-           f"<p class=muted>build {_e(b['id'])} · report generated {_e(r['generated_at'])} · schema {_e(r['schema_version'])}</p>",
-           "<h2>Stages</h2><table><tr><th>stage</th><th>ran</th><th>what it left</th></tr>"]
+           f"<p class=muted>build {_e(b['id'])} · state <b>{_e(state)}</b> · profile {_e(prof.get('name') or '?')} · "
+           f"report generated {_e(r['generated_at'])} · schema {_e(r['schema_version'])}</p>"]
+    if state in ("failed", "cancelled"):
+        out.append(f'<p class="bad">This build <b>{_e(state.upper())}</b>'
+                   + (f": {_e(b.get('error'))}" if b.get("error") else "") + "</p>")
+    if prof.get("random_weights"):
+        out.append(f'<p class="warn">Profile <code>{_e(prof.get("name"))}</code> has tiny <b>random weights</b>: '
+                   "the images are noise, not the character. These numbers test the pipeline only.</p>")
+    emb = b.get("embeddings") or []
+    if emb:
+        out.append("<p>Embeddings (in the build folder): " + ", ".join(
+            f"<code>{_e(e['file'])}</code>" for e in emb) + ". A1111 and ComfyUI name an embedding after its "
+            "file: use the file named after the token.</p>")
+    elif state != "running":
+        out.append('<p class="warn">No embedding was exported.</p>')
+    out.append("<h2>Stages</h2><table><tr><th>stage</th><th>ran</th><th>what it left</th></tr>")
     for s in r["stages"]:
         mark = '<span class=ok>✓</span>' if s["ran"] else '<span class=no>✗</span>'
         out.append(f"<tr><td>{_e(s['name'])}</td><td>{mark}</td><td>{_e(s['detail'])}</td></tr>")
@@ -211,6 +228,15 @@ def _contact_sheet(g: dict[str, Any] | None, th: _Thumbs) -> str:
         out.append(f"<p>{len(outside)} images carry no zoom/angle (imported, not generated from the grid):</p>"
                    '<div class="cell" style="grid-template-columns:repeat(16,44px)">'
                    + "".join(thumb(img) for img in outside) + "</div>")
+    rejected = [img for img in g["images"] if img["kept"] is False]
+    if rejected:
+        # Every reason in words, not only on hover (a contact sheet is read on paper and on phones too).
+        out.append(f"<details open><summary>{len(rejected)} rejected images and why</summary><table>"
+                   "<tr><th>mark</th><th>image</th><th>reason</th></tr>" + "".join(
+                       f"<tr><td>{_e(codes.get(img['reason_code'], ''))}</td><td><code>{_e(img['id'])}</code></td>"
+                       f"<td>{_e(img['reason'])}</td></tr>" for img in rejected[:1000]) + "</table>"
+                   + (f"<p class=muted>{len(rejected) - 1000} more in report.json</p>" if len(rejected) > 1000 else "")
+                   + "</details>")
     if len(outside) == len(g["images"]):
         return "".join(out)
     out.append('<table class="sheet"><tr><th></th>' + "".join(f"<th>{_e(a)}</th>" for a in g["angles"]) + "</tr>")
@@ -286,7 +312,7 @@ def _curation(c: dict[str, Any] | None, th: _Thumbs) -> str:
     return "".join(out)
 
 
-def _training(t: dict[str, Any] | None) -> str:
+def _training(t: dict[str, Any] | None, th: _Thumbs) -> str:
     if not t:
         return '<h2>Training curve</h2><p class="warn">Training did not run: no checkpoint scores.</p>'
     out = ["<h2>Training curve</h2>"]
@@ -294,7 +320,8 @@ def _training(t: dict[str, Any] | None) -> str:
     if not cps:
         return out[0] + '<p class="warn">No checkpoint was scored.</p>'
     names = [n for n in dict.fromkeys(k for c in cps for k, v in c["scores"].items() if isinstance(v, (int, float)))
-             if n not in ("n_images", "n_faces", "faces_found")]
+             if n not in ("n_images", "n_faces", "faces_found", "loss")]
+    losses = [c["scores"].get("loss") for c in cps]
     if t["metric"] in names:  # the selection metric first: it decides the chosen step
         names.remove(t["metric"])
         names.insert(0, t["metric"])
@@ -305,13 +332,27 @@ def _training(t: dict[str, Any] | None) -> str:
                f"to carry the background or outfit). Chosen step: <b>{_fmt(t['best_step'])}</b>"
                + (f" — {_e(t['reason'])}" if t.get("reason") else "") + ".</p>")
     series = {n: [c["scores"].get(n) for c in cps] for n in names}
-    out.append(_plot(plots.training_curve([c["step"] for c in cps], series, t["best_step"]), "training curve"))
-    out.append("<table><tr><th>step</th>" + "".join(f"<th>{_e(n)}</th>" for n in names) + "</tr>")
+    steps = [c["step"] for c in cps]
+    out.append(_plot(plots.training_curve(steps, series, t["best_step"]), "training curve"))
+    if any(isinstance(v, (int, float)) for v in losses):
+        # The loss is an MSE, not a 0-1 score: its own plot and axis.
+        out.append(_plot(plots.training_curve(steps, {"training loss (MSE)": losses}, t["best_step"],
+                                              ylabel="training loss (mean squared error)"), "training loss"))
+    cols = names + (["loss"] if any(isinstance(v, (int, float)) for v in losses) else [])
+    out.append("<table><tr><th>step</th>" + "".join(f"<th>{_e(n)}</th>" for n in cols) + "</tr>")
     for c in cps:
         star = " ★" if c["step"] == t["best_step"] else ""
         out.append(f"<tr><td class=n>{c['step']}{star}</td>" + "".join(f"<td class=n>{_fmt(c['scores'].get(n))}</td>"
-                                                                  for n in names) + "</tr>")
+                                                                  for n in cols) + "</tr>")
     out.append("</table>")
+    best = next((c for c in cps if c["step"] == t["best_step"]), None)
+    if best and best.get("images"):
+        out.append(f"<h3>Validation images of the chosen step {best['step']}</h3><div class=pair>")
+        for img in best["images"][:16]:
+            out.append(f'<figure title="{_e(img["prompt"])}">{th.img(img["file"], 160, "validation " + img["prompt"])}'
+                       f"<figcaption>identity {_fmt(img.get('identity'))} · CLIP-T {_fmt(img.get('clip_t'))}"
+                       "</figcaption></figure>")
+        out.append("</div>")
     return "".join(out)
 
 
@@ -364,7 +405,7 @@ def render(report: dict[str, Any], build_dir: Path) -> str:
     title = f"Likeness report — {report['build']['character'] or report['build']['id']}"
     body = "".join([
         _header(report), _spec(report["spec"]), _contact_sheet(report["gallery"], th),
-        _curation(report["curation"], th), _training(report["training"]), _evaluation(report["evaluation"], th),
+        _curation(report["curation"], th), _training(report["training"], th), _evaluation(report["evaluation"], th),
         "<h2>Raw data</h2><details><summary>report.json</summary><pre>"
         + _e(json.dumps(report, indent=2)) + "</pre></details>",
     ])

@@ -103,8 +103,9 @@ def set_score_bars(sets: Mapping[str, Mapping[str, float | None]], metrics: Sequ
     return _png(fig)
 
 
-def training_curve(steps: Sequence[int], series: Mapping[str, Sequence[float | None]], best_step: int | None) -> bytes:
-    """Scores per checkpoint step, one line per score, the chosen step marked."""
+def training_curve(steps: Sequence[int], series: Mapping[str, Sequence[float | None]], best_step: int | None,
+                   ylabel: str = "score") -> bytes:
+    """Values per checkpoint step, one line per series, the chosen step marked (one axis: one kind of value)."""
     fig = _figure(6.4, 3.2)
     ax = fig.add_subplot()
     colours = [BLUE, ORANGE, GREEN, GREY, RED]
@@ -115,7 +116,7 @@ def training_curve(steps: Sequence[int], series: Mapping[str, Sequence[float | N
     if best_step is not None:
         ax.axvline(best_step, color=RED, linestyle="--", label=f"chosen step {best_step}")
     ax.set_xlabel("training step")
-    ax.set_ylabel("score")
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=8, loc="best")
     return _png(fig)
 

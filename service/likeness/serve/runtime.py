@@ -360,7 +360,7 @@ class Runtime:
 
             # A build cancelled while queued never got a folder: its report says no stage ran.
             prepare_build_dir(self.store, row)
-            write_report(build_dir)
+            write_report(build_dir, {"state": row.state, "error": row.error})
         return ReportFiles(build_id=row.id, json=js.read_text(encoding="utf-8"),
                            html=html.read_bytes() if html.is_file() else b"")
 
