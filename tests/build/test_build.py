@@ -106,6 +106,10 @@ def test_whole_build_through_grpc(uninterrupted, photos):
     stages = [e.stage for e in events if e.kind == "stage_done"]
     assert stages == ["generate", "curate", "caption", "train", "export", "evaluate", "report"]
     assert "eval_clip_t_token" in b.scores
+    # The curated set's scores are in Build.scores too, under report.json's names (no GetReport needed).
+    report = json.loads((build_dir / "report" / "report.json").read_text())
+    for name in ("curated_overall", "curated_identity_consistency"):
+        assert b.scores[name] == pytest.approx(report["summary"]["scores"][name], abs=1e-3), name
     selected = _selected(build_dir)
     # Imported in sorted file order: ids 0000-0008 are the 9 photos of Angelina Jolie.
     jolie_ids = {f"zx-ax-{i:04d}" for i in range(9)}

@@ -145,7 +145,10 @@ def run_build(store: Store, build_id: str, *, device: str = "cpu", cancel: Cance
             _run_stage(ctx, best_round, stage, fns[stage])
         result = {
             "best_round": best_round,
-            "scores": ctx.result(best_round, "evaluate").get("scores", {}),
+            # One flat, higher-is-better dict a client reads without GetReport: the curated set's
+            # scores (curated_*, as report.json's summary names them) and the evaluation's (eval_*).
+            "scores": {**{f"curated_{k}": v for k, v in ctx.result(best_round, "curate").get("scores", {}).items()},
+                       **ctx.result(best_round, "evaluate").get("scores", {})},
             "embeddings": ctx.result(best_round, "export").get("files", {}),
             "token": spec.token,
             "report": ctx.result(best_round, "report").get("files", {}),
