@@ -62,10 +62,13 @@ def _assert_same(a: TrainedEmbedding, b: TrainedEmbedding) -> None:
 def test_sd15_format_loads_in_diffusers_and_generates(tmp_path: Path, sd15_dir: Path, fmt: str) -> None:
     emb = _emb("sd15")
     path = save_embedding(emb, tmp_path, fmt)
-    assert path.name == ("learned_embeds.safetensors" if fmt == "diffusers" else f"{TOKEN}{path.suffix}")
+    # Named after the token: A1111 and ComfyUI take the trigger word from the file name.
+    assert path.name == f"{TOKEN}{path.suffix}"
     pipe = _fresh(sd15_dir)
-    # diffusers' own loader reads the file from disk (A1111 files get the token from the caller, as in A1111).
-    pipe.load_textual_inversion(str(path), token=TOKEN)
+    # diffusers' own loader reads the file from disk and finds the token where diffusers looks for it
+    # (the key of a diffusers file, `name` of an A1111 .pt); emb_params carries none, so it is given.
+    pipe.load_textual_inversion(str(path), token=TOKEN if fmt == "safetensors" else None)
+    assert TOKEN in pipe.tokenizer.get_vocab()
     rows = vectors_in_pipeline(pipe, TOKEN, emb.n_vectors)
     assert torch.equal(rows["clip_l"], emb.vectors["clip_l"])
     _generate(pipe)
@@ -121,12 +124,12 @@ def test_load_into_pipeline_replaces_and_checks_dims(sdxl_dir: Path, sd15_dir: P
 
 def test_import_checks_dims_and_names_the_family(tmp_path: Path) -> None:
     sd15_dims = {"clip_l": 768}
-    sd2 = save_embedding(_emb("sd15", dims={"clip_l": 1024}), tmp_path / "sd2.safetensors", "safetensors")
+    sd2 = save_embedding(_emb("sd15", dims={"clip_l": 1024}), tmp_path / "sd2", "safetensors")
     with pytest.raises(InvalidInput, match="SD 2.x"):
         load_embedding(sd2, expect_dims=sd15_dims)
     with pytest.raises(InvalidInput, match="SD 2.x"):
         load_embedding(sd2)  # no family of ours takes a 1024-wide file
-    xl = save_embedding(_emb("sdxl", dims={"clip_l": 768, "clip_g": 1280}), tmp_path / "xl.safetensors", "safetensors")
+    xl = save_embedding(_emb("sdxl", dims={"clip_l": 768, "clip_g": 1280}), tmp_path / "xl", "safetensors")
     with pytest.raises(InvalidInput, match=r"SDXL \(clip_l 768 \+ clip_g 1280\).*SD 1.x"):
         load_embedding(xl, expect_dims=sd15_dims)
     assert load_embedding(xl, expect_dims={"clip_l": 768, "clip_g": 1280}).family == "sdxl"
@@ -139,11 +142,11 @@ def test_foreign_files_and_bad_inputs(tmp_path: Path) -> None:
     save_file({"emb_params": torch.ones(4, 32)}, str(tmp_path / "charturner.safetensors"))
     got = load_embedding(tmp_path / "charturner.safetensors")
     assert got.token == "charturner" and got.n_vectors == 4 and got.family == "sd15"
-    # An old-style A1111 .pt with a 1-D vector and a Parameter.
+    # An old-style A1111 .pt with a 1-D vector and a Parameter: A1111 calls it "x", after the file.
     torch.save({"string_to_param": {"*": torch.nn.Parameter(torch.ones(32))}, "name": "old", "step": 7},
                tmp_path / "x.pt")
     old = load_embedding(tmp_path / "x.pt")
-    assert (old.token, old.step, old.n_vectors) == ("old", 7, 1)
+    assert (old.token, old.step, old.n_vectors) == ("x", 7, 1)
     assert load_embedding(tmp_path / "x.pt", token="renamed").token == "renamed"
     with pytest.raises(NotFound):
         load_embedding(tmp_path / "missing.pt")
@@ -172,12 +175,31 @@ def test_cli_export_converts_between_formats(tmp_path: Path, capsys) -> None:
 
     emb = _emb("sdxl")
     src = save_embedding(emb, tmp_path / "3m1ly.safetensors", "safetensors")
-    for fmt, name in (("a1111-pt", "out.pt"), ("diffusers", "learned_embeds.safetensors")):
-        assert main(["export", str(src), "--format", fmt, "--out", str(tmp_path / name)]) == 0
+    for fmt, folder in (("a1111-pt", "a1111"), ("diffusers", "diffusers")):
+        assert main(["export", str(src), "--format", fmt, "--out", str(tmp_path / folder)]) == 0
         doc = json.loads(capsys.readouterr().out)
-        assert doc["family"] == "sdxl" and doc["dims"] == {"clip_l": 32, "clip_g": 32}
-        _assert_same(emb, load_embedding(tmp_path / name, token=TOKEN))
+        assert doc["family"] == "sdxl" and doc["dims"] == {"clip_l": 32, "clip_g": 32} and doc["token"] == TOKEN
+        assert Path(doc["file"]).name == TOKEN + Path(doc["file"]).suffix
+        back = load_embedding(doc["file"])  # the trigger word comes back from the file name
+        _assert_same(emb, back)
+        assert back.token == TOKEN
     assert main(["export", str(tmp_path / "nope.pt"), "--format", "a1111-pt", "--out", str(tmp_path / "x.pt")]) == 3
+
+
+def test_export_to_a_file_not_named_after_the_token_is_refused(tmp_path: Path, capsys) -> None:
+    # A1111 and ComfyUI would call out.pt "out": writing it under the token's name or renaming
+    # the token are the two honest choices.
+    from likeness.cli.main import main
+
+    src = save_embedding(_emb("sd15"), tmp_path, "safetensors")
+    assert main(["export", str(src), "--format", "a1111-pt", "--out", str(tmp_path / "out.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "would call this embedding 'out'" in err and "3m1ly.pt" in err and "--token" in err
+    assert not (tmp_path / "out.pt").exists()
+    assert main(["export", str(src), "--format", "a1111-pt", "--out", str(tmp_path / "out.pt"), "--token", "out"]) == 0
+    capsys.readouterr()
+    back = load_embedding(tmp_path / "out.pt")
+    assert back.token == "out" and torch.load(tmp_path / "out.pt", weights_only=True)["name"] == "out"
 
 
 def test_cli_export_to_a_new_folder_creates_it(tmp_path: Path, capsys) -> None:
@@ -187,7 +209,7 @@ def test_cli_export_to_a_new_folder_creates_it(tmp_path: Path, capsys) -> None:
 
     emb = _emb("sd15")
     src = save_embedding(emb, tmp_path / "3m1ly.safetensors", "safetensors")
-    for fmt, folder, name in (("diffusers", "diff", "learned_embeds.safetensors"), ("a1111-pt", "a1111/", "3m1ly.pt")):
+    for fmt, folder, name in (("diffusers", "diff", "3m1ly.safetensors"), ("a1111-pt", "a1111/", "3m1ly.pt")):
         assert main(["export", str(src), "--format", fmt, "--out", str(tmp_path / "new" / folder)]) == 0
         doc = json.loads(capsys.readouterr().out)
         assert Path(doc["file"]) == tmp_path / "new" / folder.rstrip("/") / name
@@ -277,8 +299,9 @@ def test_every_pt_the_project_writes_passes_a1111s_check(tmp_path: Path) -> None
     _assert_same(emb, load_embedding(path))
     # ... the SDXL .pt ...
     xl = _emb("sdxl", n=2, dims={"clip_l": 768, "clip_g": 1280})
-    assert_a1111_accepts(save_embedding(xl, tmp_path / "xl.pt", "a1111-pt"))
-    _assert_same(xl, load_embedding(tmp_path / "xl.pt"))
+    xl_path = save_embedding(xl, tmp_path / "xl", "a1111-pt")
+    assert_a1111_accepts(xl_path)
+    _assert_same(xl, load_embedding(xl_path))
     # ... and the trainer's state.pt (checkpoints.save_checkpoint writes it with save_pt): an AdamW state.
     p = torch.nn.Parameter(torch.randn(2, 32))
     opt = torch.optim.AdamW([p], lr=1e-3)
@@ -290,3 +313,162 @@ def test_every_pt_the_project_writes_passes_a1111s_check(tmp_path: Path) -> None
     assert torch.equal(got["vectors"], state["vectors"]) and got["step"] == 6
     assert torch.equal(got["optimizer"]["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+# --- embeddings from the wild --------------------------------------------------------------------
+
+# Every embedding file in ../shared/realdata/generated/: (path, trigger word, vectors, step).
+# The trigger word is what the file's own tool calls it: A1111 and ComfyUI the file name (so
+# badhandv4.pt, which stores name='badhandv3', is badhandv4), diffusers the key.
+REAL_EMBEDDINGS = [
+    ("mayaru_bestconfig/embeddings/bad-artist-anime.pt", "bad-artist-anime", 2, 1850),  # name='bad-artist-2'
+    ("mayaru_bestconfig/embeddings/bad-artist.pt", "bad-artist", 2, 1875),
+    ("mayaru_bestconfig/embeddings/bad-hands-5.pt", "bad-hands-5", 2, 1419),
+    ("mayaru_bestconfig/embeddings/bad-prompt.pt", "bad-prompt", 16, 8000),  # name='bad_prompt'
+    ("mayaru_bestconfig/embeddings/bad_prompt_version2.pt", "bad_prompt_version2", 8, 12000),
+    ("mayaru_bestconfig/embeddings/eyeliner2.pt", "eyeliner2", 3, 3727),
+    ("mayaru_bestconfig/models/Lora/EasyNegative.safetensors", "EasyNegative", 8, 0),  # emb_params
+    ("sd_webui_fork_fgjd/embeddings/EasyNegative.pt", "EasyNegative", 8, 0),  # emb_params inside a .pt
+    ("sd_webui_fork_fgjd/embeddings/EasyNegativeV2.safetensors", "EasyNegativeV2", 16, 0),
+    ("sd_webui_fork_fgjd/embeddings/bad-hands-5.pt", "bad-hands-5", 2, 1364),
+    ("sd_webui_fork_fgjd/embeddings/badhandv4.pt", "badhandv4", 6, 15001),  # name='badhandv3'
+    ("sd_webui_fork_fgjd/embeddings/charturnerv2.pt", "charturnerv2", 15, 660),  # name='testTurner'
+    ("sd_webui_fork_fgjd/embeddings/corneo_makima.pt", "corneo_makima", 16, 8000),
+    ("sd_webui_fork_fgjd/embeddings/negative_hand-neg.pt", "negative_hand-neg", 8, 8000),  # name='negative_hand'
+    ("fastai_diffusion_nbs/learned_embeds.bin", "<birb-style>", 1, 0),  # diffusers, a 1-D [768] tensor
+    ("ttekcor_embedding/learned_embeds.safetensors", "<detail-schemas>", 1, 0),  # diffusers, [1, 768]
+]
+
+
+@pytest.mark.parametrize("rel,token,n,step", REAL_EMBEDDINGS, ids=[r[0].rsplit("/", 1)[-1] for r in REAL_EMBEDDINGS])
+def test_every_real_embedding_file_loads_with_its_peers_trigger_word(realdata: Path, rel: str, token: str, n: int,
+                                                                      step: int) -> None:
+    path = realdata / "generated" / rel
+    emb = load_embedding(path)
+    assert (emb.token, emb.n_vectors, emb.step, emb.family, emb.dims()) == (token, n, step, "sd15", {"clip_l": 768})
+    assert load_embedding(path, expect_dims={"clip_l": 768}).token == token
+    # The values are the file's own, not a conversion of them.
+    raw = torch.load(path, map_location="cpu", weights_only=True) if path.suffix != ".safetensors" else None
+    if raw is not None and "string_to_param" in raw:
+        assert torch.equal(emb.vectors["clip_l"], next(iter(raw["string_to_param"].values())).float())
+    with pytest.raises(InvalidInput, match="SD 1.x"):
+        load_embedding(path, expect_dims={"clip_l": 768, "clip_g": 1280})
+
+
+def test_real_files_cover_every_embedding_in_realdata(realdata: Path) -> None:
+    found = {str(p.relative_to(realdata / "generated")) for ext in ("*.pt", "*.bin", "*.safetensors")
+             for p in (realdata / "generated").rglob(ext)}
+    assert found == {r[0] for r in REAL_EMBEDDINGS} | {"sd_webui_fork_fgjd/test/test_files/empty.pt"}
+
+
+def test_real_empty_pt_is_a_clear_error(realdata: Path) -> None:
+    # A1111's own test fixture: an empty dict.
+    with pytest.raises(InvalidInput, match="holds no tensors"):
+        load_embedding(realdata / "generated/sd_webui_fork_fgjd/test/test_files/empty.pt")
+
+
+def test_a_real_file_exports_under_its_trigger_word_and_a1111_accepts_it(realdata: Path, tmp_path: Path) -> None:
+    emb = load_embedding(realdata / "generated/sd_webui_fork_fgjd/embeddings/badhandv4.pt")
+    for fmt in ("a1111-pt", "safetensors", "diffusers"):
+        out = save_embedding(emb, tmp_path / fmt, fmt)
+        assert out.name == "badhandv4" + out.suffix
+        back = load_embedding(out)
+        assert back.token == "badhandv4" and torch.equal(back.vectors["clip_l"], emb.vectors["clip_l"])
+    assert_a1111_accepts(tmp_path / "a1111-pt" / "badhandv4.pt")
+
+
+def test_names_that_are_not_trigger_words_fall_back(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    vec = torch.randn(2, 768)
+    a1111 = {"string_to_token": {"*": 265}, "string_to_param": {"*": vec}, "name": "_EmbeddingMerge_temp", "step": 1}
+    torch.save(a1111, tmp_path / "my_merge.pt")
+    assert load_embedding(tmp_path / "my_merge.pt").token == "my_merge"  # the file name, as A1111
+    # A file name with a space is no prompt word: the stored name is, unless it is a placeholder.
+    torch.save(dict(a1111, name="goodname"), tmp_path / "my merge.pt")
+    assert load_embedding(tmp_path / "my merge.pt").token == "goodname"
+    torch.save(a1111, tmp_path / "my merge2.pt")
+    with pytest.raises(InvalidInput, match=r"_EmbeddingMerge_temp.*--token"):
+        load_embedding(tmp_path / "my merge2.pt")
+    assert load_embedding(tmp_path / "my merge2.pt", token="merge2").token == "merge2"
+    # diffusers keys with spaces (sd-concepts-library's <Le Petit Prince-moon >): the file name.
+    torch.save({"<Le Petit Prince-moon >": torch.randn(768)}, tmp_path / "le-petit-prince-moon.bin")
+    got = load_embedding(tmp_path / "le-petit-prince-moon.bin")
+    assert got.token == "le-petit-prince-moon" and got.n_vectors == 1
+    # ... unless the file has diffusers' default name, which names nothing.
+    torch.save({"<Le Petit Prince-moon >": torch.randn(768)}, tmp_path / "learned_embeds.bin")
+    with pytest.raises(InvalidInput, match=r"'learned_embeds'.*'<Le Petit Prince-moon >'.*--token"):
+        load_embedding(tmp_path / "learned_embeds.bin")
+    save_file({"<cat-toy>": torch.randn(1, 768)}, str(tmp_path / "learned_embeds.safetensors"))
+    assert load_embedding(tmp_path / "learned_embeds.safetensors").token == "<cat-toy>"
+
+
+@pytest.mark.parametrize("tensors,what", [
+    ({"emb_params": torch.randn(2, 4096)}, "T5-XXL"),
+    ({"sd3": torch.randn(77, 4096)}, "T5-XXL"),
+    ({"clip_l": torch.randn(1, 768), "clip_g": torch.randn(1, 1280), "t5xxl": torch.randn(1, 4096)}, "T5"),
+    ({"emb_params": torch.randn(2, 1024)}, "SD 2.x"),
+    ({"emb_params": torch.randn(2, 1280)}, "clip_g, 1280 wide"),
+    ({"emb_params": torch.randn(2, 512)}, "512 wide; SD's CLIP encoders are 768, 1024 or 1280"),
+    ({"clip_l": torch.randn(1, 768), "clip_g": torch.randn(1, 1024)}, "clip_l 768 \\+ clip_g 1024"),
+    ({"emb_params": torch.full((2, 768), float("nan"))}, "NaN"),
+    ({"emb_params": torch.zeros(0, 768)}, "expected \\(n_vectors, dim\\)"),
+    ({"emb_params": torch.zeros(2, 3, 768)}, "expected \\(n_vectors, dim\\)"),
+], ids=["t5-emb_params", "t5-diffusers", "sd3-keys", "sd2", "clip_g-alone", "512", "bad-sdxl", "nan", "no-rows", "3d"])
+def test_files_that_are_not_sd_clip_embeddings_are_refused_with_what_they_are(tmp_path: Path, tensors, what) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(tmp_path / "x.safetensors"))
+    with pytest.raises(InvalidInput, match=what):
+        load_embedding(tmp_path / "x.safetensors")
+    torch.save(tensors, tmp_path / "x.pt")
+    with pytest.raises(InvalidInput, match=what):
+        load_embedding(tmp_path / "x.pt")
+
+
+def _malformed_files():
+    from hypothesis import strategies as st
+
+    shapes = st.lists(st.integers(0, 5), min_size=0, max_size=3).map(tuple)
+    # Small tensors of 0-3 dims; the last dim is sometimes SD 1.5's 768 so that well-formed ones occur.
+    tensors = st.builds(lambda shape, last: torch.ones(shape + (last,)) if len(shape) < 3 else torch.ones(shape),
+                        shapes, st.sampled_from([0, 1, 3, 32, 768]))
+    leaves = st.one_of(tensors, st.integers(), st.text(max_size=8), st.none())
+    values = st.recursive(leaves, lambda inner: st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=6)
+    keys = st.sampled_from(["string_to_param", "emb_params", "clip_l", "clip_g", "name", "step", "*", "", "x y"])
+    state = st.dictionaries(keys, values, max_size=4)
+    raw = st.binary(max_size=64).map(lambda b: ("bytes", b))
+    prefixed = st.tuples(st.sampled_from([b"PK\x03\x04", b"\x80\x02", b"\x10\x00\x00\x00\x00\x00\x00\x00{"]),
+                         st.binary(max_size=64)).map(lambda t: ("bytes", t[0] + t[1]))
+    return st.one_of(raw, prefixed, state.map(lambda d: ("torch", d)), st.tuples(st.just("cut"), st.integers(1, 400)))
+
+
+def test_malformed_files_give_invalid_input_never_a_crash(tmp_path: Path) -> None:
+    import io
+    import tempfile
+
+    from hypothesis import HealthCheck, given, settings
+
+    good = io.BytesIO()
+    torch.save({"string_to_param": {"*": torch.randn(2, 768)}, "name": "n"}, good)
+
+    # 60 examples run in about 2 s on one core (each writes and reads a small file).
+    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(_malformed_files(), __import__("hypothesis").strategies.sampled_from([".pt", ".bin", ".safetensors"]))
+    def check(item, suffix):
+        kind, payload = item
+        with tempfile.TemporaryDirectory(dir=tmp_path) as d:
+            path = Path(d) / f"e{suffix}"
+            if kind == "bytes":
+                path.write_bytes(payload)
+            elif kind == "cut":  # a real file cut short
+                path.write_bytes(good.getvalue()[:payload])
+            else:
+                torch.save(payload, path)
+            try:
+                emb = load_embedding(path)
+            except InvalidInput:
+                return
+            assert isinstance(emb, TrainedEmbedding) and emb.dims()["clip_l"] in (32, 768)
+
+    check()

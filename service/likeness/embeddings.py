@@ -6,8 +6,13 @@ Formats (each proven by loading it through diffusers' ``load_textual_inversion``
   ``sd_checkpoint``/``sd_checkpoint_name``). SD 1.5 only: A1111 has no SDXL ``.pt``.
 - ``safetensors``: A1111/ComfyUI ``.safetensors``: ``emb_params`` for SD 1.5, ``clip_l`` +
   ``clip_g`` for SDXL.
-- ``diffusers``: ``learned_embeds.safetensors``: ``{token: (n, dim)}`` for SD 1.5; SDXL stores
+- ``diffusers``: diffusers' ``learned_embeds`` layout, ``{token: (n, dim)}`` for SD 1.5; SDXL stores
   ``clip_l`` and ``clip_g`` (the layout diffusers' SDXL docs load once per text encoder).
+
+Every export is named after its token (``<token>.pt``, ``<token>.safetensors``): A1111 and ComfyUI
+take the trigger word from the file name, diffusers from the key. A build keeps the diffusers file
+in ``embeddings/diffusers/<token>.safetensors`` beside the A1111 one. Imports take the word the
+file's own tool would use (see :func:`load_embedding`).
 """
 
 from __future__ import annotations
@@ -88,11 +93,15 @@ Format = Literal["a1111-pt", "safetensors", "diffusers"]
 FORMATS: tuple[str, ...] = ("a1111-pt", "safetensors", "diffusers")
 # The file suffix each format must carry: A1111/ComfyUI pick the loader by suffix.
 FORMAT_SUFFIX: dict[str, str] = {"a1111-pt": ".pt", "safetensors": ".safetensors", "diffusers": ".safetensors"}
-DIFFUSERS_FILENAME = "learned_embeds.safetensors"
 # A1111 writes 265 (the id of "*" in the SD 1.x CLIP vocabulary) as the placeholder token.
 _A1111_PLACEHOLDER_ID = 265
 # Known encoder widths, only for saying which model a file belongs to.
-_KNOWN_WIDTHS = {768: "SD 1.x (CLIP ViT-L, 768 wide)", 1024: "SD 2.x (OpenCLIP ViT-H, 1024 wide)"}
+_KNOWN_WIDTHS = {
+    768: "SD 1.x (CLIP ViT-L, 768 wide)",
+    1024: "SD 2.x (OpenCLIP ViT-H, 1024 wide)",
+    4096: "T5-XXL (4096 wide: the T5 text encoder of SD3/Flux, not a CLIP text embedding)",
+    32: "the tiny test models (32 wide)",
+}
 
 
 def describe_dims(dims: dict[str, int]) -> str:
@@ -104,7 +113,9 @@ def describe_dims(dims: dict[str, int]) -> str:
     width = next(iter(dims.values()))
     if width == 1280:
         return "SDXL's second text encoder alone (clip_g, 1280 wide)"
-    return _KNOWN_WIDTHS.get(width, f"a model with {width}-wide text embeddings")
+    return _KNOWN_WIDTHS.get(
+        width, f"no Stable Diffusion text encoder ({width} wide; SD's CLIP encoders are 768, 1024 or 1280 wide)"
+    )
 
 
 def _check_format(fmt: str) -> None:
@@ -124,11 +135,14 @@ def _metadata(emb: TrainedEmbedding) -> dict[str, str]:
     }
 
 
-def save_embedding(emb: TrainedEmbedding, path: str | Path, format: Format) -> Path:
+def save_embedding(emb: TrainedEmbedding, path: str | Path, format: Format, *, any_name: bool = False) -> Path:
     """Write ``emb`` in one of :data:`FORMATS`; returns the written file.
 
-    ``path`` may be an existing folder: the file is then ``<token>.pt`` / ``<token>.safetensors``
-    (A1111 and ComfyUI take the trigger word from the file name) or ``learned_embeds.safetensors``.
+    A1111 and ComfyUI name an embedding after its file, so an export is ``<token>.pt`` /
+    ``<token>.safetensors`` (the diffusers file too: diffusers reads the token from its key, the
+    others from the name). ``path`` may be a folder (created when missing) to write that name in,
+    or a file whose name is the token; another name is refused, because the peers would call the
+    embedding by it. ``any_name=True`` is for internal files that are read back with ``token=``.
     Writes are atomic.
     """
     import torch
@@ -142,12 +156,20 @@ def save_embedding(emb: TrainedEmbedding, path: str | Path, format: Format) -> P
         # not a file name missing its suffix.
         ensure_dir(path, "output folder")
     if path.is_dir():
-        name = DIFFUSERS_FILENAME if format == "diffusers" else check_name(emb.token, "token") + FORMAT_SUFFIX[format]
-        path = path / name
+        try:
+            path = path / (check_name(emb.token, "token") + FORMAT_SUFFIX[format])
+        except InvalidInput as exc:
+            raise InvalidInput(f"{exc}; the file is named after the token, so pass a token that is (CLI: --token)") from None
     if path.suffix != FORMAT_SUFFIX[format]:
         raise InvalidInput(
             f"{path.name}: a {format} embedding file must end in {FORMAT_SUFFIX[format]} "
             "(A1111 and ComfyUI choose the loader by suffix)"
+        )
+    if not any_name and path.stem != emb.token:
+        raise InvalidInput(
+            f"{path.name}: A1111 and ComfyUI would call this embedding {path.stem!r}, not its token {emb.token!r}; "
+            f"name the file {emb.token}{FORMAT_SUFFIX[format]}, give a folder, or pass token={path.stem!r} "
+            "(CLI: --token) to make that the trigger word"
         )
     vec = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in emb.vectors.items()}
     if format == "a1111-pt":
@@ -276,16 +298,40 @@ def _as_matrix(value: Any, where: str) -> "torch.Tensor":
         raise InvalidInput(f"{where}: expected a tensor, got {type(value).__name__}")
     t = value.detach().to("cpu", torch.float32)
     if t.ndim == 1:
-        t = t.unsqueeze(0)
-    if t.ndim != 2:
+        t = t.unsqueeze(0)  # diffusers' learned_embeds.bin holds one vector as a 1-D tensor
+    if t.ndim != 2 or t.shape[0] < 1 or t.shape[1] < 1:
         raise InvalidInput(f"{where}: expected (n_vectors, dim), got shape {tuple(value.shape)}")
+    if not bool(torch.isfinite(t).all()):
+        raise InvalidInput(f"{where}: holds NaN or infinite values (a diverged training run); use another checkpoint")
     return t.contiguous()
 
 
-def _parse(data: dict[str, Any], meta: dict[str, str], name: str) -> tuple[dict[str, Any], str, int, str, str]:
-    """-> (vectors, token-or-"", step, base_model, base_model_hash) from any supported layout."""
+@dataclass(frozen=True)
+class _Parsed:
+    vectors: dict[str, Any]
+    # "a1111" (string_to_param / emb_params / clip_l+clip_g: peers name it after the file) or
+    # "diffusers" ({token: tensor}: diffusers names it after the key).
+    kind: str
+    # The name stored inside the file (A1111's `name`, a diffusers key, our metadata), or "".
+    internal: str
+    step: int
+    base: str
+    digest: str
+
+
+def _parse(data: dict[str, Any], meta: dict[str, str], name: str) -> _Parsed:
+    """The vectors and names of any supported layout."""
     step = int(meta["step"]) if meta.get("step", "").lstrip("-").isdigit() else 0
-    token, base, digest = meta.get("name", ""), meta.get("sd_checkpoint_name", ""), meta.get("sd_checkpoint", "")
+    internal, base, digest = meta.get("name", ""), meta.get("sd_checkpoint_name", ""), meta.get("sd_checkpoint", "")
+    if not data:
+        raise InvalidInput(f"{name}: holds no tensors (an empty embedding file); export the embedding again")
+    t5 = sorted(str(k) for k in data if "t5" in str(k).lower())
+    if t5:
+        raise InvalidInput(
+            f"{name}: holds a T5 text-encoder part ({t5}), so it is an SD3/Flux embedding, not a CLIP-space "
+            "SD 1.5/SDXL one; use an embedding trained for SD 1.5 or SDXL"
+        )
+    kind = "a1111"
     if "clip_l" in data and "clip_g" in data:
         vectors = {k: _as_matrix(data[k], f"{name}[{k}]") for k in ("clip_l", "clip_g")}
     elif "string_to_param" in data:
@@ -293,7 +339,7 @@ def _parse(data: dict[str, Any], meta: dict[str, str], name: str) -> tuple[dict[
         if not isinstance(params, dict) or len(params) != 1:
             raise InvalidInput(f"{name}: A1111 string_to_param must hold exactly one tensor")
         vectors = {"clip_l": _as_matrix(next(iter(params.values())), f"{name}[string_to_param]")}
-        token = str(data.get("name") or token)
+        internal = str(data.get("name") or internal)
         step = int(data["step"]) if isinstance(data.get("step"), int) else step
         base = str(data.get("sd_checkpoint_name") or base)
         digest = str(data.get("sd_checkpoint") or digest)
@@ -304,13 +350,54 @@ def _parse(data: dict[str, Any], meta: dict[str, str], name: str) -> tuple[dict[
         if key in ("clip_l", "clip_g"):
             raise InvalidInput(f"{name}: holds only {key}; an SDXL embedding needs both clip_l and clip_g")
         vectors = {"clip_l": _as_matrix(value, f"{name}[{key}]")}
-        token = token or str(key)
+        kind, internal = "diffusers", str(key)
     else:
         raise InvalidInput(
             f"{name}: unknown embedding layout (keys {sorted(map(str, data))[:8]}); expected A1111 "
             "string_to_param/emb_params, clip_l+clip_g (SDXL), or diffusers {token: tensor}"
         )
-    return vectors, token, step, base, digest
+    return _Parsed(vectors, kind, internal, step, base, digest)
+
+
+# Names tools write in place of a real trigger word: diffusers' default file name, A1111's "*"
+# placeholder, the embedding-merge extension's scratch name. Never a usable trigger word.
+_PLACEHOLDER_NAMES = frozenset({"learned_embeds", "*", "_EmbeddingMerge_temp"})
+_MAX_TOKEN = 128
+
+
+def usable_token(name: str) -> bool:
+    """True when ``name`` can be a trigger word: one word, printable, no path separator, no placeholder."""
+    return (
+        0 < len(name) <= _MAX_TOKEN
+        and name not in _PLACEHOLDER_NAMES
+        and name.isprintable()
+        and not any(c.isspace() or c in "/\\" for c in name)
+    )
+
+
+def _trigger_word(parsed: _Parsed, path: Path) -> str:
+    """The word a prompt uses for this file, as the peer that wrote its layout names it.
+
+    A1111 and ComfyUI name an embedding after its file (``badhandv4.pt`` is ``badhandv4`` though
+    it stores ``name='badhandv3'``); diffusers after the key of ``{token: tensor}``. The other name
+    is the fallback when the first is not a usable word (spaces, a placeholder).
+    """
+    order = [path.stem, parsed.internal] if parsed.kind == "a1111" else [parsed.internal, path.stem]
+    for name in order:
+        if usable_token(name):
+            return name
+    raise InvalidInput(
+        f"{path.name}: neither its file name {path.stem!r} nor its stored name {parsed.internal!r} is a usable "
+        "trigger word (one word, no spaces, not a placeholder); pass token=... (CLI: --token WORD)"
+    )
+
+
+# Widths of the CLIP text encoders of SD 1.x (ViT-L 768), SD 2.x (OpenCLIP ViT-H 1024) and SDXL's
+# second encoder (OpenCLIP ViT-bigG 1280). The tiny test models' encoders are 32 wide
+# (scripts/build_tiny_models.py), the cpu-tiny profile's model.
+_SD15_WIDTH, _SDXL_G_WIDTH, _TINY_WIDTH = 768, 1280, 32
+_SERVED_DIMS = ({"clip_l": _SD15_WIDTH}, {"clip_l": _SD15_WIDTH, "clip_g": _SDXL_G_WIDTH},
+                {"clip_l": _TINY_WIDTH}, {"clip_l": _TINY_WIDTH, "clip_g": _TINY_WIDTH})
 
 
 def load_embedding(
@@ -321,29 +408,31 @@ def load_embedding(
 ) -> TrainedEmbedding:
     """Read an embedding in any supported format (ours or trained elsewhere).
 
-    ``token`` overrides the trigger word (default: the one stored in the file, else the file
-    name, as A1111 does). ``expect_dims`` (e.g. :func:`pipeline_dims` of the pipeline it will
-    serve) makes a file for another model fail with :class:`InvalidInput` naming both models.
+    ``token`` overrides the trigger word; by default it is the word the file's own tool uses
+    (:func:`_trigger_word`: the file name for A1111/ComfyUI layouts, the key for diffusers').
+    Files that are not CLIP-space SD 1.5/SDXL embeddings (SD 2.x, T5-XXL, unknown widths) are
+    refused with what they are. ``expect_dims`` (e.g. :func:`pipeline_dims` of the pipeline it
+    will serve) makes a file for another model fail with :class:`InvalidInput` naming both models.
     """
     path = Path(path)
     if not path.is_file():
         raise NotFound(f"embedding file {path} does not exist; pass a .pt or .safetensors embedding")
     data, meta = _read_file(path)
-    vectors, stored, step, base, digest = _parse(data, meta, path.name)
+    parsed = _parse(data, meta, path.name)
+    vectors = parsed.vectors
     family = "sdxl" if "clip_g" in vectors else "sd15"
     dims = {k: int(v.shape[1]) for k, v in vectors.items()}
-    if family == "sd15" and expect_dims is None and dims["clip_l"] in (1024, 1280):
-        raise InvalidInput(
-            f"{path.name} is an embedding for {describe_dims(dims)}; Likeness serves SD 1.5 and SDXL, "
-            "so use an embedding trained for one of those"
-        )
     if expect_dims is not None:
         check_dims(dims, expect_dims, what=path.name)
-    name = token or stored or (path.stem if path.name != DIFFUSERS_FILENAME else "")
-    if not name:
-        raise InvalidInput(f"{path.name} stores no token name; pass token=... (CLI: --token)")
+    elif dims not in _SERVED_DIMS:
+        raise InvalidInput(
+            f"{path.name} is an embedding for {describe_dims(dims)}; Likeness serves SD 1.5 (768 wide) and SDXL "
+            "(768 + 1280), so use an embedding trained for one of those"
+        )
+    name = token or _trigger_word(parsed, path)
     return TrainedEmbedding(
-        token=name, family=family, vectors=vectors, step=step, base_model=base, base_model_hash=digest
+        token=name, family=family, vectors=vectors, step=parsed.step, base_model=parsed.base,
+        base_model_hash=parsed.digest,
     )
 
 

@@ -7,7 +7,7 @@
       gallery/   manifest.jsonl, plan.json, images/<id>.png, contact_sheet.png
       curated/   curation.json, <id>.png + <id>.txt (captions)
       train/     checkpoints/step-<n>/, checkpoint_scores.json, best.json, validation/
-      embeddings/<token>.pt, <token>.safetensors, learned_embeds.safetensors
+      embeddings/<token>.pt, <token>.safetensors, diffusers/<token>.safetensors
       eval/      evaluation.json, images/*.png
       report/    report.json, report.html, contact_sheet.png
       rounds/<r>/...                 refinement round r (gallery/ curated/ train/ as above)

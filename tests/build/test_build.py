@@ -60,8 +60,8 @@ def _check_artifacts(build_dir: Path, token: str) -> None:
     from likeness.embeddings import load_embedding
     from likeness.generate.manifest import read_manifest
 
-    for name in (f"{token}.pt", f"{token}.safetensors", "learned_embeds.safetensors"):
-        emb = load_embedding(build_dir / "embeddings" / name, token=token)
+    for name in (f"{token}.pt", f"{token}.safetensors", f"diffusers/{token}.safetensors"):
+        emb = load_embedding(build_dir / "embeddings" / name)  # the token comes back from the file name
         assert emb.token == token and emb.family == "sd15"
     assert (build_dir / "report" / "report.json").is_file() and (build_dir / "report" / "report.html").is_file()
     assert (build_dir / "eval" / "evaluation.json").is_file()
@@ -116,10 +116,11 @@ def test_whole_build_through_grpc(uninterrupted, photos):
     assert len(selected) == 5 and set(selected) <= jolie_ids, selected
     _check_artifacts(build_dir, "j0l1e")
     # Every format over gRPC, byte-identical to the files.
-    for fmt, name in (("a1111-pt", "j0l1e.pt"), ("safetensors", "j0l1e.safetensors"),
-                      ("diffusers", "learned_embeds.safetensors")):
+    for fmt, rel in (("a1111-pt", "j0l1e.pt"), ("safetensors", "j0l1e.safetensors"),
+                     ("diffusers", "diffusers/j0l1e.safetensors")):
         f = c.get_embedding(character="Jolie", format=fmt)
-        assert f.filename == name and f.data == (build_dir / "embeddings" / name).read_bytes() and f.token == "j0l1e"
+        assert f.filename == Path(rel).name and f.data == (build_dir / "embeddings" / rel).read_bytes()
+        assert f.token == "j0l1e"
     rep = c.get_report(b.id)
     assert json.loads(rep.json)["schema_version"] and rep.html.startswith(b"<")
     # Any tool can check its panels against the character: same person high, another low.

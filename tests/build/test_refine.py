@@ -168,7 +168,7 @@ def test_refinement_round_without_identity_keeps_round_zero(tmp_path, photos, mo
 
     # Round 0's best embedding is what was exported (every format), evaluated and reported.
     best0 = load_embedding(root / "train" / "best_embedding.safetensors", token="j0l1e")
-    for name in ("j0l1e.pt", "j0l1e.safetensors", "learned_embeds.safetensors"):
+    for name in ("j0l1e.pt", "j0l1e.safetensors", "diffusers/j0l1e.safetensors"):
         emb = load_embedding(root / "embeddings" / name, token="j0l1e")
         assert all(torch.equal(emb.vectors[k], best0.vectors[k]) for k in best0.vectors)
     assert (root / "eval" / "evaluation.json").is_file() and not (r1 / "eval").exists()

@@ -21,10 +21,11 @@ from likeness.files import atomic_save
 from likeness.profiles import resolve_profile
 
 EMBEDDING_FILES = {
-    # format -> file name under embeddings/ (the documented layout)
+    # format -> file name under embeddings/ (the documented layout). Every file is named after the
+    # token (A1111 and ComfyUI take the trigger word from it); the diffusers one has its own folder.
     "a1111-pt": "{token}.pt",
     "safetensors": "{token}.safetensors",
-    "diffusers": "learned_embeds.safetensors",
+    "diffusers": "diffusers/{token}.safetensors",
 }
 
 
@@ -192,7 +193,8 @@ def stage_train(ctx: BuildContext, round_: int) -> dict[str, Any]:
                                      image_dir=rd / layout.TRAIN_DIR / "validation")
     res = train_embedding(rd / layout.CURATED_DIR, ctx.spec, rd / layout.TRAIN_DIR, cfg, pipe=_pipe(ctx), profile=profile,
                           progress=ctx.progress, cancel=ctx.cancel, validator=validator)
-    save_embedding(res.best, _best_embedding_path(ctx, round_), "safetensors")
+    # Internal (read back with the spec's token), so not named after the token.
+    save_embedding(res.best, _best_embedding_path(ctx, round_), "safetensors", any_name=True)
     return {"step": int(res.best_step), "last_step": int(res.last_step), "resumed_from": int(res.resumed_from),
             "reason": res.best_reason}
 

@@ -25,6 +25,8 @@ def register(sub: Any) -> None:
     e = sub.add_parser("export", help="write an embedding as A1111 .pt, A1111/ComfyUI .safetensors or diffusers")
     e.add_argument("embedding", help="embedding file in any supported format (.pt / .safetensors)")
     e.add_argument("--format", required=True, choices=("a1111-pt", "safetensors", "diffusers"))
-    e.add_argument("--out", required=True, help="output file (or folder: <token>.pt / learned_embeds.safetensors)")
-    e.add_argument("--token", help="trigger word to store (default: the one in the file, else its name)")
+    e.add_argument("--out", required=True, help="output folder (the file is <token>.pt / <token>.safetensors, the name A1111 and ComfyUI "
+                   "use as the trigger word) or a file named so")
+    e.add_argument("--token", help="trigger word (default: the one the file's tool uses: its file name for A1111/ComfyUI "
+                   "files, the key for diffusers files)")
     e.set_defaults(func=_export)
