@@ -268,6 +268,36 @@ def test_resume_equals_uninterrupted(uninterrupted, dataset, tmp_path):
                         validator=_table_validator([]))
 
 
+def test_kill_during_validation_keeps_the_checkpoints_loss(uninterrupted, dataset, tmp_path):
+    """A process killed while validating a checkpoint (saved, not yet scored) resumes and scores it with
+    the loss recorded in its meta.json, not null (issue 13: checkpoint_scores.json had loss null)."""
+    from likeness.train.trainer import train_embedding
+
+    _res_a, out_a, _pipe_a, _events, _calls = uninterrupted
+    out = tmp_path / "run-kill"
+    calls: list[int] = []
+    table = _table_validator(calls)
+
+    class Killed(BaseException):  # not an Exception: nothing in the trainer may swallow it, like SIGKILL
+        pass
+
+    def dies_at_3(step, pipe, emb):
+        if step == 3:
+            raise Killed()
+        return table(step, pipe, emb)
+
+    with pytest.raises(Killed):
+        train_embedding(dataset, SPEC, out, _cfg(learning_rate="0.05:4, 0.01"), pipe=_pipe(), validator=dies_at_3)
+    assert (out / "checkpoints" / "step-3" / "meta.json").is_file() and not (out / "checkpoint_scores.json").exists()
+    train_embedding(dataset, SPEC, out, _cfg(learning_rate="0.05:4, 0.01"), pipe=_pipe(), validator=table)
+    rows = {r["step"]: r for r in json.loads((out / "checkpoint_scores.json").read_text())["checkpoints"]}
+    meta3 = json.loads((out / "checkpoints" / "step-3" / "meta.json").read_text())
+    assert rows[3]["loss"] is not None and rows[3]["loss"] == pytest.approx(meta3["loss"], rel=1e-5)
+    uninterrupted_rows = {r["step"]: r for r in json.loads((out_a / "checkpoint_scores.json").read_text())["checkpoints"]}
+    assert rows[3]["loss"] == pytest.approx(uninterrupted_rows[3]["loss"], rel=1e-4)
+    assert rows[6]["loss"] is not None
+
+
 # ---------------------------------------------------------------- SDXL: rows in both encoders
 
 

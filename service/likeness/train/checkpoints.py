@@ -69,6 +69,15 @@ def load_checkpoint_state(out_dir: str | Path, step: int) -> tuple[dict[str, Any
     return torch.load(d / "state.pt", map_location="cpu", weights_only=True), read_json(d / "meta.json")
 
 
+def checkpoint_loss(out_dir: str | Path, step: int) -> float | None:
+    """The mean training loss recorded in a checkpoint's meta.json (None when absent or unreadable)."""
+    try:
+        v = read_json(checkpoint_dir(out_dir, step) / "meta.json").get("loss")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
 def load_checkpoint_embedding(out_dir: str | Path, step: int, token: str) -> "TrainedEmbedding":
     from likeness.embeddings import load_embedding
 

@@ -40,7 +40,7 @@ from likeness.train.lr_schedule import LearnRateSchedule, parse_learn_rate
 from likeness.progress import CancelToken, ProgressFn, report
 from likeness.train.data import TrainItem, dataset_fingerprint, fill_template, load_templates, read_dataset
 from likeness.train.checkpoints import (
-    BEST_FILE, CHECKPOINTS, check_fingerprint, list_checkpoints, load_checkpoint_embedding,
+    BEST_FILE, CHECKPOINTS, check_fingerprint, checkpoint_loss, list_checkpoints, load_checkpoint_embedding,
     load_checkpoint_state, read_scores, save_checkpoint, write_scores,
 )
 from likeness.train.checkpoint_scoring import CheckpointScores, ValidationConfig, Validator, check_validation_config, choose_best
@@ -525,7 +525,10 @@ def _run(
         for s in sorted(set(saved)):
             if s not in scores:
                 trainer.sync_rows(load_checkpoint_embedding(out, s, trainer.token).vectors)
-                scores[s] = validator(s, trainer.pipe, load_checkpoint_embedding(out, s, trainer.token))
+                scored = validator(s, trainer.pipe, load_checkpoint_embedding(out, s, trainer.token))
+                # The loss of those steps was recorded with the checkpoint (a kill during validation
+                # must not turn it into null): read it back from its meta.json.
+                scores[s] = dataclasses.replace(scored, loss=checkpoint_loss(out, s))
         write_scores(out, scores, config)
     steps = sorted(set(saved))
     if validator is not None:
