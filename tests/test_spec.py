@@ -105,3 +105,24 @@ def test_cli_turns_os_errors_into_messages(tmp_path, capsys, monkeypatch):
     parser._subparsers._group_actions[0].choices["profiles"].set_defaults(func=boom)
     assert cli.main(["profiles"]) == 1
     assert "error: Permission denied" in capsys.readouterr().err
+
+
+def test_a_latin1_spec_says_it_must_be_utf8(tmp_path) -> None:
+    # Was a UnicodeDecodeError traceback.
+    path = tmp_path / "zoe.toml"
+    path.write_bytes('name = "Zoé"\ntoken = "z03"\n'.encode("latin-1"))
+    with pytest.raises(InvalidInput, match="must be UTF-8") as exc:
+        load_spec(path)
+    assert "0xe9" in str(exc.value) and "zoe.toml" in str(exc.value)
+    path.write_bytes('name = "Zoé"\ntoken = "z03"\n'.encode("utf-8"))
+    assert load_spec(path).name == "Zoé"
+
+
+def test_cli_spec_check_of_a_latin1_file_is_an_error_not_a_traceback(tmp_path, capsys) -> None:
+    from likeness.cli.main import main
+
+    path = tmp_path / "zoe.toml"
+    path.write_bytes('name = "Zoé"\ntoken = "z03"\n'.encode("latin-1"))
+    assert main(["spec", "check", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "must be UTF-8" in err and "Traceback" not in err

@@ -192,7 +192,15 @@ def load_spec(path: str | Path) -> CharacterSpec:
     if not path.is_file():
         raise InvalidInput(f"spec file {path} does not exist; pass a .toml character spec (see examples/)")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        # TOML is UTF-8 by definition; Latin-1/Windows-1252 editors write "é" as one byte 0xE9.
+        raise InvalidInput(
+            f"{path}: the file must be UTF-8 (TOML is); byte {exc.object[exc.start]:#04x} at offset "
+            f"{exc.start} is not. Save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise InvalidInput(f"{path}: not valid TOML: {exc}") from exc
     return spec_from_dict(data, where=path.name)

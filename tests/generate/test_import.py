@@ -152,3 +152,37 @@ def test_cli_import(messy_folder: Path, tmp_path: Path, capsys):
     assert main(["import", str(messy_folder), "--out", str(tmp_path / "g"), "-q"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["imported"] == 6 and len(out["skipped"]) == 4
+
+
+def test_one_image_with_damaged_parameters_is_skipped_and_the_rest_imported(tmp_path: Path):
+    # `Steps: inf` raised OverflowError out of the importer: the CLI printed a traceback and a
+    # gRPC build ended FAILED "internal error" for one bad file among hundreds.
+    src = tmp_path / "src"
+    src.mkdir()
+    _png(src / "good.png", (200, 0, 0), {"parameters": _a1111("emily, closeup, front shot", 7)})
+    _png(src / "inf.png", (0, 200, 0), {"parameters": "emily\nSteps: inf, Sampler: Euler, CFG scale: 7, Seed: 1"})
+    _png(src / "seed.png", (0, 0, 200), {"parameters": "emily\nSteps: 3, Sampler: Euler, Seed: " + "9" * 5000})
+    _png(src / "huge.png", (9, 9, 9), {"parameters": "a" * 5_000_000})
+    comfy = {"3": {"class_type": "KSampler", "inputs": {"seed": 1, "steps": float("inf"), "cfg": 7}}}
+    _png(src / "comfy.png", (1, 1, 1), {"prompt": json.dumps(comfy)})  # json writes Infinity
+    result = import_gallery(src, tmp_path / "g")
+    skipped = {s["file"]: s["reason"] for s in result.skipped}
+    assert set(skipped) == {"inf.png", "seed.png", "huge.png"}
+    assert "Steps: 'inf'" in skipped["inf.png"] and "Seed:" in skipped["seed.png"]
+    assert "character limit" in skipped["huge.png"]
+    # The ComfyUI graph with Infinity is an image without usable parameters, imported with a warning.
+    assert result.imported == 2 and result.with_infotext == 1
+    assert {Path(w["file"]).name for w in result.warnings} == {"comfy.png"}
+
+
+def test_cli_import_of_a_damaged_image_exits_zero_without_a_traceback(tmp_path: Path, capsys):
+    from likeness.cli.main import main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    _png(src / "inf.png", (0, 200, 0), {"parameters": "emily\nSteps: inf, Sampler: Euler, CFG scale: 7, Seed: 1"})
+    _png(src / "ok.png", (0, 20, 0))
+    assert main(["import", str(src), "--out", str(tmp_path / "g"), "-q"]) == 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    assert json.loads(captured.out)["skipped"][0]["file"] == "inf.png"

@@ -82,3 +82,59 @@ def test_exif_comments_that_are_not_generation_parameters_are_ignored():
         buf = io.BytesIO()
         Image.new("RGB", (8, 8)).save(buf, "JPEG", exif=exif.tobytes())
         assert read_parameters(buf.getvalue()) == ""
+
+
+def test_a_long_line_without_pairs_parses_in_linear_time():
+    # A1111's findall pattern took 0.20 s at 4,000 characters, 2.1 s at 16,000 (quadratic); a
+    # 40,000-character PNG held a build worker for tens of seconds. Linear: 16,000 takes ~8 ms
+    # and the 64 KiB limit ~30 ms on one shared core; 0.5 s leaves room for a loaded CI machine.
+    import time
+
+    for text in ("a" * 16_000, "a b" * 21_000, 'k: "\\", ' * 7_000, " \n" * 30_000 + "x", "Steps: 1\n" * 7_000):
+        start = time.perf_counter()
+        parse_infotext(text)
+        assert time.perf_counter() - start < 0.5, text[:20]
+    # The settings-line sniffer has no quadratic pattern either.
+    from likeness.generate.infotext import looks_like_parameters
+
+    start = time.perf_counter()
+    assert not looks_like_parameters("\n" * 60_000 + " " * 60_000)
+    assert time.perf_counter() - start < 0.5
+
+
+def test_text_over_the_limit_is_refused_not_parsed():
+    from likeness.errors import InvalidInput
+    from likeness.generate.infotext import MAX_INFOTEXT_CHARS
+
+    ok = "p" * (MAX_INFOTEXT_CHARS - 100) + "\nSteps: 3, Sampler: Euler, Seed: 4"
+    assert parse_infotext(ok).seed == 4
+    with pytest.raises(InvalidInput, match="over the 65,536-character limit"):
+        parse_infotext("p" * (MAX_INFOTEXT_CHARS + 1))
+
+
+@pytest.mark.parametrize("setting,needle", [
+    ("Steps: inf", "Steps: 'inf'"),
+    ("Steps: nan", "Steps: 'nan'"),
+    ("Steps: 1e400", "Steps: '1e400'"),
+    ("Steps: 99999999999", "Steps: '99999999999'"),
+    ("Seed: " + "9" * 400, "Seed: '99999"),
+    ("Seed: 18446744073709551616", "at most 18446744073709551615"),
+    ("CFG scale: nan", "CFG scale: 'nan'"),
+    ("CFG scale: -inf, Seed: 1", "CFG scale"),
+    ("Size: 99999999999x512", "Size"),
+], ids=["inf", "nan", "1e400", "steps-huge", "seed-400-digits", "seed-2**64", "cfg-nan", "cfg-minus-inf", "size-huge"])
+def test_unusable_numbers_are_invalid_input_naming_the_value(setting, needle):
+    # Was an uncaught OverflowError (int(float("inf"))): a CLI traceback, a build FAILED "internal error".
+    from likeness.errors import InvalidInput
+
+    with pytest.raises(InvalidInput) as exc:
+        parse_infotext(f"a cat\n{setting}, Sampler: Euler, Model: m, Version: v")
+    assert needle in str(exc.value) and "damaged" in str(exc.value)
+
+
+def test_values_that_are_not_numbers_stay_unstated():
+    info = parse_infotext("a cat\nSteps: many, Sampler: Euler, Seed: -1, CFG scale: -3, Size: big")
+    assert (info.steps, info.seed, info.cfg_scale, info.width) == (0, -1, 0.0, 0)
+    # Seeds beyond 2**32 (ComfyUI's range) are kept exactly, not through a float.
+    assert parse_infotext("a\nSteps: 1, Sampler: Euler, Seed: 18446744073709551615").seed == 2**64 - 1
+    assert parse_infotext("a\nSteps: 0030, Sampler: Euler, Seed: 1").steps == 30

@@ -139,3 +139,30 @@ def test_invalid_strings_say_how_to_fix(bad, needle):
 def test_steps_are_one_based():
     with pytest.raises(ValueError):
         parse_learn_rate("0.1").rate_at(0)
+
+
+@pytest.mark.parametrize(
+    "bad,needle",
+    [
+        (10**400, "too large"),
+        (2**1024, "too large"),
+        (float("inf"), "'inf'"),
+        ("1e400", "'1e400'"),
+        ("0.005:" + "9" * 5000, "(5,000 characters) is too large"),
+        ("0.005:99999999999999999999", "'99999999999999999999' is too large"),
+        ("0.005:1000000001", "end step 1000000001 is too large"),
+    ],
+    ids=["int-10**400", "int-2**1024", "float-inf", "str-1e400", "end-5000-digits", "end-20-digits", "end-over-1e9"],
+)
+def test_huge_numbers_are_invalid_input_naming_the_value(bad, needle):
+    # 10**400 raised OverflowError (float(int)); a 5,000-digit end step was echoed whole.
+    with pytest.raises(InvalidInput) as exc:
+        parse_learn_rate(bad)
+    assert needle in str(exc.value)
+    assert len(str(exc.value)) < 300
+
+
+def test_the_largest_end_step_is_accepted():
+    from likeness.train.lr_schedule import MAX_END_STEP
+
+    assert parse_learn_rate(f"0.005:{MAX_END_STEP}").stop_step(10) == 10

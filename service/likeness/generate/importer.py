@@ -9,12 +9,16 @@ graph, assigns zoom and angle by finding the spec's zoom/angle phrases in the
 prompt, and writes the same gallery layout as generation: ``images/<id>.png``
 (re-encoded, infotext kept), ``manifest.jsonl`` with ``source="imported"``,
 ``contact_sheet.png``, and ``import.json`` listing every skipped file with its
-reason. A broken file is reported and skipped, never a crash.
+reason. A broken file is reported and skipped, never a crash; so is a file
+whose parameters text is damaged (``Steps: inf``) or longer than
+:data:`~likeness.generate.infotext.MAX_INFOTEXT_CHARS` (64 KiB: A1111 writes a
+few thousand characters; a PNG stuffed with megabytes of text is not parsed).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -118,17 +122,20 @@ def comfy_infotext(prompt_json: str) -> InfoText | None:
             if isinstance(other, dict) and "ckpt_name" in (other.get("inputs") or {}):
                 model = Path(str(other["inputs"]["ckpt_name"])).stem
         try:
-            return InfoText(
-                prompt=_comfy_text(nodes, inp.get("positive")),
-                negative_prompt=_comfy_text(nodes, inp.get("negative")),
-                steps=int(inp.get("steps", 0) or 0),
-                sampler=name,
-                cfg_scale=float(inp.get("cfg", 0) or 0),
-                seed=int(seed) if isinstance(seed, (int, float)) else -1,
-                model=model,
-            )
-        except (TypeError, ValueError):
+            steps, cfg = int(inp.get("steps", 0) or 0), float(inp.get("cfg", 0) or 0)
+            seed = int(seed) if isinstance(seed, (int, float)) else -1
+        except (TypeError, ValueError, OverflowError):  # JSON allows Infinity and NaN
             return None
+        # Same bounds as A1111 infotext (ComfyUI seeds go up to 2**64-1); outside them: not stated.
+        if not 0 <= seed <= 2**64 - 1:
+            seed = -1
+        if not (0 <= steps <= 100_000 and math.isfinite(cfg)):
+            return None
+        return InfoText(
+            prompt=_comfy_text(nodes, inp.get("positive")),
+            negative_prompt=_comfy_text(nodes, inp.get("negative")),
+            steps=steps, sampler=name, cfg_scale=cfg, seed=seed, model=model,
+        )
     return None
 
 
@@ -212,7 +219,14 @@ def _import_locked(
         notes = []
         if info.extension_mismatch:
             notes.append(f"the file is {info.format} but named {path.suffix}; imported as PNG")
-        meta, raw = _metadata(path, info.text)
+        try:
+            meta, raw = _metadata(path, info.text)
+        except InvalidInput as exc:
+            # Damaged parameters (Steps: inf, a 30-digit seed, megabytes of text): this image
+            # is skipped with the reason; the others are imported.
+            skipped.append({"file": rel, "reason": f"{rel}: {exc}"})
+            report(progress, "import", n, len(files), "skipped")
+            continue
         if meta is None:
             notes.append("no A1111/ComfyUI parameters: prompt, seed, zoom and angle unknown")
             meta = InfoText()

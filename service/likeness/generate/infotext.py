@@ -18,13 +18,25 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
-# A1111's own pattern for one "key: value" pair of the parameters line.
-_PARAM_RE = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+from likeness.errors import InvalidInput
+
 _SIZE_RE = re.compile(r"^(\d+)x(\d+)$")
+# Longest parameters text we parse. A1111's own prompts stay far below (its UI caps a prompt at
+# a few thousand characters; the workflow's 106-token negative prompt is ~600): 64 KiB leaves
+# room for long LoRA/ADetailer blocks while a file stuffed with megabytes of text (seen: 5 MB in
+# one PNG chunk) is not parsed at all. Callers report such a file instead of reading its text.
+MAX_INFOTEXT_CHARS = 64 * 1024
+# Seeds as other tools write them: A1111 draws 0..2**32-1, ComfyUI 0..2**64-1 (torch accepts both).
+_SEED_LIMIT = 2**64 - 1
+# Steps and sizes beyond these are not settings any tool writes (A1111's sliders stop at 150
+# steps and 2048 px; a PNG side is at most 2**31-1): a larger number is a damaged or hostile file.
+_STEPS_LIMIT = 100_000
+_SIDE_LIMIT = 2**31 - 1
 _NEGATIVE = "Negative prompt:"
 
 # Keys this module maps to fields; everything else stays in ``extra`` in order.
@@ -103,18 +115,103 @@ def _fold_schedule(sampler: str, schedule: str) -> str:
     return sampler
 
 
+def _is_word(ch: str) -> bool:
+    # The regex class \w on str: letters, digits (any script) and "_".
+    return ch.isalnum() or ch == "_"
+
+
+def param_pairs(line: str) -> list[tuple[str, str]]:
+    """The ``(key, raw value)`` pairs A1111 finds in a parameters line, in linear time.
+
+    A1111 (``modules/infotext_utils.py``) runs ``re.findall`` with
+    ``\\s*(\\w[\\w \\-/]+):\\s*("(?:\\\\.|[^\\\\"])+"|[^,]*)(?:,|$)``. That pattern
+    backtracks over the whole rest of the line at every position where no
+    pair starts, so a long line without ``key:`` pairs takes quadratic time
+    (2.1 s for 16,000 characters). This scanner returns the same pairs (a
+    property test compares them on random lines) from three right-to-left
+    tables: where each run of key characters ends, the next non-space, the
+    next comma and the closing quote of a quoted value.
+    """
+    n = len(line)
+    run_end = [n] * (n + 1)  # end of the run of key characters [\w \-/] starting at i
+    non_space = [n] * (n + 1)  # first non-whitespace index >= i
+    comma = [n] * (n + 1)  # first "," index >= i
+    close = [-1] * (n + 2)  # closing '"' of a quoted body that starts at i, honouring \ escapes; -1: none
+    for i in range(n - 1, -1, -1):
+        ch = line[i]
+        run_end[i] = run_end[i + 1] if (_is_word(ch) or ch in " -/") else i
+        non_space[i] = non_space[i + 1] if ch.isspace() else i
+        comma[i] = i if ch == "," else comma[i + 1]
+        if ch == '"':
+            close[i] = i
+        elif ch == "\\":
+            # "\\." takes the backslash and the next character (any but a newline).
+            close[i] = close[i + 2] if i + 1 < n and line[i + 1] != "\n" else -1
+        else:
+            close[i] = close[i + 1]
+    pairs: list[tuple[str, str]] = []
+    pos = 0
+    while pos < n:
+        start = non_space[pos]
+        end = run_end[start] if start < n and _is_word(line[start]) else start
+        if end - start < 2 or end >= n or line[end] != ":":
+            pos += 1  # no pair starts here; findall moves on by one character
+            continue
+        value = non_space[end + 1]
+        quote_end = close[value + 1] if value + 1 < n and line[value] == '"' and line[value + 1] != '"' else -1
+        if quote_end != -1 and (quote_end + 1 == n or line[quote_end + 1] == ","):
+            pairs.append((line[start:end], line[value:quote_end + 1]))
+            pos = quote_end + 2
+        else:
+            stop = comma[value]
+            pairs.append((line[start:end], line[value:stop]))
+            pos = stop + 1
+    return pairs
+
+
+def _param_number(params: dict[str, str], key: str, limit: float) -> float | None:
+    """The number of ``key`` (at most ``limit``); None when absent, negative or not a number.
+
+    A value that is a number but not a usable one (``inf``, ``nan``, ``1e400``,
+    a 30-digit seed) means the file is damaged or made to break readers:
+    InvalidInput, so an import skips that one image with the reason.
+    """
+    raw = params.get(key, "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except (ValueError, OverflowError):
+        return None  # text where a number belongs ("Seed: random"): not stated, as before
+    if math.isfinite(value) and value < 0:
+        return None  # "Seed: -1" is how some tools say "random": not stated
+    if not math.isfinite(value) or value > limit:
+        raise InvalidInput(
+            f"infotext {key}: {raw[:40]!r} is not a usable value (a finite number 0..{limit:g} is); "
+            "the image's generation parameters are damaged; re-export it or remove its parameters text"
+        )
+    return value
+
+
 def parse_infotext(text: str) -> InfoText:
     """Parse an A1111 parameters text; tolerant of missing lines and unknown keys.
 
     Follows A1111's ``parse_generation_parameters``: the last line is the
     parameters line only if it has at least 3 ``key: value`` pairs, otherwise
-    it is part of the prompt.
+    it is part of the prompt. Runs in time linear in the text. Raises
+    InvalidInput for a text over :data:`MAX_INFOTEXT_CHARS` and for a number
+    no tool writes (``Steps: inf``, ``Seed: nan``, a 400-digit integer).
     """
     text = (text or "").replace("\r\n", "\n").strip("\n")
+    if len(text) > MAX_INFOTEXT_CHARS:
+        raise InvalidInput(
+            f"infotext: {len(text):,} characters is over the {MAX_INFOTEXT_CHARS:,}-character limit "
+            "(A1111 writes a few thousand); the parameters text is damaged or not A1111's"
+        )
     lines = text.split("\n")
     params: dict[str, str] = {}
     if lines:
-        found = _PARAM_RE.findall(lines[-1].strip())
+        found = param_pairs(lines[-1].strip())
         if len(found) >= 3:
             params = {k.strip(): unquote(v.strip()) for k, v in found}
             lines = lines[:-1]
@@ -129,19 +226,30 @@ def parse_infotext(text: str) -> InfoText:
                 line = line[1:]
         (negative_lines if in_negative else prompt_lines).append(line)
 
-    def _int(key: str, default: int) -> int:
-        try:
-            return int(float(params[key]))
-        except (KeyError, ValueError):
-            return default
+    def _int(key: str, default: int, limit: int) -> int:
+        raw = params.get(key, "").strip()
+        if raw.isascii() and raw.isdigit():  # exact, also for seeds beyond float precision
+            digits = raw.lstrip("0") or "0"
+            # Length first: int() of a 5,000-digit string is itself refused (and slow).
+            if len(digits) > 20 or int(digits) > limit:
+                raise InvalidInput(
+                    f"infotext {key}: {raw[:40]!r} is larger than any tool writes (at most {limit}); "
+                    "the image's generation parameters are damaged; re-export it or remove its parameters text"
+                )
+            return int(digits)
+        value = _param_number(params, key, limit)
+        return default if value is None else int(value)
 
-    try:
-        cfg = float(params.get("CFG scale", "0") or 0)
-    except ValueError:
-        cfg = 0.0
+    steps = _int("Steps", 0, _STEPS_LIMIT)
+    seed = _int("Seed", -1, _SEED_LIMIT)
+    # CFG above 100 is not a setting (A1111's slider stops at 30); finite is the real requirement.
+    cfg = _param_number(params, "CFG scale", 1e6) or 0.0
     width = height = 0
     m = _SIZE_RE.match(params.get("Size", "").strip())
     if m:
+        if len(m.group(1)) > 10 or len(m.group(2)) > 10 or max(int(m.group(1)), int(m.group(2))) > _SIDE_LIMIT:
+            raise InvalidInput(f"infotext Size: {params['Size'][:40]!r} is larger than any image can be; "
+                               "the image's generation parameters are damaged")
         width, height = int(m.group(1)), int(m.group(2))
     extra = {k: v for k, v in params.items() if k not in _KNOWN}
     sampler = _fold_schedule(params.get("Sampler", ""), params.get("Schedule type", ""))
@@ -150,10 +258,10 @@ def parse_infotext(text: str) -> InfoText:
     return InfoText(
         prompt="\n".join(prompt_lines).strip(),
         negative_prompt="\n".join(negative_lines).strip(),
-        steps=_int("Steps", 0),
+        steps=steps,
         sampler=sampler,
         cfg_scale=cfg,
-        seed=_int("Seed", -1),
+        seed=seed,
         width=width,
         height=height,
         model=params.get("Model", ""),
@@ -200,7 +308,9 @@ def _decode_user_comment(raw: Any) -> str:
     return raw.decode("utf-8", errors="ignore").rstrip("\x00")
 
 
-_SETTINGS_LINE = re.compile(r"(^|\n)\s*Steps:\s*\d+", re.MULTILINE)
+# Spaces but not newlines around "Steps:": "\s*" after "(^|\n)" rescanned every following blank
+# line at every line start (quadratic on a text of newlines).
+_SETTINGS_LINE = re.compile(r"^[^\S\n]*Steps:[^\S\n]*\d", re.MULTILINE)
 
 
 def looks_like_parameters(text: str) -> bool:

@@ -60,13 +60,27 @@ class LearnRateSchedule:
         return out
 
 
+# No run trains a billion steps (a build allows 100,000): an end step past this is a typo, and
+# refusing it keeps every step number an int64 in checkpoints, reports and protobuf messages.
+MAX_END_STEP = 10**9
+
+
+def _show(text: str) -> str:
+    """``text`` quoted for a message, cut to 40 characters (a 5,000-digit number is not echoed)."""
+    return repr(text) if len(text) <= 40 else repr(text[:37] + "...") + f" ({len(text):,} characters)"
+
+
+def _label(where: str) -> str:
+    return f"learning rate {where}" if where else "learning rate"
+
+
 def _rate(text: str, where: str) -> float:
     try:
         rate = float(text)
     except ValueError:
-        raise InvalidInput(f"learning rate {where}: {text!r} is not a number; write e.g. {_EXAMPLE}") from None
+        raise InvalidInput(f"{_label(where)}: {_show(text)} is not a number; write e.g. {_EXAMPLE}") from None
     if not math.isfinite(rate) or rate <= 0:
-        raise InvalidInput(f"learning rate {where}: {text!r} must be a positive number such as 0.005")
+        raise InvalidInput(f"{_label(where)}: {_show(text)} must be a positive finite number such as 0.005")
     return rate
 
 
@@ -75,8 +89,12 @@ def parse_learn_rate(value: float | int | str) -> LearnRateSchedule:
     if isinstance(value, bool):
         raise InvalidInput(f"learning rate: expected a number or a schedule string, got {value!r}; write e.g. {_EXAMPLE}")
     if isinstance(value, (int, float)):
-        rate = _rate(repr(float(value)), "")
-        return LearnRateSchedule(((rate, -1),), repr(float(value)))
+        try:
+            text = repr(float(value))
+        except OverflowError:  # an int beyond float range (10**400)
+            raise InvalidInput(f"learning rate: {_show(str(value))} is too large; "
+                               "write a positive number such as 0.005") from None
+        return LearnRateSchedule(((_rate(text, ""), -1),), text)
     if not isinstance(value, str):
         raise InvalidInput(f"learning rate: expected a number or a schedule string, got {type(value).__name__}")
     text = value.strip()
@@ -85,7 +103,7 @@ def parse_learn_rate(value: float | int | str) -> LearnRateSchedule:
         raise InvalidInput(f"learning rate: empty; write a number such as 0.005 or a schedule such as {_EXAMPLE}")
     pieces: list[tuple[float, int]] = []
     for i, entry in enumerate(entries):
-        where = f"entry {i + 1} ({entry!r})"
+        where = f"entry {i + 1} ({_show(entry)})"
         if pieces and pieces[-1][1] == -1:
             raise InvalidInput(
                 f"learning rate {where}: comes after a rate that already runs to the end; "
@@ -98,14 +116,22 @@ def parse_learn_rate(value: float | int | str) -> LearnRateSchedule:
         if len(parts) != 2:
             raise InvalidInput(f"learning rate {where}: use rate:end_step pairs separated by commas, as in {_EXAMPLE}")
         rate = _rate(parts[0].strip(), where)
+        end_text = parts[1].strip()
+        # Length first: int() of a 5,000-digit string is refused by Python itself (and slow).
+        if len(end_text.lstrip("+-0")) > len(str(MAX_END_STEP)):
+            raise InvalidInput(f"learning rate {where}: end step {_show(end_text)} is too large; "
+                               f"end steps are at most {MAX_END_STEP:,} (or -1 for the end)")
         try:
-            end = int(parts[1].strip())
+            end = int(end_text)
         except ValueError:
             raise InvalidInput(
-                f"learning rate {where}: end step {parts[1].strip()!r} must be a whole number (or -1 for the end)"
+                f"learning rate {where}: end step {_show(end_text)} must be a whole number (or -1 for the end)"
             ) from None
         if end == 0 or end < -1:
             raise InvalidInput(f"learning rate {where}: end step {end} must be 1 or more (or -1 for the end)")
+        if end > MAX_END_STEP:
+            raise InvalidInput(f"learning rate {where}: end step {end} is too large; "
+                               f"end steps are at most {MAX_END_STEP:,} (or -1 for the end)")
         if end != -1 and pieces and end <= pieces[-1][1]:
             raise InvalidInput(
                 f"learning rate {where}: end step {end} must be after the previous one ({pieces[-1][1]}); "
