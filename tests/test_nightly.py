@@ -100,8 +100,14 @@ def test_a_failing_character_does_not_stop_the_others(tmp_path: Path) -> None:
     chars = _characters(tmp_path / "chars", {"Ada": "4d4x", "Bea": "b34x", "Cy": "cy0x"})
     (chars / "broken.toml").write_text("name = 'Broken'\ntoken = 'woman is two words'\n")
     builds = FakeBuilds({"Ada": GOOD, "Cy": GOOD}, fail=("Bea",))
-    res = run_nightly(chars, data_dir=tmp_path / "data", config=NightlyConfig(night="2026-01-01"), build_fn=builds)
+    lines: list[str] = []
+    res = run_nightly(chars, data_dir=tmp_path / "data", config=NightlyConfig(night="2026-01-01"), build_fn=builds,
+                      log=lines.append)
     assert builds.calls == ["Ada", "Bea", "Cy"]
+    # A night takes hours: one line as each character starts and one as it ends, with its state.
+    assert len(lines) == 8 and lines[0] == "nightly 2026-01-01: [1/4] ada.toml ..."
+    assert lines[1].startswith("nightly 2026-01-01: [1/4] Ada: succeeded in ")
+    assert "Bea: failed" in lines[3] and "GPU fell off the bus" in lines[3]
     assert nightly_exit_code(res) == 1
     failed = {f["character"]: f["error"] for f in res.failures}
     assert set(failed) == {"Bea", "broken"}

@@ -30,6 +30,7 @@ import fcntl
 import hashlib
 import json
 import os
+import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ from likeness.build.store import Store
 from likeness.config import same_as
 from likeness.errors import FailedPrecondition, InvalidInput, NotFound
 from likeness.files import atomic_write_json, atomic_write_text, check_name
+from likeness.progress import ProgressFn
 
 LOCK_NAME = "nightly.lock"
 # Scores drawn in the trend plot (all of report summary.scores are compared).
@@ -198,11 +200,14 @@ def _night(config: NightlyConfig) -> str:
 # ------------------------------------------------------------------ the run
 
 def run_nightly(characters_dir: str | Path, *, data_dir: str | Path, config: NightlyConfig | None = None,
-                build_fn: BuildFn | None = None) -> NightlyResult:
+                build_fn: BuildFn | None = None, log: Callable[[str], None] | None = None,
+                progress: ProgressFn | None = None) -> NightlyResult:
     """Build every ``*.toml`` spec in ``characters_dir`` once per night; see the module docstring.
 
     ``build_fn`` defaults to an embedded build over ``data_dir``'s store
-    (:func:`embedded_builder`); pass :func:`service_builder` for ``--server``.
+    (:func:`embedded_builder`, which reports its stages to ``progress``); pass
+    :func:`service_builder` for ``--server``. ``log`` gets one line per character as
+    it starts and ends (the CLI prints them on stderr: a night takes minutes to hours).
     """
     from likeness.spec import load_spec
 
@@ -217,11 +222,19 @@ def run_nightly(characters_dir: str | Path, *, data_dir: str | Path, config: Nig
     data = Path(data_dir)
     with nightly_lock(data):
         store = Store(data)
-        build = build_fn or embedded_builder(data)
+        build = build_fn or embedded_builder(data, progress=progress)
         results = []
+        say = log or (lambda _msg: None)
         try:
-            for spec_file in specs:
-                results.append(_one(store, build, spec_file, night, config, load_spec))
+            for n, spec_file in enumerate(specs, start=1):
+                say(f"nightly {night}: [{n}/{len(specs)}] {spec_file.name} ...")
+                t0 = time.monotonic()
+                cn = _one(store, build, spec_file, night, config, load_spec)
+                results.append(cn)
+                say(f"nightly {night}: [{n}/{len(specs)}] {cn.character}: {cn.state}"
+                    + (" (already built tonight)" if cn.reused else f" in {time.monotonic() - t0:.0f} s")
+                    + (f", {len(cn.regressions)} regression(s)" if cn.regressions else "")
+                    + (f": {cn.error}" if cn.error else ""))
             result = NightlyResult(night, config.margin, results)
             _write_summary(data, store, result)
         finally:
@@ -270,7 +283,7 @@ def _one(store: Store, build: BuildFn, spec_file: Path, night: str, config: Nigh
 
 # ------------------------------------------------------------------ build functions
 
-def embedded_builder(data_dir: Path, *, device: str = "") -> BuildFn:
+def embedded_builder(data_dir: Path, *, device: str = "", progress: ProgressFn | None = None) -> BuildFn:
     """Build in this process through likeness.build.runner over ``data_dir``'s store (resumes an interrupted build).
 
     Models are loaded once and shared by every character of the night.
@@ -305,7 +318,7 @@ def embedded_builder(data_dir: Path, *, device: str = "") -> BuildFn:
                 # the same data dir cannot claim it and a cancel is seen by this run.
                 row = store.create_build(spec.to_dict(), options, character=name, running_on=dev)
             started(row.id)
-            run_build(store, row.id, device=dev, models=models)
+            run_build(store, row.id, device=dev, models=models, progress=progress)
             final = store.get_build(row.id)
             if final.state != "succeeded":
                 return BuildOutcome(final.id, final.state, {}, final.error or final.state)

@@ -60,7 +60,14 @@ def _nightly(args: argparse.Namespace) -> int:
                            profile=args.profile)
     builder = service_builder(args.server, token=args.token or os.environ.get("LIKENESS_TOKEN", "")) \
         if args.server else None
-    result = run_nightly(args.characters_dir, data_dir=args.data, config=config, build_fn=builder)
+    from likeness.progress import TqdmProgress
+
+    bars = TqdmProgress()
+    try:
+        result = run_nightly(args.characters_dir, data_dir=args.data, config=config, build_fn=builder, log=say,
+                             progress=bars)
+    finally:
+        bars.close()
     emit(result.to_dict())
     code = nightly_exit_code(result)
     if code:
