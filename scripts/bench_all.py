@@ -1,47 +1,53 @@
 #!/usr/bin/env python
 """Run the three stage benchmarks and print one table.
 
-Each stage benchmark runs our code and the obvious alternative in one run
-(scripts/bench_generate.py, bench_curate.py, bench_train.py); this script runs
-them as subprocesses, collects their JSON, and prints: our throughput, the
-alternative's, the ratio, and on CUDA the fraction of the physical limit for
-SD 1.5 generation (about 50.7 TFLOP per 512x512 image at 30 steps with CFG,
-989 TFLOP/s dense fp16 on an H100: ~51 ms per image).
+Each stage benchmark (scripts/bench_generate.py, bench_curate.py,
+bench_train.py) runs our code and the obvious alternative in their own
+processes, interleaved (A B A B ...), and reports the median and spread of
+``--pairs`` pairs (scripts/bench_common.py). This script runs them one after
+the other, collects their JSON, and prints the machine, its load before and
+after, and one table: each side's throughput and the per-pair ratio as
+median [min-max], and on CUDA the fraction of the physical limit for SD 1.5
+generation (about 50.7 TFLOP per 512x512 image at 30 steps with CFG, 989
+TFLOP/s dense fp16 on an H100/H200: ~51 ms per image).
 
-    python scripts/bench_all.py                 # CPU: tiny models, real face pack
+    python scripts/bench_all.py                 # CPU: tiny models, real face pack, 5 pairs per stage
+    python scripts/bench_all.py --smoke         # tiny sizes, 1 pair: checks that everything runs
     python scripts/bench_all.py --device cuda   # full-size SD 1.5 (random weights), buffalo_l if present
-    python scripts/bench_all.py --markdown      # the README table
+    python scripts/bench_all.py --markdown      # the README table, with the command and the machine
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
-import platform
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-# SD 1.5 UNet at 512x512 (64x64 latents): ~0.845 TFLOP per forward; 30 steps x 2 (CFG),
-# plus text encoder and VAE decode: ~50.7 TFLOP per image (the issue's figure).
-SD15_TFLOP_PER_IMAGE = 50.7
-H100_DENSE_FP16_TFLOPS = 989.0
+sys.path.insert(0, str(REPO / "scripts"))
+
+from bench_common import fmt_spread, load_average, machine, machine_line  # noqa: E402
+
+STAGES = ("generate", "curate", "train")
 
 
-def _run(cmd: list[str], timeout: int) -> str:
-    """The benchmark's stdout, or its last error line (which then parses as no JSON)."""
+def _run(cmd: list[str], timeout: int) -> tuple[str, str]:
+    """(stdout, last error line) of one benchmark."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              timeout=timeout)
     except subprocess.TimeoutExpired:
-        return f"timed out after {timeout} s"
+        return "", f"timed out after {timeout} s"
+    sys.stderr.write(proc.stderr)
     if proc.returncode != 0:
         lines = (proc.stderr or proc.stdout).strip().splitlines()
-        return lines[-1] if lines else f"exit {proc.returncode}"
-    return proc.stdout
+        return "", lines[-1] if lines else f"exit {proc.returncode}"
+    return proc.stdout, ""
 
 
 def _json_tail(text: str) -> dict | None:
@@ -61,67 +67,42 @@ def _json_tail(text: str) -> dict | None:
         return None
 
 
-def bench_generate(device: str, timeout: int) -> dict:
-    cmd = [sys.executable, "scripts/bench_generate.py", "--json", "--device", device]
-    if device == "cuda":
-        cmd.append("--full-size")
-    out = _run(cmd, timeout)
-    res = _json_tail(out)
-    if not res:
-        return {"stage": "generate", "error": out[-300:]}
-    row = {"stage": "generate", "unit": "images/s", "ours": res["likeness_images_per_s"],
-           "alternative": res["plain_images_per_s"], "alternative_name": "plain diffusers loop",
-           "settings": f"{res['model']}, {res['sampler']}, {res['steps']} steps, {res['size']}px, batch {res['batch_size']}",
-           "device": res["device"]}
-    if device == "cuda" and res.get("size") == 512 and res.get("steps") == 30:
-        limit = H100_DENSE_FP16_TFLOPS / SD15_TFLOP_PER_IMAGE  # images/s at 100% of peak
-        row["fraction_of_limit"] = res["likeness_images_per_s"] / limit
-    return row
-
-
-def bench_curate(device: str, timeout: int, n: int) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out_json = Path(tmp) / "curate.json"
-        cmd = [sys.executable, "scripts/bench_curate.py", "--n", str(n), "--json", str(out_json)]
-        if device == "cuda":
+def stage_command(stage: str, args: argparse.Namespace) -> list[str]:
+    """The command line bench_all runs for ``stage`` (printed with the table)."""
+    cmd = [sys.executable, f"scripts/bench_{stage}.py", "--pairs", str(args.pairs)]
+    if args.smoke:
+        cmd.append("--smoke")
+    if stage == "generate":
+        cmd += ["--json", "--device", args.device] + (["--full-size"] if args.device == "cuda" else [])
+    elif stage == "train":
+        cmd += ["--json", "--device", args.device] + (["--full-size"] if args.device == "cuda" else [])
+    elif stage == "curate":
+        if args.curate_n:
+            cmd += ["--n", str(args.curate_n)]
+        if args.device == "cuda":
             cmd += ["--profile", "sd15"]
-        out = _run(cmd, timeout)
-        res = json.loads(out_json.read_text()) if out_json.exists() else _json_tail(out)
-    if not res:
-        return {"stage": "curate", "error": out[-300:]}
-    return {"stage": "curate", "unit": "images/s", "ours": res["ours"]["images_per_s"],
-            "alternative": res["naive"]["images_per_s"],
-            "alternative_name": "FaceAnalysis.get per image + sklearn clustering",
-            "settings": f"{res['n_images']} real photos, k={res['k']}, profile {res['profile']}",
-            "device": "cuda" if res.get("gpu_faces") else "cpu"}
+    return cmd
 
 
-def bench_train(device: str, timeout: int) -> dict:
-    cmd = [sys.executable, "scripts/bench_train.py", "--json", "--device", device]
-    if device == "cuda":
-        cmd.append("--full-size")
-    out = _run(cmd, timeout)
-    res = _json_tail(out)
+def run_stage(stage: str, args: argparse.Namespace) -> dict:
+    out, err = _run(stage_command(stage, args), args.timeout)
+    res = _json_tail(out) if out else None
     if not res:
-        return {"stage": "train", "error": out[-300:]}
-    return {"stage": "train", "unit": "steps/s", "ours": res["ours_steps_per_s"],
-            "alternative": res["reference_steps_per_s"],
-            "alternative_name": "diffusers textual_inversion-style loop (VAE encode every step)",
-            "settings": f"model: {res['model']}; batch {res['batch_size']}; {res['resolution']}x{res['resolution']}",
-            "device": res["device"]}
+        return {"stage": stage, "error": err or "no JSON result"}
+    return res
 
 
 def table(rows: list[dict], markdown: bool) -> str:
-    head = ["stage", "ours", "alternative", "ratio", "of physical limit", "alternative is", "settings"]
+    head = ["stage", "ours", "alternative", "ratio ours/alt.", "pairs", "of physical limit", "alternative is", "settings"]
     lines = []
     for r in rows:
         if "error" in r:
-            lines.append([r["stage"], "error", "", "", "", "", r["error"]])
+            lines.append([r["stage"], "error", "", "", "", "", "", r["error"]])
             continue
-        ratio = r["ours"] / r["alternative"] if r.get("alternative") else float("nan")
+        u = r["unit"]
         frac = f"{r['fraction_of_limit']:.1%}" if "fraction_of_limit" in r else "n/a"
-        lines.append([r["stage"], f"{r['ours']:.3g} {r['unit']}", f"{r['alternative']:.3g} {r['unit']}",
-                      f"{ratio:.2f}x", frac, r["alternative_name"], r["settings"]])
+        lines.append([r["stage"], f"{fmt_spread(r['ours_rate'])} {u}", f"{fmt_spread(r['alternative_rate'])} {u}",
+                      f"{fmt_spread(r['ratio'])}x", str(r["pairs"]), frac, r["alternative_name"], r["settings"]])
     if markdown:
         out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         out += ["| " + " | ".join(line) + " |" for line in lines]
@@ -134,21 +115,43 @@ def table(rows: list[dict], markdown: bool) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--curate-n", type=int, default=400, help="pool size for the curation benchmark")
+    ap.add_argument("--pairs", type=int, default=5, help="interleaved pairs per stage (5 or more for figures)")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, 1 pair per stage: checks that everything runs")
+    ap.add_argument("--curate-n", type=int, default=0, help="pool size for the curation benchmark (default: its own, 400)")
+    ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of " + ",".join(STAGES))
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per stage benchmark")
     ap.add_argument("--markdown", action="store_true")
-    ap.add_argument("--json", default="", help="also write the rows here")
+    ap.add_argument("--json", default="", help="also write the machine and rows here")
     args = ap.parse_args(argv)
+    stages = [s for s in args.stages.split(",") if s]
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        raise SystemExit(f"error: unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
+    if args.smoke and "--pairs" not in " ".join(sys.argv[1:] if argv is None else argv):
+        args.pairs = 1
+    info = machine(args.device)
+    load_before = load_average()
     rows = []
-    for name, fn in (("generate", lambda: bench_generate(args.device, args.timeout)),
-                     ("curate", lambda: bench_curate(args.device, args.timeout, args.curate_n)),
-                     ("train", lambda: bench_train(args.device, args.timeout))):
-        print(f"running {name} benchmark ...", file=sys.stderr, flush=True)
-        rows.append(fn())
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; device {args.device}")
+    for name in stages:
+        print(f"running {name} benchmark: {' '.join(stage_command(name, args)[1:])}", file=sys.stderr, flush=True)
+        rows.append(run_stage(name, args))
+    load_after = load_average()
+    when = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    command = "python scripts/bench_all.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    header = [f"One run of `{command.strip()}` on {when}.",
+              machine_line(info) + f"; load before {load_before}, after {load_after}.",
+              "Each cell: median [min-max] over the pairs; each side in its own process, interleaved."]
+    if args.smoke or args.pairs < 5:
+        header.append(f"{args.pairs} pair(s) per stage{' at smoke sizes' if args.smoke else ''}: checks that the "
+                      "benchmarks run; NOT a performance figure.")
+    sep = "\n\n" if args.markdown else "\n"
+    print(sep.join(header))
+    print()
     print(table(rows, args.markdown))
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+        Path(args.json).write_text(json.dumps({"command": command, "when": when, "machine": info,
+                                               "load_before": load_before, "load_after": load_after, "rows": rows},
+                                              indent=2) + "\n", encoding="utf-8")
     return 0 if all("error" not in r for r in rows) else 1
 
 

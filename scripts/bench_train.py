@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Training throughput: Likeness' trainer vs a diffusers-textual_inversion.py-style loop, in one run.
+"""Training throughput: Likeness' trainer vs a diffusers-textual_inversion.py-style loop, interleaved pairs.
 
 Both loops train the same model with the same settings (batch, resolution,
 vectors, learning rate, mixed precision) on the same random images:
@@ -12,12 +12,17 @@ vectors, learning rate, mixed precision) on the same random images:
   VAE encodes every batch at every step. (It gets pixel tensors preloaded,
   which favours it: the example decodes and resizes the files every step.)
 
-Prints steps/s of both and the ratio. Default model: the tiny SD 1.5 at
-512x512 (where VAE encoding costs what it does on real models relative to the
-tiny UNet); ``--full-size`` builds the real SD 1.5 architecture from config
-values with random weights (no download) and is meant for CUDA.
+Each loop runs in **its own process** (scripts/bench_common.py), set up and
+warmed up once; then ``--pairs`` interleaved runs of ``--steps`` steps each
+(reference, ours, reference, ours, ...). Printed: the median and spread of
+each loop's steps/s and of the per-pair ratio, the machine and its load.
+Default model: the tiny SD 1.5 at 512x512 (where VAE encoding costs what it
+does on real models relative to the tiny UNet); ``--full-size`` builds the
+real SD 1.5 architecture from config values with random weights (no
+download) and is meant for CUDA.
 
-    python scripts/bench_train.py [--steps 20] [--batch-size 1] [--resolution 512] [--full-size] [--threads N]
+    python scripts/bench_train.py [--pairs 5] [--steps 10] [--batch-size 1] [--resolution 512] [--full-size] [--threads N]
+    python scripts/bench_train.py --smoke      # seconds: checks the benchmark runs
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
+import shutil
 import sys
 import tempfile
 import time
@@ -35,6 +40,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from bench_common import (  # noqa: E402
+    SideProcess, add_pair_args, check_pairs, fmt_spread, interleave, machine, machine_line, pairs_summary, side_main,
+)
 
 
 def full_size_sd15(dtype, device):
@@ -182,66 +192,117 @@ def setup_reference(pipe, items, cfg, spec):
 
 
 def timed(step, device, n: int) -> float:
+    """Seconds for ``n`` steps (synchronised on CUDA)."""
     sync(device)
     t0 = time.perf_counter()
     for _ in range(n):
         step()
     sync(device)
-    return n / (time.perf_counter() - t0)
+    return time.perf_counter() - t0
+
+
+def _config(args):
+    from likeness.spec import spec_from_dict
+    from likeness.train.checkpoint_scoring import ValidationConfig
+    from likeness.train.trainer import TrainConfig
+
+    spec = spec_from_dict({"name": "Bench", "token": "3m1ly", "class_word": "woman"})
+    # Enough scheduled steps for every timed run: the trainer's LR schedule must not end early.
+    total = args.warmup + args.steps * args.pairs + 1
+    cfg = TrainConfig(steps=total, batch_size=args.batch_size, resolution=args.resolution,
+                      n_vectors=args.vectors, validation=ValidationConfig(enabled=False))
+    return spec, cfg
+
+
+def side(args):
+    """One loop in this process: set up, warm up; run(i) -> seconds for --steps steps."""
+    import torch
+
+    from likeness.train.data import read_dataset
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    spec, cfg = _config(args)
+    items = read_dataset(Path(args.work))
+    t0 = time.perf_counter()
+    step = (setup_reference if args.side == "reference" else setup_ours)(load_pipe(args), items, cfg, spec)
+    device = torch.device(args.device)
+    setup_s = time.perf_counter() - t0
+    timed(step, device, args.warmup)
+    return (lambda i: timed(step, device, args.steps)), {"torch_threads": torch.get_num_threads(),
+                                                          "loop_setup_seconds": round(setup_s, 3)}
+
+
+def _side_argv(args, name: str) -> list[str]:
+    argv = [str(Path(__file__).resolve()), "--side", name, "--work", args.work, "--device", args.device,
+            "--steps", str(args.steps), "--warmup", str(args.warmup), "--pairs", str(args.pairs),
+            "--batch-size", str(args.batch_size), "--resolution", str(args.resolution),
+            "--images", str(args.images), "--vectors", str(args.vectors), "--threads", str(args.threads)]
+    if args.full_size:
+        argv.append("--full-size")
+    return argv
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=20, help="timed steps per loop")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per run (default 10; smoke 2)")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=4, help="interleaved timing rounds (median is reported)")
     ap.add_argument("--batch-size", type=int, default=1)
-    ap.add_argument("--resolution", type=int, default=512)
+    ap.add_argument("--resolution", type=int, default=None, help="default 512 (smoke 64)")
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--vectors", type=int, default=8)
     ap.add_argument("--full-size", action="store_true", help="real SD 1.5 architecture, random weights (CUDA)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads per loop (0 = torch's default)")
     ap.add_argument("--json", action="store_true", help="also print one JSON line (for scripts/bench_all.py)")
-    args = ap.parse_args(argv)
+    ap.add_argument("--work", default="", help=argparse.SUPPRESS)
+    add_pair_args(ap)
+    raw = sys.argv[1:] if argv is None else argv
+    args = ap.parse_args(raw)
+    pairs_given = any(a == "--pairs" or a.startswith("--pairs=") for a in raw)
+    if args.smoke:
+        args.steps = args.steps or 2
+        args.resolution = args.resolution or 64
+        args.images = min(args.images, 2)
+        args.warmup = min(args.warmup, 1)
+        args.pairs = min(args.pairs, 2) if pairs_given else 1
+    args.steps = args.steps or 10
+    args.resolution = args.resolution or 512
+    check_pairs(args.pairs)
 
     import torch
 
-    from likeness.spec import spec_from_dict
-    from likeness.train.trainer import TrainConfig
-    from likeness.train.data import read_dataset
-    from likeness.train.checkpoint_scoring import ValidationConfig
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    spec = spec_from_dict({"name": "Bench", "token": "3m1ly", "class_word": "woman"})
-    cfg = TrainConfig(steps=args.steps + args.warmup, batch_size=args.batch_size, resolution=args.resolution,
-                      n_vectors=args.vectors, validation=ValidationConfig(enabled=False))
-    device = torch.device(args.device)
-    with tempfile.TemporaryDirectory() as tmp:
-        items = read_dataset(make_dataset(Path(tmp), args.images, args.resolution))
-        loops = {"reference": setup_reference(load_pipe(args), items, cfg, spec),
-                 "ours": setup_ours(load_pipe(args), items, cfg, spec)}
-        for step in loops.values():
-            timed(step, device, args.warmup)
-        # Interleaved rounds, median rate: a busy shared machine slows both loops alike.
-        rates: dict[str, list[float]] = {k: [] for k in loops}
-        per_round = max(1, args.steps // args.rounds)
-        for _ in range(args.rounds):
-            for name, step in loops.items():
-                rates[name].append(timed(step, device, per_round))
-    ref, ours = (statistics.median(rates[k]) for k in ("reference", "ours"))
+    if args.side:
+        return side_main(lambda: side(args))
+    info = machine(args.device)
+    print(machine_line(info), file=sys.stderr)
+    work = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    sides: list[SideProcess] = []
+    try:
+        args.work = str(make_dataset(work, args.images, args.resolution))
+        sides = [SideProcess(name, _side_argv(args, name)) for name in ("reference", "ours")]
+        runs = interleave(sides, args.pairs, log=lambda s: print(s, file=sys.stderr))
+    finally:
+        for s in sides:
+            s.close()
+        shutil.rmtree(work, ignore_errors=True)
+    summary = pairs_summary([r["seconds"] for r in runs["ours"]], [r["seconds"] for r in runs["reference"]], args.steps)
     model = "SD 1.5 architecture, random weights" if args.full_size else "tiny SD 1.5"
-    print(f"model: {model}; device: {args.device}; threads: {torch.get_num_threads()}; batch {args.batch_size}; "
-          f"{args.resolution}x{args.resolution}; {args.rounds} interleaved rounds of {per_round} steps per loop "
-          f"after {args.warmup} warm-up; median steps/s")
-    print(f"reference (VAE every step): {ref:.3f} steps/s")
-    print(f"ours (cached latents):      {ours:.3f} steps/s")
-    print(f"ratio ours/reference:       {ours / ref:.2f}x")
+    settings = f"{model}; batch {args.batch_size}; {args.resolution}x{args.resolution}; {args.steps} steps per run"
+    print(f"{settings}; {args.pairs} interleaved pairs after {args.warmup} warm-up steps; median [min-max]",
+          file=sys.stderr)
+    print(f"reference (VAE every step): {fmt_spread(summary['alternative_rate'])} steps/s", file=sys.stderr)
+    print(f"ours (cached latents):      {fmt_spread(summary['ours_rate'])} steps/s", file=sys.stderr)
+    print(f"ratio ours/reference:       {fmt_spread(summary['ratio'])}", file=sys.stderr)
+    if "note" in summary:
+        print(f"note: {summary['note']}", file=sys.stderr)
     if args.json:
-        print(json.dumps({"model": model, "device": args.device, "batch_size": args.batch_size,
-                          "resolution": args.resolution, "reference_steps_per_s": ref, "ours_steps_per_s": ours}))
+        print(json.dumps({"stage": "train", "unit": "steps/s", "ours_name": "likeness Trainer (cached latents)",
+                          "alternative_name": "diffusers textual_inversion-style loop (VAE encode every step)",
+                          "model": model, "device": args.device, "batch_size": args.batch_size,
+                          "resolution": args.resolution, "settings": settings, "smoke": args.smoke,
+                          "machine": info, "setup": {s.name: s.ready for s in sides}, **summary}))
     return 0
 
 
