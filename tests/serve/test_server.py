@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -259,11 +260,23 @@ def test_fifty_concurrent_calls(served, realdata):
         # Warm the face models once so the 50 calls measure concurrency, not loading.
         c.score_consistency([jolie[0]], reference=jolie[1:])
 
+        refused = []
+
         def call(i):
             if i % 2:
                 got = c.get_build(b.id)
                 return got.id == b.id and got.state == pb.SUCCEEDED
-            r = c.score_consistency([jolie[0], other[0]], reference=jolie[1:])
+            # Heavy calls past the server's bound are refused at once (RESOURCE_EXHAUSTED, with a retry
+            # hint); a client that backs off and retries gets every answer.
+            for attempt in range(200):
+                try:
+                    r = c.score_consistency([jolie[0], other[0]], reference=jolie[1:])
+                    break
+                except grpc.RpcError as exc:
+                    assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
+                    assert "retry" in exc.details()
+                    refused.append(i)
+                    time.sleep(0.05 * (1 + attempt % 5))
             same, diff = r.images
             return same.face_found and diff.face_found and same.identity > diff.identity + 0.2 and same.same_identity \
                 and not diff.same_identity
@@ -271,6 +284,20 @@ def test_fifty_concurrent_calls(served, realdata):
         with ThreadPoolExecutor(50) as pool:
             results = list(pool.map(call, range(50)))
     assert all(results), results
+    assert refused, "25 concurrent heavy calls on a server that runs a few at once: some must be refused"
+
+
+def test_heavy_calls_are_bounded_and_refused_past_the_bound(tmp_path):
+    from likeness.serve.servicer import LikenessServicer
+
+    rt = Runtime(tmp_path / "data", devices=["cpu"], default_profile="cpu-tiny", start_workers=False)
+    sv = LikenessServicer(rt, max_watchers=2, max_heavy=2)
+    with sv._heavy("Curate"), sv._heavy("Generate"):
+        with pytest.raises(errors.ResourceExhausted, match="ScoreConsistency: 2 heavy calls .* retry"):
+            with sv._heavy("ScoreConsistency"):
+                pass
+    with sv._heavy("Curate"), sv._heavy("Curate"):  # the slots came back
+        pass
 
 
 def test_deadline_stops_long_generate_and_curate(served, realdata, tiny_models):

@@ -10,9 +10,11 @@ address (port 0 picks a free one) and returns it with the bound port;
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from concurrent import futures
+from contextlib import contextmanager
 from typing import Any, Iterator
 
 import grpc
@@ -143,12 +145,31 @@ def _images(items: Any) -> list[tuple[str, bytes]]:
 class LikenessServicer(pb_grpc.LikenessServicer):
     """pb <-> Runtime; nothing else lives here."""
 
-    def __init__(self, runtime: Runtime, max_watchers: int = 16) -> None:
+    def __init__(self, runtime: Runtime, max_watchers: int = 16, max_heavy: int = 4) -> None:
         self.rt = runtime
         # Each open WatchBuild stream holds a server thread for as long as the build runs; capped
         # so watchers can never take every thread and starve the other calls.
         self.max_watchers = max_watchers
         self._watch_slots = threading.BoundedSemaphore(max_watchers)
+        # Face analysis, curation and generation hold a thread and the CPU/GPU for seconds. Measured
+        # (issue 13): with 40 concurrent ScoreConsistency calls a health probe took 4-5 s and GetBuild
+        # p50 went from ~0.1 s to 1.7-2.8 s, because they took every thread of the pool. Past
+        # ``max_heavy`` in flight they are refused at once with RESOURCE_EXHAUSTED and a retry hint,
+        # so health and reads always find a thread (scripts/bench_serve_load.py measures it).
+        self.max_heavy = max_heavy
+        self._heavy_slots = threading.BoundedSemaphore(max_heavy)
+
+    @contextmanager
+    def _heavy(self, rpc: str) -> Iterator[None]:
+        if not self._heavy_slots.acquire(blocking=False):
+            raise ResourceExhausted(
+                f"{rpc}: {self.max_heavy} heavy calls (ScoreConsistency, Curate, Generate) are already running on "
+                "this server, the most it runs at once so that health checks and reads stay fast; retry in a few "
+                "seconds (with backoff), or run fewer calls in parallel")
+        try:
+            yield
+        finally:
+            self._heavy_slots.release()
 
     @grpc_errors
     def CreateCharacter(self, request: pb.CreateCharacterRequest, context: grpc.ServicerContext) -> pb.Character:
@@ -206,22 +227,24 @@ class LikenessServicer(pb_grpc.LikenessServicer):
     @grpc_errors
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GeneratedImage]:
         cancel = _cancel_on_done(context)
-        for img in self.rt.generate(
-            characters=list(request.characters), prompt=request.prompt, negative_prompt=request.negative_prompt,
-            sampler=request.sampler, steps=request.steps, cfg_scale=request.cfg_scale, width=request.width,
-            height=request.height, seeds=list(request.seeds), count=request.count, profile=request.profile,
-            cancel=cancel,
-        ):
-            yield pb.GeneratedImage(index=img.index, seed=img.seed, png=img.png, infotext=img.infotext)
+        with self._heavy("Generate"):
+            for img in self.rt.generate(
+                characters=list(request.characters), prompt=request.prompt, negative_prompt=request.negative_prompt,
+                sampler=request.sampler, steps=request.steps, cfg_scale=request.cfg_scale, width=request.width,
+                height=request.height, seeds=list(request.seeds), count=request.count, profile=request.profile,
+                cancel=cancel,
+            ):
+                yield pb.GeneratedImage(index=img.index, seed=img.seed, png=img.png, infotext=img.infotext)
 
     @grpc_errors
     def ScoreConsistency(self, request: pb.ScoreConsistencyRequest,
                          context: grpc.ServicerContext) -> pb.ScoreConsistencyResponse:
         ref = request.WhichOneof("reference")
-        out = self.rt.score_consistency(
-            _images(request.images), character=request.character if ref == "character" else "",
-            reference=_images(request.reference_images.images) if ref == "reference_images" else (),
-        )
+        with self._heavy("ScoreConsistency"):
+            out = self.rt.score_consistency(
+                _images(request.images), character=request.character if ref == "character" else "",
+                reference=_images(request.reference_images.images) if ref == "reference_images" else (),
+            )
         msg = pb.ScoreConsistencyResponse(threshold=out.threshold)
         for s in out.images:
             msg.images.add(index=s.index, name=s.name, face_found=s.face_found, identity=s.identity,
@@ -231,8 +254,9 @@ class LikenessServicer(pb_grpc.LikenessServicer):
 
     @grpc_errors
     def Curate(self, request: pb.CurateRequest, context: grpc.ServicerContext) -> pb.CurateResponse:
-        out = self.rt.curate(images=_images(request.images), gallery=request.gallery, character=request.character,
-                             k=request.k, cancel=_cancel_on_done(context))
+        with self._heavy("Curate"):
+            out = self.rt.curate(images=_images(request.images), gallery=request.gallery, character=request.character,
+                                 k=request.k, cancel=_cancel_on_done(context))
         msg = pb.CurateResponse()
         for d in out.decisions:
             m = msg.decisions.add(index=d.index, name=d.name, kept=d.kept, reasons=list(d.reasons))
@@ -287,7 +311,10 @@ def create_server(address: str, runtime: Runtime, *, auth: AuthConfig | None = N
                  ("grpc.so_reuseport", 0)],
         maximum_concurrent_rpcs=max_workers * 8,
     )
-    pb_grpc.add_LikenessServicer_to_server(LikenessServicer(runtime, max_watchers=max(1, max_workers // 2)), server)
+    # Heavy calls: at most a quarter of the threads, and no more than the cores they compete for.
+    max_heavy = max(1, min(max_workers // 4, os.cpu_count() or 1))
+    pb_grpc.add_LikenessServicer_to_server(
+        LikenessServicer(runtime, max_watchers=max(1, max_workers // 2), max_heavy=max_heavy), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
