@@ -295,7 +295,7 @@ def _cancel_on_done(context: grpc.ServicerContext) -> Any:
 
 # ---------------------------------------------------------------------- server
 def create_server(address: str, runtime: Runtime, *, auth: AuthConfig | None = None,
-                  max_workers: int = 32) -> tuple[grpc.Server, int, health.HealthServicer]:
+                  max_workers: int = 32, max_heavy: int | None = None) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A ready (not yet started) server bound to ``address``; returns (server, port, health).
 
     ``max_workers`` threads serve calls; at most half of them may hold WatchBuild streams.
@@ -312,7 +312,8 @@ def create_server(address: str, runtime: Runtime, *, auth: AuthConfig | None = N
         maximum_concurrent_rpcs=max_workers * 8,
     )
     # Heavy calls: at most a quarter of the threads, and no more than the cores they compete for.
-    max_heavy = max(1, min(max_workers // 4, os.cpu_count() or 1))
+    if max_heavy is None:
+        max_heavy = max(1, min(max_workers // 4, os.cpu_count() or 1))
     pb_grpc.add_LikenessServicer_to_server(
         LikenessServicer(runtime, max_watchers=max(1, max_workers // 2), max_heavy=max_heavy), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
