@@ -443,3 +443,43 @@ def test_score_consistency_takes_the_face_packs_calibration(tmp_path, face_pack,
     monkeypatch.setattr(calibration, "calibration_for", strict)
     out2 = rt.score_consistency(jolie[:1], reference=jolie[1:])
     assert out2.threshold == 0.99 and not out2.images[0].same_identity
+
+
+def test_cancel_build_reaches_an_import_within_a_second(tmp_path, stand_in_stages):
+    # Issue 13: with a 40,000-character PNG in the imported folder CancelBuild took effect 48 s
+    # late (the quadratic infotext parse held the worker). The real generate stage imports here;
+    # ~0.1 s from CancelBuild to CANCELLED on one shared core, 1 s promised.
+    import time
+
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    from likeness.build.stages import STAGE_FUNCTIONS
+
+    root = tmp_path / "imports"
+    (root / "gallery").mkdir(parents=True)
+    for i in range(300):  # ~10 ms each to import: the import is still running when the cancel comes
+        meta = PngInfo()
+        meta.add_text("parameters", "a" * 40_000 if i % 2 == 0 else f"emily, closeup\nSteps: 3, Sampler: Euler, Seed: {i}")
+        Image.new("RGB", (32, 32), (i, 0, 0)).save(root / "gallery" / f"{i:03d}.png", pnginfo=meta)
+    stages = {**stand_in_stages(), "generate": STAGE_FUNCTIONS["generate"]}
+    rt = Runtime(tmp_path / "data", devices=["cpu"], stages=stages, import_roots=[root])
+    server, port, _ = create_server("127.0.0.1:0", rt)
+    server.start()
+    rt.start(load_models=False)
+    try:
+        with LikenessClient(f"127.0.0.1:{port}") as c:
+            b = c.start_build(spec=SPEC, options={"import_gallery": "gallery"})
+            for ev in c.watch_build(b.id):
+                if ev.stage == "import" and ev.kind == "progress" and ev.done >= 1:
+                    break
+            assert c.get_build(b.id).state == pb.RUNNING
+            asked = time.perf_counter()
+            c.cancel_build(b.id)
+            final = c.wait_build(b.id, timeout=30)
+            assert final.state == pb.CANCELLED
+            assert time.perf_counter() - asked < 1.0
+            assert not (Path(rt.store.build_dir(b.id)) / "curate.done").exists()
+    finally:
+        server.stop(0)
+        rt.stop()

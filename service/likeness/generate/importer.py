@@ -234,6 +234,10 @@ def _import_locked(
             with_info += 1
         if notes:
             warnings.append({"file": rel, "warning": "; ".join(notes)})
+        if cancel is not None:
+            # Decoding and re-encoding a 50 MP image each take seconds: a cancel that arrived
+            # while this one was decoded stops here, before the encode, not one image later.
+            cancel.check()
         zi, ai = match_label(meta.prompt, zooms), match_label(meta.prompt, angles)
         assigned += zi >= 0 and ai >= 0
         k = counters.get((zi, ai), 0)
@@ -254,6 +258,8 @@ def _import_locked(
             )
         )
         report(progress, "import", n, len(files), "imported")
+    if cancel is not None:
+        cancel.check()  # before the manifest and the contact sheet: a cancelled import leaves no manifest
     write_manifest(out, rows)
     report_path = atomic_write_json(
         out / IMPORT_REPORT,
