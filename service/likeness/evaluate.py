@@ -197,7 +197,7 @@ def evaluate(
     into ``pipe`` here). ``overrides`` replace EvalConfig fields
     (``scenes=``, ``seeds=``, ``steps=`` ...).
     """
-    from likeness.backends.diffusion import denoise
+    from likeness.backends.diffusion import denoise, schedule_steps
     from likeness.embeddings import load_into_pipeline
     from likeness.prompts import encode_prompts
     from likeness.scores import clip_t, identity_similarities
@@ -244,7 +244,8 @@ def evaluate(
                 cancel.check()
             batch = rows[i:i + cfg.batch_size]
             # The gallery's render path: per-image seeded noise (and SDE noise), per-step cancel.
-            embeds = encode_prompts(pipe, [r["prompt"] for r in batch], [r["negative_prompt"] for r in batch])
+            embeds = encode_prompts(pipe, [r["prompt"] for r in batch], [r["negative_prompt"] for r in batch],
+                                    steps=schedule_steps(sampling))
             imgs = denoise(pipe, embeds, [r["seed"] for r in batch], sampling, cancel=cancel)
             for r, img in zip(batch, imgs):
                 atomic_save(out / r["file"], img.save)

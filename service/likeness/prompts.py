@@ -11,7 +11,11 @@ Three layers, each usable alone:
 3. :func:`encode_prompts` encodes every chunk with the pipeline's text
    encoder(s), multiplies hidden states by the weights, restores each chunk's
    mean (A1111's default "Original" emphasis) and concatenates the chunks:
-   the result is the ``prompt_embeds`` family of kwargs for a diffusers call.
+   the result (:class:`likeness.conditioning.Conditioning`) is the
+   ``prompt_embeds`` family of kwargs for a diffusers call, per model call when
+   a prompt uses A1111 prompt editing ``[from:to:when]`` or alternation ``[a|b]``
+   (scheduled by :mod:`likeness.prompt_schedule` before the attention pass, as
+   A1111 does; ``AND`` and ``<lora:...>`` tags are refused).
    :func:`encode_chunk_batch` is the lower-level piece the trainer uses (with
    gradients flowing into the token-embedding matrix when asked).
 
@@ -27,6 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 from likeness.backends.protocols import Pipeline
+from likeness.conditioning import Conditioning
 from likeness.errors import InvalidInput
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -278,8 +283,19 @@ def empty_chunk(tokenizer: Any) -> PromptChunk:
     return tokenize_prompt(tokenizer, "").chunks[0]
 
 
-def describe_prompt(tokenizer: Any, text: str) -> dict[str, Any]:
-    """JSON-ready view of how ``text`` is chunked and weighted (``likeness prompt``)."""
+def describe_prompt(tokenizer: Any, text: str, steps: int = 20) -> dict[str, Any]:
+    """JSON-ready view of how ``text`` is chunked and weighted (``likeness prompt``).
+
+    A prompt with A1111 prompt editing or alternation also gets its ``schedule`` over ``steps``
+    (A1111's default 20); the chunks are those of its first step's text.
+    """
+    from likeness.prompt_schedule import check_prompt, is_scheduled, prompt_schedule
+
+    original = text
+    text = check_prompt(text)
+    schedule = prompt_schedule(text, steps) if is_scheduled(text) else None
+    if schedule:
+        text = schedule[0][1]
     tp = tokenize_prompt(tokenizer, text)
     chunks = []
     for n, chunk in enumerate(tp.chunks):
@@ -294,8 +310,8 @@ def describe_prompt(tokenizer: Any, text: str) -> dict[str, Any]:
                 for tid, name, w in zip(body_ids, names, body_w)
             ],
         })
-    return {
-        "prompt": text,
+    out: dict[str, Any] = {
+        "prompt": original,
         "fragments": [{"text": t, "weight": round(w, 6)} for t, w in parse_prompt_attention(text)],
         "chunks": chunks,
         "chunk_count": len(tp.chunks),
@@ -303,6 +319,9 @@ def describe_prompt(tokenizer: Any, text: str) -> dict[str, Any]:
         "counter": tp.counter,
         "positions": len(tp.chunks) * (CHUNK_LENGTH + 2),
     }
+    if schedule:
+        out["schedule"] = [{"end_at_step": end, "text": t} for end, t in schedule]
+    return out
 
 
 # ---------------------------------------------------------------- encoding (torch)
@@ -418,27 +437,59 @@ def _broadcast(negative_prompts: Sequence[str] | None, n: int) -> list[str]:
     return neg
 
 
-def encode_prompts(
-    pipe: Pipeline, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None, clip_skip: int = 1
-) -> dict[str, "torch.Tensor"]:
-    """Encode prompts with A1111 semantics into kwargs for a diffusers pipeline call.
+def _per_call_texts(text: str, steps: int | None, *, negative: bool) -> list[str]:
+    """The text of every model call (one entry when static), A1111 syntax checked."""
+    from likeness.prompt_schedule import check_prompt, is_scheduled, texts_per_call
 
-    Returns ``prompt_embeds`` and ``negative_prompt_embeds`` (and for SDXL,
-    detected by ``pipe.text_encoder_2``, ``pooled_prompt_embeds`` and
-    ``negative_pooled_prompt_embeds``) on the pipeline's device and dtype.
-    Every prompt and negative prompt of the batch is padded with empty chunks
-    to the same chunk count, so the sequence axis is ``77 × chunks`` for all.
-    SDXL concatenates both encoders' penultimate hidden states on the feature
-    axis; the pooled embedding is text_encoder_2's of the first chunk; an
-    all-empty negative prompt gives zeros when the pipeline's
-    ``force_zeros_for_empty_prompt`` is set (as A1111 and diffusers do).
-    ``clip_skip`` follows A1111: 1 = last layer (SD 1.x), 2 = one layer earlier.
+    text = check_prompt(text, negative=negative)
+    if steps is None:
+        if is_scheduled(text):
+            raise InvalidInput(
+                f"{'negative ' if negative else ''}prompt {text[:80]!r} uses A1111 prompt editing [from:to:when] or "
+                "alternation [a|b], which needs the step count: pass steps= to encode_prompts"
+            )
+        return [text]
+    texts = texts_per_call(text, steps)
+    return texts if len(set(texts)) > 1 else texts[:1]
+
+
+def scheduled_texts(text: str, steps: int, *, negative: bool = False) -> list[str]:
+    """The distinct texts ``text`` conditions on over ``steps`` (for chunk counts and previews)."""
+    return list(dict.fromkeys(_per_call_texts(text, steps, negative=negative)))
+
+
+def encode_prompts(
+    pipe: Pipeline,
+    prompts: Sequence[str],
+    negative_prompts: Sequence[str] | None = None,
+    clip_skip: int = 1,
+    *,
+    steps: int | None = None,
+) -> Conditioning:
+    """Encode prompts with A1111 semantics into per-call conditioning for a diffusers pipeline.
+
+    The result (:class:`Conditioning`) is, as a mapping, ``prompt_embeds`` and
+    ``negative_prompt_embeds`` (and for SDXL, detected by ``pipe.text_encoder_2``,
+    ``pooled_prompt_embeds`` and ``negative_pooled_prompt_embeds``) on the pipeline's device and
+    dtype. With ``steps`` (A1111's total steps: twice the steps for Heun, DPM2 and DPM++ SDE, see
+    :func:`likeness.backends.diffusion.schedule_steps`), prompt editing ``[from:to:when]`` and
+    alternation ``[a|b]`` switch the conditioning at the model call where A1111 switches it
+    (:mod:`likeness.prompt_schedule`); each distinct text is encoded once. Without ``steps`` a
+    scheduled prompt is an error. ``AND`` and extra-network tags are refused; ComfyUI's
+    ``embedding:name`` is the token ``name``.
+    Every text of the batch is padded with empty chunks to the same chunk count, so the sequence
+    axis is ``77 × chunks`` for all. SDXL concatenates both encoders' penultimate hidden states on
+    the feature axis; the pooled embedding is text_encoder_2's of the first chunk; an empty
+    negative prompt gives zeros when the pipeline's ``force_zeros_for_empty_prompt`` is set (as
+    A1111 and diffusers do). ``clip_skip`` follows A1111: 1 = last layer (SD 1.x), 2 = one earlier.
     """
     import torch
 
     prompts = [str(p) for p in prompts]
     if not prompts:
         raise InvalidInput("encode_prompts needs at least one prompt")
+    if steps is not None and (not isinstance(steps, int) or steps < 1):
+        raise InvalidInput(f"steps must be a whole number of 1 or more, got {steps!r}")
     negatives = _broadcast(negative_prompts, len(prompts))
     sdxl = getattr(pipe, "text_encoder_2", None) is not None
     encoders: list[tuple[Any, Any]] = []
@@ -450,33 +501,45 @@ def encode_prompts(
         raise InvalidInput("the pipeline has no text encoder to encode prompts with")
     layer: HiddenLayer = "penultimate" if sdxl else "last"
 
+    pos_calls = [_per_call_texts(p, steps, negative=False) for p in prompts]
+    neg_calls = [_per_call_texts(n, steps, negative=True) for n in negatives]
+    zero_empty = sdxl and bool(getattr(getattr(pipe, "config", None), "force_zeros_for_empty_prompt", False))
+    # Distinct texts, each encoded once; an empty negative prompt may be the zero row instead.
+    keys: dict[tuple[str, bool], int] = {}
+    for texts, negative in [(t, False) for t in pos_calls] + [(t, True) for t in neg_calls]:
+        for text in texts:
+            keys.setdefault((text, negative and zero_empty and text == ""), len(keys))
+    distinct = list(dict.fromkeys(text for text, zero in keys if not zero))
     # Both SDXL tokenizers share the vocabulary; counting with each guards added tokens in one only.
-    n_chunks = max(len(tokenize_prompt(tok, t).chunks) for tok, _ in encoders for t in prompts + negatives)
+    n_chunks = max(len(tokenize_prompt(tok, t).chunks) for tok, _ in encoders for t in distinct or [""])
 
     device = getattr(pipe, "_execution_device", None) or encoders[0][1].device
     dtype = encoders[-1][1].dtype
-    out: dict[str, torch.Tensor] = {}
-    for key, texts in (("prompt_embeds", prompts), ("negative_prompt_embeds", negatives)):
-        hiddens, pooled = [], None
-        for tokenizer, encoder in encoders:
-            hidden, pooled_k = _encode_texts(tokenizer, encoder, texts, n_chunks, layer, clip_skip)
-            hiddens.append(hidden)
-            pooled = pooled_k if sdxl else None
-        embeds = torch.cat(hiddens, dim=-1)
-        zero = (
-            sdxl
-            and key == "negative_prompt_embeds"
-            and all(t == "" for t in texts)
-            and bool(getattr(getattr(pipe, "config", None), "force_zeros_for_empty_prompt", False))
-        )
-        if zero:
-            embeds = torch.zeros_like(embeds)
-            pooled = torch.zeros_like(pooled) if pooled is not None else None
-        out[key] = embeds.to(device=device, dtype=dtype)
-        if sdxl and pooled is not None:
-            pooled_key = "pooled_prompt_embeds" if key == "prompt_embeds" else "negative_pooled_prompt_embeds"
-            out[pooled_key] = pooled.to(device=device, dtype=dtype)
-    return out
+    hiddens, pooled = [], None
+    for tokenizer, encoder in encoders:
+        hidden, pooled_k = _encode_texts(tokenizer, encoder, distinct or [""], n_chunks, layer, clip_skip)
+        hiddens.append(hidden)
+        pooled = pooled_k if sdxl else None
+    embeds = torch.cat(hiddens, dim=-1)
+    index = {t: i for i, t in enumerate(distinct)}
+    rows = {key: (len(distinct) if key[1] else index[key[0]]) for key in keys}
+    if any(zero for _, zero in keys):  # one zero row after the encoded ones
+        embeds = torch.cat([embeds, torch.zeros_like(embeds[:1])])
+        pooled = torch.cat([pooled, torch.zeros_like(pooled[:1])]) if pooled is not None else None
+    table = {"embeds": embeds.to(device=device, dtype=dtype)}
+    if sdxl:
+        if pooled is None:
+            raise InvalidInput("SDXL's second text encoder gave no pooled embedding; it needs a projection head")
+        table["pooled"] = pooled.to(device=device, dtype=dtype)
+    calls = []
+    for pos, neg in zip(pos_calls, neg_calls):
+        n = max(len(pos), len(neg))
+        calls.append([
+            (rows[(pos[min(i, len(pos) - 1)], False)],
+             rows[(neg[min(i, len(neg) - 1)], zero_empty and neg[min(i, len(neg) - 1)] == "")])
+            for i in range(n)
+        ])
+    return Conditioning(table, calls, steps, sdxl)
 
 
 def encode_for_training(

@@ -60,6 +60,17 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
     "DPM2": ("KDPM2DiscreteScheduler", {}),
 }
 
+# A1111's "second order" samplers call the model twice per step, and A1111 schedules prompt
+# editing over twice the steps for them (its total_steps); diffusers' schedulers for them have
+# order 2 and run 2*steps-1 model calls (measured: 19 timesteps for 10 steps, the others 10).
+SECOND_ORDER = frozenset({"DPM++ SDE Karras", "DPM++ SDE", "Heun", "DPM2"})
+
+
+def schedule_steps(sampling: SamplingConfig) -> int:
+    """A1111's total steps for prompt editing: ``steps``, doubled for second-order samplers."""
+    return sampling.steps * (2 if sampling.sampler in SECOND_ORDER else 1)
+
+
 # Activation memory per image (GiB, fp16, CFG on, VAE decode included) at the
 # family's native size; measured orders of magnitude, deliberately generous.
 _GIB_PER_IMAGE = {"sd15": (1.2, 512 * 512), "sdxl": (3.0, 1024 * 1024)}
@@ -386,10 +397,29 @@ def draw_latents(seeds: Sequence[int], width: int, height: int, channels: int = 
     return latents, gens
 
 
+def _conditioning_inputs(pipe: Any, kwargs: dict[str, torch.Tensor], sdxl: bool) -> dict[str, torch.Tensor]:
+    """The tensors diffusers' denoising loop reads its text conditioning from, for one call's kwargs.
+
+    The loop keeps ``prompt_embeds`` as ``cat([negative, prompt])`` under classifier-free guidance
+    (and SDXL's pooled embeddings as ``add_text_embeds``); a step-end callback may replace them.
+    """
+    cfg = bool(getattr(pipe, "do_classifier_free_guidance", True))
+    pos, neg = kwargs["prompt_embeds"], kwargs["negative_prompt_embeds"]
+    out = {"prompt_embeds": torch.cat([neg, pos]) if cfg else pos}
+    if sdxl:
+        ppos, pneg = kwargs["pooled_prompt_embeds"], kwargs["negative_pooled_prompt_embeds"]
+        out["add_text_embeds"] = torch.cat([pneg, ppos]) if cfg else ppos
+    return out
+
+
 def denoise(
     pipe: Any, embeds: dict[str, torch.Tensor], seeds: Sequence[int], sampling: SamplingConfig, cancel: Any = None
 ) -> list[Any]:
     """Run one batch: ``embeds`` from :func:`likeness.prompts.encode_prompts`, one seed per image.
+
+    When ``embeds`` is scheduled (A1111 prompt editing / alternation, encoded with
+    ``steps=schedule_steps(sampling)``), the conditioning switches at the model call A1111
+    switches it: the step-end callback of call ``i`` installs call ``i + 1``'s.
 
     Returns PIL images in the order of ``seeds``. Each image's noise comes
     from its own generator (see the module docstring), so the result does not
@@ -400,6 +430,12 @@ def denoise(
     n = len(seeds)
     if embeds["prompt_embeds"].shape[0] != n:
         raise InvalidInput(f"got {embeds['prompt_embeds'].shape[0]} prompt embeddings for {n} seeds")
+    per_call = getattr(embeds, "scheduled", False)
+    if per_call and embeds.steps != schedule_steps(sampling):
+        raise InvalidInput(
+            f"the prompts were scheduled for {embeds.steps} steps but {sampling.sampler!r} at {sampling.steps} steps "
+            f"runs {schedule_steps(sampling)}; encode them with steps=schedule_steps(sampling)"
+        )
     set_sampler(pipe, sampling.sampler)
     if hasattr(pipe.scheduler, "noise_sampler_seed"):
         # DPM++ SDE: one Brownian tree per image, seeded with the image's seed (as A1111 does).
@@ -411,12 +447,20 @@ def denoise(
         latents = latents.contiguous(memory_format=torch.channels_last)
     _fit_vae(pipe, n, sampling.width, sampling.height)
     step_kwargs: dict[str, Any] = {}
-    if cancel is not None:
-        def _check(_pipe: Any, _step: int, _t: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
-            cancel.check()
+    sdxl = "pooled_prompt_embeds" in embeds
+    if cancel is not None or per_call:
+        def _on_step_end(_pipe: Any, step: int, _t: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+            if cancel is not None:
+                cancel.check()
+            if per_call and embeds.rows_at(step + 1) != embeds.rows_at(step):
+                # The loop index is A1111's model-call count (second-order schedulers step per call).
+                callback_kwargs.update(_conditioning_inputs(_pipe, embeds.at(step + 1), sdxl))
             return callback_kwargs
 
-        step_kwargs["callback_on_step_end"] = _check
+        step_kwargs["callback_on_step_end"] = _on_step_end
+        if per_call:
+            step_kwargs["callback_on_step_end_tensor_inputs"] = (
+                ["latents", "prompt_embeds", "add_text_embeds"] if sdxl else ["latents", "prompt_embeds"])
     with torch.inference_mode():
         out = pipe(
             **embeds,

@@ -201,8 +201,8 @@ class PromptCache:
 
     def __init__(self) -> None:
         self._key: tuple[int, int, int] | None = None
-        self._counts: dict[str, int] = {}
-        self._embeds: dict[tuple[str, str], dict[str, Any]] = {}
+        self._counts: dict[tuple[str, bool, int | None], int] = {}
+        self._embeds: dict[tuple[str, str, int | None], Any] = {}
 
     def _sync(self, pipe: Pipeline, clip_skip: int) -> None:
         tok = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
@@ -210,32 +210,36 @@ class PromptCache:
         if key != self._key:
             self._key, self._counts, self._embeds = key, {}, {}
 
-    def chunk_count(self, pipe: Pipeline, item: PlannedImage, clip_skip: int = 1) -> int:
-        """75-token chunks the item's prompt and negative prompt need (the larger)."""
-        from likeness.prompts import tokenize_prompt
+    def chunk_count(self, pipe: Pipeline, item: PlannedImage, clip_skip: int = 1, steps: int | None = None) -> int:
+        """75-token chunks the item's prompt and negative prompt need (the larger, over every scheduled step)."""
+        from likeness.prompts import scheduled_texts, tokenize_prompt
 
         self._sync(pipe, clip_skip)
         tokenizers = [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t is not None]
-        for text in (item.prompt, item.negative_prompt):
-            if text not in self._counts:
-                self._counts[text] = max(len(tokenize_prompt(t, text).chunks) for t in tokenizers)
-        return max(self._counts[item.prompt], self._counts[item.negative_prompt])
+        for text, negative in ((item.prompt, False), (item.negative_prompt, True)):
+            key = (text, negative, steps)
+            if key not in self._counts:
+                texts = scheduled_texts(text, steps, negative=negative) if steps else [text]
+                self._counts[key] = max(len(tokenize_prompt(t, x).chunks) for t in tokenizers for x in texts)
+        return max(self._counts[(item.prompt, False, steps)], self._counts[(item.negative_prompt, True, steps)])
 
-    def encode(self, pipe: Pipeline, batch: Sequence[PlannedImage], clip_skip: int = 1) -> dict[str, Any]:
-        """encode_prompts kwargs for ``batch`` (items of equal chunk count), from the cache where possible."""
-        import torch
+    def encode(self, pipe: Pipeline, batch: Sequence[PlannedImage], clip_skip: int = 1, steps: int | None = None) -> Any:
+        """encode_prompts' conditioning for ``batch`` (items of equal chunk count), from the cache where possible.
 
-        from likeness.prompts import encode_prompts
+        ``steps`` is A1111's total steps (:func:`likeness.backends.diffusion.schedule_steps`): prompt
+        editing and alternation switch at the model call A1111 switches them.
+        """
+        from likeness.prompts import Conditioning, encode_prompts
 
         self._sync(pipe, clip_skip)
-        pairs = [(b.prompt, b.negative_prompt) for b in batch]
+        pairs = [(b.prompt, b.negative_prompt, steps) for b in batch]
         missing = list(dict.fromkeys(p for p in pairs if p not in self._embeds))
         if missing:
-            fresh = encode_prompts(pipe, [p for p, _ in missing], [n for _, n in missing], clip_skip=clip_skip)
+            fresh = encode_prompts(pipe, [p for p, _, _ in missing], [n for _, n, _ in missing], clip_skip=clip_skip,
+                                   steps=steps)
             for i, pair in enumerate(missing):
-                self._embeds[pair] = {k: v[i : i + 1] for k, v in fresh.items()}
-        keys = self._embeds[pairs[0]].keys()
-        return {k: torch.cat([self._embeds[p][k] for p in pairs]) for k in keys}
+                self._embeds[pair] = fresh.select(i)
+        return Conditioning.concat([self._embeds[p] for p in pairs])
 
 
 def infotext_for(item: PlannedImage, sampling: SamplingConfig, model: str, model_hash: str = "") -> str:
@@ -277,20 +281,21 @@ def render_images(
     :func:`likeness.prompts.encode_prompts` once per distinct pair (``cache``,
     kept across calls by :class:`GalleryWorker`). Order of the result = order of ``items``.
     """
-    from likeness.backends.diffusion import denoise
+    from likeness.backends.diffusion import denoise, schedule_steps
     from likeness.generate.infotext import png_bytes
 
     cache = cache if cache is not None else PromptCache()
+    steps = schedule_steps(sampling)
     groups: dict[int, list[PlannedImage]] = {}
     for item in items:
-        groups.setdefault(cache.chunk_count(pipe, item, clip_skip), []).append(item)
+        groups.setdefault(cache.chunk_count(pipe, item, clip_skip, steps), []).append(item)
     size = batch_size or max(1, len(items))
     out: dict[str, RenderedImage] = {}
     for group in groups.values():
         for start in range(0, len(group), size):
             batch = group[start : start + size]
             t0 = time.perf_counter()
-            embeds = cache.encode(pipe, batch, clip_skip)
+            embeds = cache.encode(pipe, batch, clip_skip, steps)
             images = denoise(pipe, embeds, [b.seed for b in batch], sampling, cancel=cancel)
             encoded = [png_bytes(img, infotext_for(b, sampling, model, model_hash)) for b, img in zip(batch, images)]
             share = (time.perf_counter() - t0) / len(batch)

@@ -198,7 +198,7 @@ class ScoringValidator:
         """(prompt, seed, PIL image) for every scene x seed: the spec's sampler, one generator per image."""
         import dataclasses
 
-        from likeness.backends.diffusion import denoise
+        from likeness.backends.diffusion import denoise, schedule_steps
         from likeness.prompts import encode_prompts
 
         sampling = dataclasses.replace(
@@ -207,7 +207,8 @@ class ScoringValidator:
         seeds = [int(s) for s in self.cfg.seeds]
         out = []
         for prompt in scene_prompts(token, self.cfg):
-            embeds = encode_prompts(pipe, [prompt] * len(seeds), [self.spec.negative_prompt])
+            embeds = encode_prompts(pipe, [prompt] * len(seeds), [self.spec.negative_prompt],
+                                    steps=schedule_steps(sampling))
             for seed, image in zip(seeds, denoise(pipe, embeds, seeds, sampling)):
                 out.append((prompt, seed, image))
         return out
