@@ -303,3 +303,30 @@ def test_score_of_a_curated_folder_reads_zoom_and_angle_from_curation_json(capsy
     doc = json.loads(out.out)["set"]
     assert rc == 0 and doc["n_images"] == 2
     assert doc["grid_coverage"] == 1.0 and "coverage" in doc["weights"]
+
+
+def test_score_and_curate_give_the_same_scores_for_the_same_set(capsys, realdata: Path, tmp_path: Path):
+    """`likeness score` of a curation's output reports the curation's own set scores (issue 13: the
+    background and overall scores differed, curation scoring backgrounds against the pool)."""
+    from PIL import Image
+
+    from likeness.backends.faces import load_face_analyzer
+    from likeness.curate.decide import CurateConfig, curate
+    from likeness.profiles import load_profile
+
+    gallery = tmp_path / "gallery"
+    gallery.mkdir()
+    srcs = sorted((realdata / "faces" / "Angelina_Jolie").glob("*.jpg"))[:6] + \
+        sorted((realdata / "faces" / "Barack_Obama").glob("*.jpg"))[:1]
+    for i, src in enumerate(srcs):
+        im = Image.open(src).convert("RGB")
+        im.thumbnail((384, 384))
+        im.save(gallery / f"{i:02d}.png")
+    res = curate(gallery, None, tmp_path / "out", CurateConfig(k=4), faces=load_face_analyzer(load_profile("cpu-tiny")))
+    assert len(res.selected) >= 3
+    rc, out = _run(capsys, ["score", str(tmp_path / "out"), "--profile", "cpu-tiny"])
+    assert rc == 0
+    got, want = json.loads(out.out)["set"], res.set_scores["selected"]
+    for k in ("n_images", "n_faces", "identity_mean_pairwise", "identity_consistency", "background_consistency",
+              "quality", "overall"):
+        assert got[k] == pytest.approx(want[k], abs=2e-3), (k, got[k], want[k])

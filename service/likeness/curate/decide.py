@@ -330,9 +330,16 @@ def _set_scores(items: list[_Item], chosen: list[int], spec: CharacterSpec | Non
         (items[i].row.zoom_index, items[i].row.angle_index) for i in pool}) or 1
 
     def score(idx: Sequence[int]) -> dict[str, Any]:
+        # A set's background consistency is the set's own (border colours against the set's median,
+        # scores.background_consistency), the definition `likeness score` applies to any folder: the
+        # same set gets the same number from either command. The per-image background score used to
+        # decide (CLIP + pixels against the identity images) stays in each image's scores.
+        borders = [items[i].border for i in idx]
+        own_bg = (scores.background_consistency(np.stack(borders)).tolist()
+                  if idx and all(b is not None for b in borders) else [items[i].scores.get("background") for i in idx])
         return scores.set_scores(
             [items[i].embedding for i in idx],
-            background=[items[i].scores.get("background") for i in idx],
+            background=own_bg,
             quality=[float(items[i].measures.get("quality", 0.0)) if items[i].faces else 0.0 for i in idx],
             cells=[(items[i].row.zoom_index, items[i].row.angle_index) for i in idx] if known else None,
             total_cells=total_cells, scale=scale,
@@ -340,7 +347,7 @@ def _set_scores(items: list[_Item], chosen: list[int], spec: CharacterSpec | Non
 
     rand = [pool[j] for j in random_subset(len(pool), max(1, len(chosen) or cfg.k), cfg.seed)]
     out = {"selected": score(chosen), "pool": score(pool), "random_k": score(rand),
-           "random_k_seed": cfg.seed, "random_k_ids": [items[i].row.id for i in rand]}
+           "random_k_seed": cfg.seed, "random_k_ids": [items[i].row.id for i in rand], "total_cells": total_cells}
     out["uplift"] = {
         base: {k: round(out["selected"][k] - out[base][k], 4) for k in
                ("overall", "identity_consistency", "background_consistency", "quality", "identity_mean_pairwise")

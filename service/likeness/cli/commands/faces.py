@@ -163,6 +163,7 @@ def _score(args: argparse.Namespace) -> int:
     import numpy as np
 
     from likeness import scores
+    from likeness.curate.background import border_features
     from likeness.generate.manifest import read_manifest
 
     folder = Path(args.dir)
@@ -197,6 +198,7 @@ def _score(args: argparse.Namespace) -> int:
         return 0
 
     manifest = _grid_rows(folder, read_manifest(folder))
+    total_cells = _total_cells(folder)
     emb = [mains[f].embedding if mains[f] is not None else None for f in ok]
     centroid = scores.identity_centroid(np.stack([e for e in emb if e is not None])) if any(e is not None for e in emb) else None
     background, quality, cells, rows = [], [], [], []
@@ -204,8 +206,7 @@ def _score(args: argparse.Namespace) -> int:
         rel = f.relative_to(folder).as_posix()
         row = manifest.get(rel)
         img = _load(f)
-        thumb = _thumb(img)
-        bg_feat = scores.lab_border_stats(thumb)
+        bg_feat = border_features(img)  # curation's own border colours: one definition
         m = mains[f]
         q = 0.0
         if m is not None:
@@ -213,7 +214,8 @@ def _score(args: argparse.Namespace) -> int:
             q = scores.quality(m.det_score, m.area_ratio, sharp, row.zoom if row else None)
         quality.append(q)
         background.append(bg_feat)
-        cells.append((row.zoom, row.angle) if row else None)
+        # An image without a zoom/angle label (an imported folder) has no grid cell, as in curation.
+        cells.append((row.zoom, row.angle) if row is not None and (row.zoom or row.angle) else None)
         rows.append({"file": rel, "faces": len(res[f]["faces"]), "face": m.to_dict() if m else None, "quality": round(q, 4)})
     bg_scores = scores.background_consistency(np.stack(background)) if background else np.zeros(0)
     for r, e, b in zip(rows, emb, bg_scores):
@@ -221,7 +223,7 @@ def _score(args: argparse.Namespace) -> int:
         r.update(s.to_dict())
     use_cells = bool(cells) and all(c is not None for c in cells)
     st = scores.set_scores(emb, background=bg_scores, quality=quality, cells=cells if use_cells else None,
-                           scale=cal.scale)
+                           total_cells=total_cells, scale=cal.scale)
     emit({"folder": str(folder), "set": st.to_dict(), "threshold": cal.threshold, "calibrated": cal.calibrated,
           "images": rows, "skipped": skipped})
     return 0
@@ -247,16 +249,17 @@ def _grid_rows(folder: Path, manifest_rows: list) -> dict[str, Any]:
     return {f"{d.id}.png": d for d in result.images if d.id in set(result.selected)}
 
 
-def _thumb(img):
-    """A copy with the short side at most 192 px: border colours need no more (and Lab of 4k is slow)."""
-    import numpy as np
-    from PIL import Image
+def _total_cells(folder: Path) -> int:
+    """The grid size coverage is counted against: the curation's (curation.json beside a curated set),
+    else the default 5 x 5 grid."""
+    import json
 
-    h, w = img.shape[:2]
-    s = 192 / max(1, min(h, w))
-    if s >= 1:
-        return img
-    return np.asarray(Image.fromarray(img).resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR))
+    try:
+        doc = json.loads((folder / "curation.json").read_text(encoding="utf-8"))
+        n = int((doc.get("set_scores") or {}).get("total_cells") or 25)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 25
+    return n if n > 0 else 25
 
 
 def _common(p: argparse.ArgumentParser) -> None:
