@@ -483,3 +483,38 @@ def test_cancel_build_reaches_an_import_within_a_second(tmp_path, stand_in_stage
     finally:
         server.stop(0)
         rt.stop()
+
+
+def test_start_build_refuses_at_the_door_what_the_cli_refuses(tmp_path, tiny_models, stand_in_stages, capsys):
+    # Issue 13: StartBuild took the token `woman` and a CUDA-only profile on a CPU server; the
+    # build ran import, curation and captions and failed at training 100 s later.
+    from likeness.cli.main import main
+
+    rt = Runtime(tmp_path / "data", devices=["cpu"], stages=stand_in_stages())
+    server, port, _ = create_server("127.0.0.1:0", rt)
+    server.start()
+    rt.start(load_models=False)
+    woman = spec_from_dict({"name": "W", "token": "woman"})
+    try:
+        with LikenessClient(f"127.0.0.1:{port}") as c:
+            code, token_msg = _code(lambda: c.start_build(spec=woman))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "already a single token" in token_msg
+            code, gpu_msg = _code(lambda: c.start_build(spec=SPEC, options={"profile": "sd15"}))
+            assert code == grpc.StatusCode.FAILED_PRECONDITION and "needs a CUDA GPU" in gpu_msg
+            assert c.list_builds() == []  # nothing was queued
+    finally:
+        server.stop(0)
+        rt.stop()
+    # The CLI refuses both with the same words, before it makes a data folder.
+    spec_file = tmp_path / "w.toml"
+    spec_file.write_text('name = "W"\ntoken = "woman"\n')
+    assert main(["build", str(spec_file), "--data", str(tmp_path / "cli"), "--no-progress"]) == 2
+    assert f"error: {token_msg}" in capsys.readouterr().err
+    import torch
+
+    if not torch.cuda.is_available():
+        ok_file = tmp_path / "e.toml"
+        ok_file.write_text('name = "E"\ntoken = "3m1ly"\n')
+        assert main(["build", str(ok_file), "--data", str(tmp_path / "cli"), "--profile", "sd15", "--no-progress"]) == 6
+        assert f"error: {gpu_msg}" in capsys.readouterr().err
+    assert not (tmp_path / "cli").exists()

@@ -131,13 +131,10 @@ def select_device(profile: Profile) -> tuple[torch.device, torch.dtype]:
     would take days on a CPU); ``"auto"`` takes the GPU when there is one. The
     CPU always computes in float32 (half precision is slow or unsupported there).
     """
+    from likeness.preflight import check_device
+
     has_cuda = torch.cuda.is_available()
-    if profile.device == "cuda" and not has_cuda:
-        raise FailedPrecondition(
-            f"profile {profile.name!r} needs a CUDA GPU and none is available "
-            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); run on a GPU machine, "
-            "or use the 'cpu-tiny' profile (--profile cpu-tiny) to exercise the pipeline on the CPU"
-        )
+    check_device(profile, has_cuda, f"torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}")
     if profile.device == "cuda" or (profile.device == "auto" and has_cuda):
         return torch.device("cuda"), getattr(torch, profile.dtype)
     if profile.dtype != "float32":

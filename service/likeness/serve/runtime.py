@@ -22,6 +22,7 @@ from likeness.config import SEED_MAX, check_seed, field_bounds
 from likeness.errors import Cancelled, FailedPrecondition, InvalidInput, NotFound
 from likeness.files import check_name, safe_join
 from likeness.backends.cache import ModelCache
+from likeness.preflight import check_build_request
 from likeness.profiles import resolve_profile
 from likeness.progress import CancelToken
 from likeness.spec import CharacterSpec, spec_from_dict
@@ -285,8 +286,10 @@ class Runtime:
         assert spec is not None
         opts = build_options(options)
         eff = self.check_spec(effective_spec(spec, opts))
-        if eff.profile:
-            resolve_profile(eff.profile)  # an unknown profile fails now, listing the valid ones
+        # The profile the build will run with (an unknown one fails now, listing the valid ones), then
+        # what the CLI refuses at the door too: a CUDA profile without a GPU worker, a known token.
+        prof = resolve_profile(None, eff.profile)
+        check_build_request(eff, prof, has_cuda=any(d.startswith("cuda") for d in self.pool.devices))
         if opts.import_gallery:
             opts = BuildOptions(**{**opts.__dict__, "import_gallery": str(self.check_import_folder(opts.import_gallery))})
         build_id = start_build(self.store, spec, opts, character=character)

@@ -103,6 +103,14 @@ def _build(args: argparse.Namespace) -> int:
     from likeness.errors import AlreadyExists
     from likeness.build.store import Store
 
+    if not args.resume:
+        from likeness.build.options import build_options, effective_spec
+        from likeness.preflight import check_build_request
+        from likeness.profiles import resolve_profile
+
+        # Before any folder is made; the service's StartBuild refuses the same requests, same words.
+        eff = effective_spec(spec, build_options(options))
+        check_build_request(eff, resolve_profile(None, eff.profile, say=say))
     store = Store(args.data)
     if args.resume:
         build_id = store.get_build(args.resume).id

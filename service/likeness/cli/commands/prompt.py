@@ -8,44 +8,16 @@ Only the tokenizer is loaded (no weights), so this is fast on any machine.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from likeness.cli.output import emit
 
 
-def _fallback_tokenizer_dir() -> Path:
-    from likeness.profiles import models_dir
-
-    return models_dir() / "tiny" / "sd15" / "tokenizer"
-
-
 def load_profile_tokenizer(profile_name: str) -> tuple[Any, str]:
-    """The CLIP tokenizer of a profile's base model, and where it came from.
+    """The CLIP tokenizer of a profile's base model, and where it came from (see likeness.preflight)."""
+    from likeness.preflight import profile_tokenizer
 
-    A diffusers folder has ``tokenizer/``; for a single-file checkpoint or a
-    hub id (no download at run time) we use the tokenizer shipped beside the
-    tiny model: it is the real CLIP BPE vocabulary, identical to SD 1.5's and
-    to the first SDXL tokenizer's.
-    """
-    from transformers import CLIPTokenizer
-
-    from likeness.errors import ModelMissing
-    from likeness.profiles import load_profile
-
-    profile = load_profile(profile_name)
-    base = profile.base_model_path
-    candidates = []
-    if base is not None and base.is_dir():
-        candidates.append(base / "tokenizer")
-    candidates.append(_fallback_tokenizer_dir())
-    for folder in candidates:
-        if (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file():
-            return CLIPTokenizer.from_pretrained(str(folder)), str(folder)
-    raise ModelMissing(
-        f"no CLIP tokenizer found for profile {profile_name!r} (looked in {', '.join(map(str, candidates))}); "
-        "run `python scripts/build_tiny_models.py` (offline, seconds) to create the fallback tokenizer"
-    )
+    return profile_tokenizer(profile_name)
 
 
 def _prompt(args: argparse.Namespace) -> int:
