@@ -2,8 +2,10 @@
 
 Each curated image gets an A1111 / kohya ``<id>.txt`` sidecar that names the token and the class
 word and describes only what the embedding must NOT learn: framing (zoom), camera angle,
-clothing and background. Sources: the image's curation metadata (zoom, angle), the spec
-(wardrobe, background) and CLIP zero-shot tags from a configurable vocabulary.
+clothing and background. Sources: the image's curation metadata (zoom, angle), and, only when
+a real CLIP model measures them in the image, the spec's wardrobe and background and zero-shot
+tags from a configurable vocabulary (a caption states what is in the picture; a random-weights
+CLIP measures nothing, so it adds nothing: ``CaptionResult.clip_measured``).
 
 Identity rule: every content word of the spec's ``traits`` and ``trait_synonyms`` (except the
 token and the class word; "eyes"/"eye" and "curls"/"curl" count as one word) is an *identity
@@ -63,11 +65,19 @@ class CaptionConfig:
     clothing_tags: int = 1
     # CLIP background tags added per image.
     background_tags: int = 1
-    # Zero-shot softmax probability a tag needs; 0 = always take the top tags.
-    min_probability: float = 0.0
+    # Zero-shot softmax probability a tag needs; 0 = always take the top tags. 0.5, as for the spec's
+    # phrases below: a tag is written only when CLIP finds it more likely than all other entries
+    # together (with 0, an image showing none of the vocabulary still got its least-bad tag).
+    min_probability: float = 0.5
     # Prompt templates for zero-shot scoring ({tag} is the vocabulary entry).
     clothing_prompt: str = "a photo of a person wearing {tag}"
     background_prompt: str = "a photo of a person in front of a {tag}"
+    # The spec's wardrobe / background is written into a caption only when a real CLIP model
+    # measures it in that image: its zero-shot probability among [spec phrase, *vocabulary] (the
+    # background: against curation's contrasting scenes) must reach this. 0.5 = "more likely the
+    # spec's than all the alternatives together". A caption states what is in the picture, not
+    # what the prompt asked for (issue 13: red-carpet photos were captioned "neutral gray background").
+    spec_min_probability: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -82,6 +92,9 @@ class CaptionResult:
     # The CLIP model that tagged the images; "" = metadata only.
     clip: str = ""
     identity_words: tuple[str, ...] = field(default=())
+    # True when a real CLIP model measured the tags and spec phrases; False for none or a random one
+    # (then captions hold only the token, class word, zoom and angle).
+    clip_measured: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -91,6 +104,7 @@ class CaptionResult:
             "dropped": list(self.dropped),
             "clip": self.clip,
             "identity_words": list(self.identity_words),
+            "clip_measured": self.clip_measured,
         }
 
 
@@ -209,6 +223,18 @@ def _zero_shot(clip: ClipModel, images: list[Any], tags: list[str], prompt: str,
     return out
 
 
+def _phrase_probability(clip: ClipModel, images: list[Any], phrase: str, vocabulary: list[str], prompt: str) -> Any:
+    """Per image: CLIP softmax probability (temperature 100) of ``phrase`` among ``[phrase, *vocabulary]``."""
+    import numpy as np
+
+    others = [t for t in vocabulary if t.strip().lower() != phrase.strip().lower()]
+    img = clip.embed_images(images)
+    txt = clip.embed_texts([prompt.format(tag=t) for t in (phrase, *others)])
+    logits = 100.0 * img @ txt.T
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return probs[:, 0] / probs.sum(axis=1)
+
+
 # --- captions ------------------------------------------------------------------------------------
 
 
@@ -281,12 +307,27 @@ def caption_dataset(
     rows = _rows(dataset_dir)
     clothing_tags: list[list[str]] = [[] for _ in rows]
     background_tags: list[list[str]] = [[] for _ in rows]
-    if clip is not None:
+    # A CLIP with random weights (cpu-tiny) measures nothing: no tags, no spec phrases from it.
+    measured = clip is not None and not getattr(clip, "random_weights", False)
+    show_wardrobe = [False] * len(rows)
+    show_background = [False] * len(rows)
+    if measured:
+        assert clip is not None
         images = [load_image(path)[0] for _, path, _, _ in rows]
         clothing_tags = _zero_shot(clip, images, clothing_vocab, config.clothing_prompt,
                                    config.clothing_tags, config.min_probability)
         background_tags = _zero_shot(clip, images, background_vocab, config.background_prompt,
                                      config.background_tags, config.min_probability)
+        if wardrobe:
+            p = _phrase_probability(clip, images, wardrobe, clothing_vocab, config.clothing_prompt)
+            show_wardrobe = [bool(v >= config.spec_min_probability) for v in p]
+        if background:
+            from likeness.curate.background import clip_background_probability
+            from likeness.curate.checks import DEFAULT_BACKGROUND_ALTERNATIVES
+
+            p = clip_background_probability(clip.embed_images(images), clip, background,
+                                            DEFAULT_BACKGROUND_ALTERNATIVES)
+            show_background = [bool(v >= config.spec_min_probability) for v in p]
 
     captions: dict[str, str] = {}
     files = []
@@ -296,8 +337,8 @@ def caption_dataset(
             "class_word": spec.class_word,
             "zoom": _strip_identity(zoom, banned, dropped),
             "angle": _strip_identity(angle, banned, dropped),
-            "clothing": _merge([wardrobe, *clothing_tags[i]]),
-            "background": _merge([background, *background_tags[i]]),
+            "clothing": _merge([wardrobe if show_wardrobe[i] else "", *clothing_tags[i]]),
+            "background": _merge([background if show_background[i] else "", *background_tags[i]]),
         }
         caption = render_caption(config.template, values)
         leaks = identity_leaks(caption, banned)
@@ -316,4 +357,5 @@ def caption_dataset(
         dropped=tuple(dict.fromkeys(dropped)),
         clip=str(getattr(clip, "name", "")) if clip is not None else "",
         identity_words=tuple(sorted(banned)),
+        clip_measured=measured,
     )

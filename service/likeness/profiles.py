@@ -55,6 +55,9 @@ class Profile:
     clip_model: str = "ViT-B-32"
     # open_clip pretrained tag, or a local checkpoint path.
     clip_pretrained: str = ""
+    # True for profiles built from random weights (cpu-tiny): their images are noise and their CLIP
+    # judges nothing; reports say so and captions write no CLIP tags from them.
+    random_weights: bool = False
     # Human-readable note shown by `likeness profiles`.
     description: str = ""
     # Where to get the weights when they are missing (shown in errors).

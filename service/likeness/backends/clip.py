@@ -80,6 +80,8 @@ class OpenClipModel:
         self.model.eval()
         self.tokenizer = open_clip.get_tokenizer(arch)
         self.name = f"open_clip:{Path(model_name).parent.name if model_name.endswith('.json') else model_name}"
+        # Set from the profile (profiles.Profile.random_weights): a random CLIP measures nothing.
+        self.random_weights = False
         self.embedding_dim = int(getattr(self.model, "embed_dim", 0) or self.model.text_projection.shape[-1])
 
     @torch.inference_mode()
@@ -121,7 +123,9 @@ def _open_clip_from_profile(profile: Profile) -> OpenClipModel:
     if not pretrained or looks_like_path:
         pretrained = str(profile.require("clip"))
     precision = {"float16": "fp16", "bfloat16": "bf16"}.get(profile.dtype, "fp32")
-    return OpenClipModel(model_name, pretrained, device=profile.device, precision=precision)
+    model = OpenClipModel(model_name, pretrained, device=profile.device, precision=precision)
+    model.random_weights = bool(profile.random_weights)
+    return model
 
 
 # Registry: backend name -> factory(profile). Unknown names fail listing these.

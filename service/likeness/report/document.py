@@ -319,9 +319,9 @@ def _profile_info(build_dir: Path, spec: dict[str, Any] | None, options: dict[st
 
             prof = load_profile(name)
             info["description"] = str(getattr(prof, "description", "") or "")
+            info["random_weights"] = bool(prof.random_weights)
         except Exception:  # noqa: BLE001 - a report never fails over a profile file that moved
-            pass
-        info["random_weights"] = name.endswith("-tiny") or "random weights" in info["description"]
+            info["random_weights"] = None  # unknown: the profile file is gone
     return info
 
 
