@@ -171,3 +171,126 @@ def test_bench_all_table_marks_errors_and_spreads() -> None:
     text = table([row, {"stage": "curate", "error": "timed out after 5 s"}], markdown=True)
     assert "| train | 10 [10-10] steps/s | 5 [3.33-10] steps/s | 2 [1-3]x | 5 |" in text
     assert "| curate | error |" in text and "timed out" in text
+
+
+# ---------------------------------------------------------------- scripts/bench_gpu.py
+
+
+def test_physical_limit_figure_is_what_torch_counts_for_the_sd15_configs() -> None:
+    """50.7 TFLOP per image = 60 UNet calls (30 steps x CFG) + one VAE decode, counted on the meta device."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import bench_gpu
+    from likeness.backends.sd15_config import UNET, VAE
+
+    with torch.device("meta"):
+        unet, vae = UNet2DConditionModel(**UNET), AutoencoderKL(**VAE)
+        x = torch.randn(1, 4, 64, 64)
+        with FlopCounterMode(display=False) as fc:
+            unet(x, torch.tensor([500]), torch.randn(1, 77, 768))
+        unet_gflop = fc.get_total_flops() / 1e9
+        with FlopCounterMode(display=False) as fc:
+            vae.decode(x)
+        vae_tflop = fc.get_total_flops() / 1e12
+    assert unet_gflop == pytest.approx(bench_gpu.UNET_GFLOP_PER_CALL, rel=0.005)
+    assert vae_tflop == pytest.approx(bench_gpu.VAE_DECODE_TFLOP, rel=0.01)
+    assert 60 * unet_gflop / 1e3 + vae_tflop == pytest.approx(bench_gpu.SD15_TFLOP_PER_IMAGE, rel=0.005)
+
+
+def test_iresnet50_is_buffalo_l_sized() -> None:
+    import torch
+
+    import bench_gpu
+
+    with torch.device("meta"):
+        r50 = bench_gpu.IResNet()
+    # insightface's w600k_r50 (buffalo_l recognition): 43.6 M parameters.
+    assert sum(p.numel() for p in r50.parameters()) == 43_590_848
+    tiny = bench_gpu.IResNet((1, 1, 1, 1), width=8, dim=16).eval()
+    assert tiny(torch.randn(2, 3, 112, 112)).shape == (2, 16)
+
+
+def _run_doc(tmp_path: Path, budget: float = 100.0):
+    import argparse
+
+    import bench_gpu
+
+    out = tmp_path / "gpu.json"
+    args = argparse.Namespace(budget=budget, smoke=True, device="cpu")
+    return bench_gpu.Run(out, args), out
+
+
+def test_phase_time_box_keeps_partial_results_and_later_phases_run(tmp_path: Path) -> None:
+    import time
+
+    import bench_gpu
+
+    run, out = _run_doc(tmp_path)
+
+    def slow(res, deadline):
+        res["first"] = 1
+        time.sleep(5)  # past the 1 s box
+        res["never"] = 2
+
+    def broken(res, deadline):
+        res["before"] = "x"
+        raise ValueError("bad shape")
+
+    t0 = time.monotonic()
+    assert bench_gpu.run_phase(run, "slow", slow, 1.0)["status"] == "timeout"
+    assert time.monotonic() - t0 < 3, "the time box must interrupt the phase"
+    assert bench_gpu.run_phase(run, "broken", broken, 5.0)["status"] == "error"
+    assert bench_gpu.run_phase(run, "fine", lambda r, d: r.__setitem__("v", 3), 5.0)["status"] == "ok"
+    doc = json.loads(out.read_text())
+    by = {e["phase"]: e for e in doc["phases"]}
+    assert by["slow"]["result"] == {"first": 1}
+    assert by["broken"]["result"] == {"before": "x"} and "bad shape" in by["broken"]["error"]
+    assert by["fine"]["result"] == {"v": 3}
+
+
+def test_phase_skipped_when_budget_is_spent(tmp_path: Path) -> None:
+    import bench_gpu
+
+    run, out = _run_doc(tmp_path, budget=2.0)
+    entry = bench_gpu.run_phase(run, "late", lambda r, d: r.__setitem__("v", 1), 60.0)
+    assert entry["status"] == "skipped" and "budget" in entry["reason"]
+    assert json.loads(out.read_text())["phases"][0]["status"] == "skipped"
+
+
+def test_stock_flags_are_torch_defaults_and_restored() -> None:
+    import torch
+
+    import bench_gpu
+
+    assert bench_gpu.STOCK_FLAGS["cudnn.benchmark"] is False
+    assert bench_gpu.STOCK_FLAGS["cuda.matmul.allow_tf32"] is False
+    before = bench_gpu.get_flags()
+    try:
+        bench_gpu.set_flags(bench_gpu.OURS_FLAGS)
+        assert torch.backends.cudnn.benchmark is True and torch.backends.cuda.matmul.allow_tf32 is True
+        bench_gpu.set_flags(bench_gpu.STOCK_FLAGS)
+        assert bench_gpu.get_flags() == bench_gpu.STOCK_FLAGS
+    finally:
+        bench_gpu.set_flags(before)
+
+
+@pytest.mark.slow
+def test_bench_gpu_smoke_runs_every_phase_on_cpu(tiny_models: Path, tmp_path: Path) -> None:
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, "scripts/bench_gpu.py", "--smoke", "--out", str(out)], cwd=REPO,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    doc = json.loads(out.read_text())
+    by = {e["phase"]: e for e in doc["phases"]}
+    assert proc.returncode == 0, proc.stderr[-3000:] + json.dumps({k: v.get("error") for k, v in by.items()})
+    import bench_gpu
+
+    assert list(by) == list(bench_gpu.PHASES) and all(e["status"] == "ok" for e in by.values())
+    assert by["machine"]["result"]["cpu_count"] and by["matmul"]["result"]["float16"]["tflops_median"] >= 0
+    e2e = by["e2e"]["result"]
+    assert e2e["ours_vs_stock"]["pairs"] == 1 and e2e["stock_load_seconds"] > 0
+    assert e2e["ours_flags"] and by["train"]["result"]["ours_vs_reference"]["ratio"]["median"] > 0
+    assert by["unet"]["result"]["gflop_per_sample_counted"] > 0 and "channels_last_b1" in by["vae"]["result"]
+    assert by["recognition"]["result"]["nchw_b2"]["images_per_s"] > 0 and by["clip"]["result"]["b2"]["images_per_s"] > 0
+    assert by["compile"]["result"]["unet_compile_seconds"] >= 0 and doc["summary"]
