@@ -60,24 +60,71 @@ def test_hadolint_passes() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def _cuda_image() -> str:
+    (arg,) = [a for a in _find("ARG") if a.startswith("CUDA_IMAGE=")]
+    return arg.split("=", 1)[1]
+
+
 def test_multi_stage_on_cuda_runtime() -> None:
     froms = _find("FROM")
     assert len(froms) >= 2 and any(" AS builder" in f for f in froms)
-    args = " ".join(_find("ARG"))
-    assert "nvidia/cuda:" in args and "cudnn-runtime" in args
+    image = _cuda_image()
+    assert image.startswith("nvidia/cuda:") and image.endswith("-ubuntu24.04"), "keep Ubuntu 24.04: the venv's python3.12"
+    assert froms[0].startswith("ubuntu:24.04")
     assert froms[-1].startswith("${CUDA_IMAGE}")
     assert any('.[cuda]' in run for run in _find("RUN")), "the image must install the cuda extras"
     assert any(c.startswith("--from=builder /opt/venv") for c in _find("COPY"))
 
 
+def test_base_image_cuda_major_is_torchs() -> None:
+    """torch's PyPI wheel fixes the CUDA major (2.14.1: 13.0, driver >= 580); the base image must match it."""
+    import torch
+
+    if not torch.version.cuda:
+        pytest.skip("this torch is a CPU build; the pinned PyPI wheel is a CUDA build")
+    image_cuda = _cuda_image().split(":", 1)[1].split("-", 1)[0]
+    assert image_cuda.split(".")[0] == torch.version.cuda.split(".")[0], (
+        f"base image CUDA {image_cuda} but torch {torch.__version__} is built for CUDA {torch.version.cuda}")
+
+
+def test_onnxruntime_finds_torchs_cuda_libraries() -> None:
+    """LD_LIBRARY_PATH points at the nvidia wheels torch installs (the base image has no cuDNN)."""
+    import sysconfig
+
+    env = " ".join(_find("ENV"))
+    paths = next(p for p in env.split() if p.startswith("LD_LIBRARY_PATH=")).split("=", 1)[1].split(":")
+    prefix = "/opt/venv/lib/python3.12/site-packages/"
+    assert all(p.startswith(prefix) for p in paths)
+    here = Path(sysconfig.get_paths()["purelib"])
+    found = {lib.name for p in paths for lib in (here / p[len(prefix):]).glob("*.so*")}
+    if not found:
+        pytest.skip("this venv has no nvidia CUDA wheels (a CPU torch)")
+    for soname in ("libcudart.so.13", "libcublas.so.13", "libcublasLt.so.13", "libcudnn.so.9", "libcufft.so.12",
+                   "libcurand.so.10"):
+        assert soname in found, f"{soname} (onnxruntime-gpu's CUDA 13 provider needs it) is not under LD_LIBRARY_PATH"
+
+
+def test_builder_has_no_compilers_and_needs_none() -> None:
+    from importlib.metadata import distribution
+
+    runs = " ".join(_find("RUN"))
+    assert "build-essential" not in runs and "python3-dev" not in runs
+    wheel = distribution("insightface").read_text("WHEEL") or ""
+    assert "Root-Is-Purelib: true" in wheel, "insightface is no longer a pure wheel: the builder needs compilers again"
+
+
 def test_gpu_builds_replace_cpu_builds_with_pyproject_pins() -> None:
     import tomllib
 
-    cuda = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]["cuda"]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    cuda = project["optional-dependencies"]["cuda"]
     runs = " ".join(_find("RUN"))
-    assert "pip uninstall -y faiss-cpu onnxruntime" in runs
+    assert "pip uninstall -y onnxruntime opencv-python opencv-python-headless" in runs
     for pin in cuda:
         assert pin in runs, f"the Dockerfile must reinstall {pin} (pyproject's cuda extras) after removing the CPU build"
+    headless = next(d for d in project["dependencies"] if d.startswith("opencv-python-headless=="))
+    assert headless in runs, "cv2 must be the headless build (opencv-python needs libGL, absent from the image)"
+    assert "faiss-gpu" not in DOCKERFILE.read_text(encoding="utf-8") and not any("faiss-gpu" in d for d in cuda)
 
 
 def test_runs_as_non_root_with_volumes_and_entrypoint() -> None:
