@@ -175,8 +175,8 @@ def test_each_distinct_text_is_encoded_once_and_matches_the_static_encoding(sd15
 
     cond = encode_prompts(sd15, ["a [cat:dog:0.5] photo", "[cat|dog] photo"], ["blurry"], steps=20)
     assert cond.scheduled and cond.steps == 20
-    # "a cat photo", "a dog photo", "cat photo", "dog photo", "blurry": five texts, five rows.
-    assert cond.table["embeds"].shape[0] == 5
+    # "a cat photo", "a dog photo", "cat photo", "dog photo"; and "blurry": each text one row.
+    assert cond.table["embeds"].shape[0] == 4 and cond.table["neg_embeds"].shape[0] == 1
     cat = encode_prompts(sd15, ["a cat photo"], ["blurry"])
     dog = encode_prompts(sd15, ["a dog photo"], ["blurry"])
     assert torch.equal(cond.at(10)["prompt_embeds"][0], cat["prompt_embeds"][0])
@@ -287,3 +287,80 @@ def test_gallery_render_uses_the_schedule(sd15) -> None:
         handle.remove()
     assert out.png.startswith(b"\x89PNG") and len(seen) == 4
     assert [bool((seen[i][0] == seen[0][0]).all()) for i in range(4)] == [True, True, True, False]
+
+
+# ------------------------------------------------------------------ Pad conds (A1111's "Pad prompt/negative prompt")
+
+LONG = ", ".join(["red curly hair"] * 37) + ", freckles"  # two 75-token chunks
+
+
+def _seq_lengths(pipe, sampling, cond, split=None):
+    """(batch, sequence length) of every real UNet forward (the class's, below any wrapper), and the image."""
+    import numpy as np
+    import torch
+
+    from likeness.backends.diffusion import denoise
+
+    cls = type(pipe.unet)
+    original = cls.forward
+    seen = []
+
+    def recording(self, sample, timestep, encoder_hidden_states, *args, **kwargs):
+        seen.append((encoder_hidden_states.shape[0], encoder_hidden_states.shape[1]))
+        return original(self, sample, timestep, encoder_hidden_states, *args, **kwargs)
+
+    cls.forward = recording
+    try:
+        if split is None:
+            img = denoise(pipe, cond, [11], sampling)[0]
+        else:
+            with split:
+                img = denoise(pipe, cond, [11], sampling)[0]
+    finally:
+        cls.forward = original
+    return seen, torch.from_numpy(np.asarray(img, dtype=np.float32))
+
+
+def test_unpadded_prompt_and_negative_run_as_separate_unet_calls(sd15) -> None:
+    from likeness.backends import diffusion
+    from likeness.prompts import encode_prompts
+    from likeness.spec import SamplingConfig
+
+    sampling = SamplingConfig(sampler="Euler", steps=3, cfg_scale=7.0, width=64, height=64)
+    # A1111's default: the 2-chunk prompt and the 1-chunk negative keep their lengths; the UNet sees
+    # the negative (77) and the prompt (154) as two calls per step, each with its own length.
+    plain = encode_prompts(sd15, [LONG], ["blurry"])
+    calls, img_plain = _seq_lengths(sd15, sampling, plain)
+    assert calls == [(1, 77), (1, 154)] * 3
+    # With the option on, both are 154 long and go through the UNet as one batch of two.
+    padded = encode_prompts(sd15, [LONG], ["blurry"], pad_conds=True)
+    calls, img_padded = _seq_lengths(sd15, sampling, padded)
+    assert calls == [(2, 154)] * 3
+    assert (img_plain - img_padded).abs().max() > 0  # padding changes the image: why A1111 records it
+    # The split path computes what one batch computes when the lengths agree (up to float rounding).
+    short = encode_prompts(sd15, ["a cat"], ["blurry"])
+    _, img_batch = _seq_lengths(sd15, sampling, short)
+    calls, img_split = _seq_lengths(sd15, sampling, short, split=diffusion._separate_cond_uncond(sd15, 1, 77, 77))
+    assert calls == [(1, 77), (1, 77)] * 3
+    assert (img_batch - img_split).abs().max() <= 1  # at most one 8-bit level
+
+
+def test_pad_conds_is_recorded_in_the_infotext_as_a1111_does(sd15) -> None:
+    import dataclasses
+    import io
+
+    from PIL import Image
+
+    from likeness.generate.gallery import render_images
+    from likeness.generate.infotext import parse_infotext
+    from likeness.generate.plan import PlannedImage
+    from likeness.spec import SamplingConfig
+
+    item = PlannedImage("x-0", 0, 0, 0, "closeup", "front shot", LONG, "blurry", 5)
+    off = SamplingConfig(sampler="Euler", steps=2, cfg_scale=7.0, width=64, height=64)
+    texts = {}
+    for sampling in (off, dataclasses.replace(off, pad_conds=True)):
+        (out,) = render_images(sd15, [item], sampling)
+        texts[sampling.pad_conds] = Image.open(io.BytesIO(out.png)).info["parameters"]
+    assert "Pad conds" not in texts[False]
+    assert parse_infotext(texts[True]).extra.get("Pad conds") == "True"

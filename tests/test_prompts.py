@@ -174,15 +174,20 @@ def test_long_prompt_two_chunks_and_negative_padded(sd15) -> None:
 
     long_prompt = ", ".join(["red curly hair"] * 37) + ", freckles"  # ~150 tokens
     assert len(tokenize_prompt(sd15.tokenizer, long_prompt).chunks) == 2
-    out = encode_prompts(sd15, [long_prompt], ["blurry"])
+    # A1111's default: each side keeps its own chunk count (its "Pad prompt/negative prompt" is off).
+    plain = encode_prompts(sd15, [long_prompt], ["blurry"])
+    assert plain["prompt_embeds"].shape == (1, 154, 32) and plain["negative_prompt_embeds"].shape == (1, 77, 32)
+    out = encode_prompts(sd15, [long_prompt], ["blurry"], pad_conds=True)
     assert out["prompt_embeds"].shape == (1, 154, 32)
     assert out["negative_prompt_embeds"].shape == (1, 154, 32)
-    # The negative's second chunk is the encoding of an empty prompt (A1111's padding).
+    assert torch.equal(out["negative_prompt_embeds"][:, :77], plain["negative_prompt_embeds"])
+    # With the option, the negative's second chunk is the encoding of an empty prompt (A1111's padding).
     empty = encode_prompts(sd15, [""], [""])["prompt_embeds"]
     assert torch.allclose(out["negative_prompt_embeds"][:, 77:], empty, atol=1e-6)
     # Batch items of different length are padded to the same chunk count.
-    batch = encode_prompts(sd15, ["a cat", long_prompt], [])
+    batch = encode_prompts(sd15, ["a cat", long_prompt], [], pad_conds=True)
     assert batch["prompt_embeds"].shape == batch["negative_prompt_embeds"].shape == (2, 154, 32)
+    assert encode_prompts(sd15, ["a cat", long_prompt], [])["prompt_embeds"].shape == (2, 154, 32)
     # The kwargs drive a real pipeline call with 154 positions of conditioning.
     image = sd15(**out, num_inference_steps=1, height=64, width=64, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images
@@ -271,8 +276,9 @@ def test_sdxl_shapes_and_plain_equivalence(tiny_models: Path) -> None:
 
     pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_models / "sdxl"))
     long_prompt = ", ".join(["red curly hair"] * 37)
-    out = encode_prompts(pipe, [long_prompt, "a cat"], ["blurry"])
+    out = encode_prompts(pipe, [long_prompt, "a cat"], ["blurry"], pad_conds=True)
     assert out["prompt_embeds"].shape == out["negative_prompt_embeds"].shape == (2, 154, 64)
+    assert encode_prompts(pipe, [long_prompt, "a cat"], ["blurry"])["negative_prompt_embeds"].shape == (2, 77, 64)
     assert out["pooled_prompt_embeds"].shape == out["negative_pooled_prompt_embeds"].shape == (2, 32)
     short = encode_prompts(pipe, ["a photo of a cat"], ["blurry"])
     with torch.no_grad():

@@ -30,7 +30,8 @@ class Conditioning(Mapping[str, "torch.Tensor"]):
 
     def __init__(self, table: dict[str, "torch.Tensor"], calls: Sequence[Sequence[tuple[int, int]]],
                  steps: int | None, sdxl: bool) -> None:
-        # "embeds" [N, 77*chunks, D] (and "pooled" [N, P] for SDXL): one row per distinct text.
+        # "embeds" [N, 77*chunks, D] (and "pooled" [N, P] for SDXL): one row per distinct prompt text;
+        # "neg_embeds" (and "neg_pooled") the same for negative prompts, which may have another length.
         self.table = table
         # Per image, per model call (one entry when its prompts are static): (prompt row, negative row).
         self.calls = tuple(tuple(c) for c in calls)
@@ -52,12 +53,17 @@ class Conditioning(Mapping[str, "torch.Tensor"]):
         rows = self.rows_at(call)
         pos = [r[0] for r in rows]
         neg = [r[1] for r in rows]
-        emb = self.table["embeds"]
-        out = {"prompt_embeds": emb[pos], "negative_prompt_embeds": emb[neg]}
+        t = self.table
+        out = {"prompt_embeds": t["embeds"][pos], "negative_prompt_embeds": t["neg_embeds"][neg]}
         if self.sdxl:
-            out["pooled_prompt_embeds"] = self.table["pooled"][pos]
-            out["negative_pooled_prompt_embeds"] = self.table["pooled"][neg]
+            out["pooled_prompt_embeds"] = t["pooled"][pos]
+            out["negative_pooled_prompt_embeds"] = t["neg_pooled"][neg]
         return out
+
+    @property
+    def padded(self) -> bool:
+        """True when prompt and negative prompt have one sequence length (one UNet batch)."""
+        return self.table["embeds"].shape[1] == self.table["neg_embeds"].shape[1]
 
     def select(self, index: int) -> "Conditioning":
         """Image ``index`` alone (sharing the encoded table)."""
@@ -70,15 +76,17 @@ class Conditioning(Mapping[str, "torch.Tensor"]):
 
         if not parts:
             raise InvalidInput("Conditioning.concat needs at least one part")
-        if len({p.steps for p in parts}) != 1 or len({p.table["embeds"].shape[1:] for p in parts}) != 1:
+        shapes = {(p.steps, p.table["embeds"].shape[1:], p.table["neg_embeds"].shape[1:]) for p in parts}
+        if len(shapes) != 1:
             raise InvalidInput("conditionings of different step counts or chunk counts cannot share a batch")
         keys = parts[0].table.keys()
         table = {k: torch.cat([p.table[k] for p in parts]) for k in keys}
         calls: list[tuple[tuple[int, int], ...]] = []
-        offset = 0
+        pos_offset = neg_offset = 0
         for p in parts:
-            calls += [tuple((a + offset, b + offset) for a, b in c) for c in p.calls]
-            offset += p.table["embeds"].shape[0]
+            calls += [tuple((a + pos_offset, b + neg_offset) for a, b in c) for c in p.calls]
+            pos_offset += p.table["embeds"].shape[0]
+            neg_offset += p.table["neg_embeds"].shape[0]
         return Conditioning(table, calls, parts[0].steps, parts[0].sdxl)
 
     def __getitem__(self, key: str) -> "torch.Tensor":

@@ -245,7 +245,7 @@ def evaluate(
             batch = rows[i:i + cfg.batch_size]
             # The gallery's render path: per-image seeded noise (and SDE noise), per-step cancel.
             embeds = encode_prompts(pipe, [r["prompt"] for r in batch], [r["negative_prompt"] for r in batch],
-                                    steps=schedule_steps(sampling))
+                                    steps=schedule_steps(sampling), pad_conds=sampling.pad_conds)
             imgs = denoise(pipe, embeds, [r["seed"] for r in batch], sampling, cancel=cancel)
             for r, img in zip(batch, imgs):
                 atomic_save(out / r["file"], img.save)

@@ -47,6 +47,12 @@ CHUNK_LENGTH = 75
 COMMA_BACKTRACK = 20
 # Marker weight of a BREAK fragment in the parsed list (A1111 uses -1 too).
 BREAK_WEIGHT = -1.0
+# Largest attention weight (in magnitude) a prompt may give. A1111 sets no bound, and its users
+# write 0-2 (ten nested parentheses are 2.6); "(cat:1e39)" overflowed float32 to inf and the
+# service returned an all-black image with status OK. 100 is far above any useful weight (48
+# nested parentheses) and keeps weight x hidden state finite in fp16 (max 65,504) for hidden
+# values up to 655. Not measured on a real model: a bound on nonsense, not a tuned threshold.
+MAX_ATTENTION_WEIGHT = 100.0
 
 _ATTENTION_RE = re.compile(
     r"""
@@ -68,7 +74,8 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
     ``(x)`` ×1.1, ``[x]`` ÷1.1, ``(x:w)`` ×w; nesting multiplies; ``\\(``,
     ``\\)``, ``\\[``, ``\\]``, ``\\\\`` are literal characters; an unclosed
     bracket applies to the end of the prompt; a ``:w)`` without an open round
-    bracket and stray closers are kept as text. ``BREAK`` (upper case, a whole
+    bracket and stray closers are kept as text. A weight that is not finite or
+    beyond :data:`MAX_ATTENTION_WEIGHT` in magnitude is :class:`InvalidInput`. ``BREAK`` (upper case, a whole
     word) is returned as ``("BREAK", -1.0)`` and starts a new chunk. Adjacent
     fragments of equal weight are merged. An empty prompt gives ``[("", 1.0)]``.
 
@@ -116,6 +123,13 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
 
     if not res:
         return [("", 1.0)]
+    for text_, weight_ in res:
+        if not (math.isfinite(weight_) and abs(weight_) <= MAX_ATTENTION_WEIGHT):
+            raise InvalidInput(
+                f"prompt: the weight of {text_.strip()[:40]!r} comes to {weight_:g}; attention weights must be "
+                f"finite and at most {MAX_ATTENTION_WEIGHT:g} in magnitude (A1111 prompts use about 0-2, "
+                "e.g. (red hair:1.3))"
+            )
     merged: list[list[Any]] = [res[0]]
     for item in res[1:]:
         if item[1] == merged[-1][1]:
@@ -465,6 +479,7 @@ def encode_prompts(
     clip_skip: int = 1,
     *,
     steps: int | None = None,
+    pad_conds: bool = False,
 ) -> Conditioning:
     """Encode prompts with A1111 semantics into per-call conditioning for a diffusers pipeline.
 
@@ -477,8 +492,9 @@ def encode_prompts(
     (:mod:`likeness.prompt_schedule`); each distinct text is encoded once. Without ``steps`` a
     scheduled prompt is an error. ``AND`` and extra-network tags are refused; ComfyUI's
     ``embedding:name`` is the token ``name``.
-    Every text of the batch is padded with empty chunks to the same chunk count, so the sequence
-    axis is ``77 × chunks`` for all. SDXL concatenates both encoders' penultimate hidden states on
+    The prompts of a batch are padded with empty chunks to one chunk count, the negative prompts to
+    another; ``pad_conds=True`` (A1111's "Pad prompt/negative prompt", off by default there too)
+    pads both to the larger, and the infotext then records ``Pad conds: True``. SDXL concatenates both encoders' penultimate hidden states on
     the feature axis; the pooled embedding is text_encoder_2's of the first chunk; an empty
     negative prompt gives zeros when the pipeline's ``force_zeros_for_empty_prompt`` is set (as
     A1111 and diffusers do). ``clip_skip`` follows A1111: 1 = last layer (SD 1.x), 2 = one earlier.
@@ -504,41 +520,48 @@ def encode_prompts(
     pos_calls = [_per_call_texts(p, steps, negative=False) for p in prompts]
     neg_calls = [_per_call_texts(n, steps, negative=True) for n in negatives]
     zero_empty = sdxl and bool(getattr(getattr(pipe, "config", None), "force_zeros_for_empty_prompt", False))
-    # Distinct texts, each encoded once; an empty negative prompt may be the zero row instead.
-    keys: dict[tuple[str, bool], int] = {}
-    for texts, negative in [(t, False) for t in pos_calls] + [(t, True) for t in neg_calls]:
-        for text in texts:
-            keys.setdefault((text, negative and zero_empty and text == ""), len(keys))
-    distinct = list(dict.fromkeys(text for text, zero in keys if not zero))
-    # Both SDXL tokenizers share the vocabulary; counting with each guards added tokens in one only.
-    n_chunks = max(len(tokenize_prompt(tok, t).chunks) for tok, _ in encoders for t in distinct or [""])
+    pos_texts = list(dict.fromkeys(t for texts in pos_calls for t in texts))
+    neg_texts = list(dict.fromkeys(t for texts in neg_calls for t in texts))
 
+    def chunks(texts: list[str]) -> int:
+        # Both SDXL tokenizers share the vocabulary; counting with each guards added tokens in one only.
+        return max(len(tokenize_prompt(tok, t).chunks) for tok, _ in encoders for t in texts)
+
+    # A1111 pads a prompt to its negative prompt's chunk count (or the other way) only with its
+    # "Pad prompt/negative prompt" option (off by default); otherwise each side keeps its own
+    # length and the denoiser runs them as separate UNet calls (backends.diffusion.denoise).
+    n_pos, n_neg = chunks(pos_texts), chunks(neg_texts)
+    if pad_conds:
+        n_pos = n_neg = max(n_pos, n_neg)
     device = getattr(pipe, "_execution_device", None) or encoders[0][1].device
     dtype = encoders[-1][1].dtype
-    hiddens, pooled = [], None
-    for tokenizer, encoder in encoders:
-        hidden, pooled_k = _encode_texts(tokenizer, encoder, distinct or [""], n_chunks, layer, clip_skip)
-        hiddens.append(hidden)
-        pooled = pooled_k if sdxl else None
-    embeds = torch.cat(hiddens, dim=-1)
-    index = {t: i for i, t in enumerate(distinct)}
-    rows = {key: (len(distinct) if key[1] else index[key[0]]) for key in keys}
-    if any(zero for _, zero in keys):  # one zero row after the encoded ones
-        embeds = torch.cat([embeds, torch.zeros_like(embeds[:1])])
-        pooled = torch.cat([pooled, torch.zeros_like(pooled[:1])]) if pooled is not None else None
-    table = {"embeds": embeds.to(device=device, dtype=dtype)}
-    if sdxl:
-        if pooled is None:
-            raise InvalidInput("SDXL's second text encoder gave no pooled embedding; it needs a projection head")
-        table["pooled"] = pooled.to(device=device, dtype=dtype)
+    table: dict[str, torch.Tensor] = {}
+    rows: dict[tuple[str, bool], int] = {}
+    for side, texts, n_chunks, negative in (("", pos_texts, n_pos, False), ("neg_", neg_texts, n_neg, True)):
+        zero = negative and zero_empty and "" in texts  # an empty negative prompt is a zero row
+        encode = [t for t in texts if not (zero and t == "")] or [""]
+        hiddens, pooled = [], None
+        for tokenizer, encoder in encoders:
+            hidden, pooled_k = _encode_texts(tokenizer, encoder, encode, n_chunks, layer, clip_skip)
+            hiddens.append(hidden)
+            pooled = pooled_k if sdxl else None
+        embeds = torch.cat(hiddens, dim=-1)
+        index = {t: i for i, t in enumerate(encode)}
+        for t in texts:
+            rows[(t, negative)] = embeds.shape[0] if zero and t == "" else index[t]
+        if zero:
+            embeds = torch.cat([embeds, torch.zeros_like(embeds[:1])])
+            pooled = torch.cat([pooled, torch.zeros_like(pooled[:1])]) if pooled is not None else None
+        table[side + "embeds"] = embeds.to(device=device, dtype=dtype)
+        if sdxl:
+            if pooled is None:
+                raise InvalidInput("SDXL's second text encoder gave no pooled embedding; it needs a projection head")
+            table[side + "pooled"] = pooled.to(device=device, dtype=dtype)
     calls = []
     for pos, neg in zip(pos_calls, neg_calls):
         n = max(len(pos), len(neg))
-        calls.append([
-            (rows[(pos[min(i, len(pos) - 1)], False)],
-             rows[(neg[min(i, len(neg) - 1)], zero_empty and neg[min(i, len(neg) - 1)] == "")])
-            for i in range(n)
-        ])
+        calls.append([(rows[(pos[min(i, len(pos) - 1)], False)], rows[(neg[min(i, len(neg) - 1)], True)])
+                      for i in range(n)])
     return Conditioning(table, calls, steps, sdxl)
 
 

@@ -55,6 +55,10 @@ class SamplingConfig:
     seed: int = -1
     # Images per denoising batch (A1111's "batch size"); 0 = choose by memory.
     batch_size: int = 0
+    # A1111's "Pad prompt/negative prompt" option: pad the shorter of prompt and negative prompt with
+    # empty chunks to the other's length. Off by default, as in A1111 (it moved the final latents by
+    # 14-15% with examples/emily.toml's 106-token negative); when on, infotext records "Pad conds: True".
+    pad_conds: bool = False
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ a Brownian tree per image seeded with the image's seed).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -394,6 +395,64 @@ def draw_latents(seeds: Sequence[int], width: int, height: int, channels: int = 
     return latents, gens
 
 
+def _same_length(kwargs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Prompt and negative embeddings zero-padded to one sequence length (diffusers requires it).
+
+    The padding is never seen by the UNet: :func:`_separate_cond_uncond` cuts each half back.
+    """
+    pos, neg = kwargs["prompt_embeds"], kwargs["negative_prompt_embeds"]
+    n = max(pos.shape[1], neg.shape[1])
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        return t if t.shape[1] == n else torch.cat([t, t.new_zeros(t.shape[0], n - t.shape[1], t.shape[2])], dim=1)
+
+    return {**kwargs, "prompt_embeds": pad(pos), "negative_prompt_embeds": pad(neg)}
+
+
+class _separate_cond_uncond:
+    """While active, the UNet runs the unconditional and conditional halves of a CFG batch as two
+    calls, each with its own sequence length, as A1111 does when prompt and negative prompt differ
+    in chunk count and "Pad prompt/negative prompt" is off (its default)."""
+
+    def __init__(self, pipe: Any, n: int, neg_len: int, pos_len: int) -> None:
+        self.unet, self.n, self.neg_len, self.pos_len = pipe.unet, n, neg_len, pos_len
+
+    def __enter__(self) -> None:
+        unet, n, neg_len, pos_len = self.unet, self.n, self.neg_len, self.pos_len
+        original = unet.forward
+
+        def half(value: Any, sl: slice, batch: int) -> Any:
+            if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch:
+                return value[sl]
+            if isinstance(value, dict):
+                return {k: half(v, sl, batch) for k, v in value.items()}
+            return value
+
+        def forward(sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor, *args: Any,
+                    **kwargs: Any) -> Any:
+            batch = sample.shape[0]
+            if batch == n:  # no guidance: the prompt alone
+                return original(sample, timestep, encoder_hidden_states[:, :pos_len], *args, **kwargs)
+            outs = []
+            for sl, length in ((slice(0, n), neg_len), (slice(n, batch), pos_len)):
+                outs.append(original(half(sample, sl, batch), half(timestep, sl, batch),
+                                     encoder_hidden_states[sl, :length], *args,
+                                     **{k: half(v, sl, batch) for k, v in kwargs.items()}))
+            if isinstance(outs[0], tuple):
+                return (torch.cat([outs[0][0], outs[1][0]]),) + tuple(outs[0][1:])
+            return type(outs[0])(sample=torch.cat([outs[0].sample, outs[1].sample]))
+
+        # An instance-level forward (an offload hook) is kept and restored; otherwise the class's.
+        self.saved = unet.__dict__.get("forward")
+        unet.forward = forward
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.saved is not None:
+            self.unet.forward = self.saved
+        else:
+            del self.unet.forward
+
+
 def _conditioning_inputs(pipe: Any, kwargs: dict[str, torch.Tensor], sdxl: bool) -> dict[str, torch.Tensor]:
     """The tensors diffusers' denoising loop reads its text conditioning from, for one call's kwargs.
 
@@ -401,6 +460,7 @@ def _conditioning_inputs(pipe: Any, kwargs: dict[str, torch.Tensor], sdxl: bool)
     (and SDXL's pooled embeddings as ``add_text_embeds``); a step-end callback may replace them.
     """
     cfg = bool(getattr(pipe, "do_classifier_free_guidance", True))
+    kwargs = _same_length(kwargs)
     pos, neg = kwargs["prompt_embeds"], kwargs["negative_prompt_embeds"]
     out = {"prompt_embeds": torch.cat([neg, pos]) if cfg else pos}
     if sdxl:
@@ -458,9 +518,12 @@ def denoise(
         if per_call:
             step_kwargs["callback_on_step_end_tensor_inputs"] = (
                 ["latents", "prompt_embeds", "add_text_embeds"] if sdxl else ["latents", "prompt_embeds"])
-    with torch.inference_mode():
+    first = dict(embeds)
+    pos_len, neg_len = first["prompt_embeds"].shape[1], first["negative_prompt_embeds"].shape[1]
+    separate = _separate_cond_uncond(pipe, n, neg_len, pos_len) if pos_len != neg_len else contextlib.nullcontext()
+    with torch.inference_mode(), separate:
         out = pipe(
-            **embeds,
+            **_same_length(first),
             **step_kwargs,
             num_inference_steps=sampling.steps,
             guidance_scale=sampling.cfg_scale,

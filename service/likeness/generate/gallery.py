@@ -202,7 +202,7 @@ class PromptCache:
     def __init__(self) -> None:
         self._key: tuple[int, int, int] | None = None
         self._counts: dict[tuple[str, bool, int | None], int] = {}
-        self._embeds: dict[tuple[str, str, int | None], Any] = {}
+        self._embeds: dict[tuple[str, str, int | None, bool], Any] = {}
 
     def _sync(self, pipe: Pipeline, clip_skip: int) -> None:
         tok = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
@@ -210,8 +210,13 @@ class PromptCache:
         if key != self._key:
             self._key, self._counts, self._embeds = key, {}, {}
 
-    def chunk_count(self, pipe: Pipeline, item: PlannedImage, clip_skip: int = 1, steps: int | None = None) -> int:
-        """75-token chunks the item's prompt and negative prompt need (the larger, over every scheduled step)."""
+    def chunk_count(self, pipe: Pipeline, item: PlannedImage, clip_skip: int = 1, steps: int | None = None,
+                    pad_conds: bool = False) -> tuple[int, int]:
+        """75-token chunks of the item's (prompt, negative prompt), over every scheduled step.
+
+        Both are the larger with ``pad_conds``; batches share one value, so an image's
+        conditioning never depends on its batch-mates.
+        """
         from likeness.prompts import scheduled_texts, tokenize_prompt
 
         self._sync(pipe, clip_skip)
@@ -221,9 +226,11 @@ class PromptCache:
             if key not in self._counts:
                 texts = scheduled_texts(text, steps, negative=negative) if steps else [text]
                 self._counts[key] = max(len(tokenize_prompt(t, x).chunks) for t in tokenizers for x in texts)
-        return max(self._counts[(item.prompt, False, steps)], self._counts[(item.negative_prompt, True, steps)])
+        pos, neg = self._counts[(item.prompt, False, steps)], self._counts[(item.negative_prompt, True, steps)]
+        return (max(pos, neg), max(pos, neg)) if pad_conds else (pos, neg)
 
-    def encode(self, pipe: Pipeline, batch: Sequence[PlannedImage], clip_skip: int = 1, steps: int | None = None) -> Any:
+    def encode(self, pipe: Pipeline, batch: Sequence[PlannedImage], clip_skip: int = 1, steps: int | None = None,
+               pad_conds: bool = False) -> Any:
         """encode_prompts' conditioning for ``batch`` (items of equal chunk count), from the cache where possible.
 
         ``steps`` is A1111's total steps (:func:`likeness.backends.diffusion.schedule_steps`): prompt
@@ -232,11 +239,11 @@ class PromptCache:
         from likeness.prompts import Conditioning, encode_prompts
 
         self._sync(pipe, clip_skip)
-        pairs = [(b.prompt, b.negative_prompt, steps) for b in batch]
+        pairs = [(b.prompt, b.negative_prompt, steps, pad_conds) for b in batch]
         missing = list(dict.fromkeys(p for p in pairs if p not in self._embeds))
         if missing:
-            fresh = encode_prompts(pipe, [p for p, _, _ in missing], [n for _, n, _ in missing], clip_skip=clip_skip,
-                                   steps=steps)
+            fresh = encode_prompts(pipe, [p[0] for p in missing], [p[1] for p in missing], clip_skip=clip_skip,
+                                   steps=steps, pad_conds=pad_conds)
             for i, pair in enumerate(missing):
                 self._embeds[pair] = fresh.select(i)
         return Conditioning.concat([self._embeds[p] for p in pairs])
@@ -258,6 +265,8 @@ def infotext_for(item: PlannedImage, sampling: SamplingConfig, model: str, model
             height=sampling.height,
             model=model,
             model_hash=model_hash,
+            # A1111 writes the option only when it is on.
+            extra={"Pad conds": "True"} if sampling.pad_conds else {},
         )
     )
 
@@ -286,16 +295,16 @@ def render_images(
 
     cache = cache if cache is not None else PromptCache()
     steps = schedule_steps(sampling)
-    groups: dict[int, list[PlannedImage]] = {}
+    groups: dict[tuple[int, int], list[PlannedImage]] = {}
     for item in items:
-        groups.setdefault(cache.chunk_count(pipe, item, clip_skip, steps), []).append(item)
+        groups.setdefault(cache.chunk_count(pipe, item, clip_skip, steps, sampling.pad_conds), []).append(item)
     size = batch_size or max(1, len(items))
     out: dict[str, RenderedImage] = {}
     for group in groups.values():
         for start in range(0, len(group), size):
             batch = group[start : start + size]
             t0 = time.perf_counter()
-            embeds = cache.encode(pipe, batch, clip_skip, steps)
+            embeds = cache.encode(pipe, batch, clip_skip, steps, sampling.pad_conds)
             images = denoise(pipe, embeds, [b.seed for b in batch], sampling, cancel=cancel)
             encoded = [png_bytes(img, infotext_for(b, sampling, model, model_hash)) for b, img in zip(batch, images)]
             share = (time.perf_counter() - t0) / len(batch)

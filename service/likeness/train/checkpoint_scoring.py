@@ -208,7 +208,7 @@ class ScoringValidator:
         out = []
         for prompt in scene_prompts(token, self.cfg):
             embeds = encode_prompts(pipe, [prompt] * len(seeds), [self.spec.negative_prompt],
-                                    steps=schedule_steps(sampling))
+                                    steps=schedule_steps(sampling), pad_conds=sampling.pad_conds)
             for seed, image in zip(seeds, denoise(pipe, embeds, seeds, sampling)):
                 out.append((prompt, seed, image))
         return out
