@@ -138,3 +138,18 @@ def test_values_that_are_not_numbers_stay_unstated():
     # Seeds beyond 2**32 (ComfyUI's range) are kept exactly, not through a float.
     assert parse_infotext("a\nSteps: 1, Sampler: Euler, Seed: 18446744073709551615").seed == 2**64 - 1
     assert parse_infotext("a\nSteps: 0030, Sampler: Euler, Seed: 1").steps == 30
+
+
+@pytest.mark.parametrize("sampler,schedule,want", [
+    ("DPM++ 2M", "Karras", "DPM++ 2M Karras"),
+    ("DPM++ 2M", "Automatic", "DPM++ 2M Karras"),  # A1111 >= 1.9: DPM++ 2M's automatic schedule is Karras
+    ("DPM++ SDE", "Automatic", "DPM++ SDE Karras"),
+    ("Euler a", "Automatic", "Euler a"),  # uniform for Euler a
+    ("DPM++ 2M", "", "DPM++ 2M"),  # no Schedule type: an A1111 before 1.9, where DPM++ 2M was not Karras
+])
+def test_schedule_type_imports_as_the_sampler_a1111_ran(sampler: str, schedule: str, want: str) -> None:
+    field = f", Schedule type: {schedule}" if schedule else ""
+    info = parse_infotext(f"p\nSteps: 20, Sampler: {sampler}{field}, CFG scale: 5, Seed: 1")
+    assert info.sampler == want
+    if want != sampler:  # folded into the sampler name, not kept as an extra field
+        assert "Schedule type" not in info.extra

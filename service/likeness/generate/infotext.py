@@ -108,9 +108,15 @@ def format_infotext(info: InfoText) -> str:
     return "\n".join(lines)
 
 
+# A1111 >= 1.9's samplers whose "Automatic" schedule is Karras (its per-sampler default option).
+_AUTOMATIC_KARRAS = frozenset({"DPM++ 2M", "DPM++ SDE", "DPM++ 2S a"})
+
+
 def _fold_schedule(sampler: str, schedule: str) -> str:
-    # A1111 >= 1.9 splits "DPM++ 2M Karras" into sampler + "Schedule type: Karras".
-    if schedule and schedule.lower() == "karras" and not sampler.endswith("Karras"):
+    # A1111 >= 1.9 splits "DPM++ 2M Karras" into sampler + "Schedule type: Karras" (or "Automatic",
+    # which is Karras for the samplers above).
+    karras = schedule.lower() == "karras" or (schedule.lower() == "automatic" and sampler in _AUTOMATIC_KARRAS)
+    if karras and not sampler.endswith("Karras"):
         return f"{sampler} Karras"
     return sampler
 
