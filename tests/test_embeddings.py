@@ -448,13 +448,14 @@ def test_malformed_files_give_invalid_input_never_a_crash(tmp_path: Path) -> Non
     import tempfile
 
     from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
 
     good = io.BytesIO()
     torch.save({"string_to_param": {"*": torch.randn(2, 768)}, "name": "n"}, good)
 
     # 60 examples run in about 2 s on one core (each writes and reads a small file).
     @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-    @given(_malformed_files(), __import__("hypothesis").strategies.sampled_from([".pt", ".bin", ".safetensors"]))
+    @given(_malformed_files(), st.sampled_from([".pt", ".bin", ".safetensors"]))
     def check(item, suffix):
         kind, payload = item
         with tempfile.TemporaryDirectory(dir=tmp_path) as d:
