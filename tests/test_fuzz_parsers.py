@@ -170,3 +170,19 @@ def test_parse_prompt_attention_returns_or_refuses(text):
 @given(st.text(string.ascii_letters + " ,.", max_size=60).filter(lambda t: not re.search(r"\bBREAK\b", t)))
 def test_prompt_text_without_syntax_is_one_unweighted_fragment(text):
     assert parse_prompt_attention(text) == [(text, 1.0)]
+
+
+@FAST
+@given(st.lists(st.sampled_from(["a", " ", "(", ")", "[", "]", ":", "9" * 20, "1.5", "0", "-2", "cat"]),
+                max_size=60).map("".join))
+@example("(cat:" + "9" * 40 + ")")
+@example("(" * 60 + "cat")
+def test_prompt_weights_are_finite_and_bounded_or_refused(text):
+    from likeness.prompts import MAX_ATTENTION_WEIGHT
+
+    try:
+        pieces = parse_prompt_attention(text)
+    except InvalidInput as exc:
+        assert "weight" in str(exc) and f"at most {MAX_ATTENTION_WEIGHT:g}" in str(exc)
+        return
+    assert all(math.isfinite(w) and abs(w) <= MAX_ATTENTION_WEIGHT for _, w in pieces)

@@ -518,3 +518,37 @@ def test_start_build_refuses_at_the_door_what_the_cli_refuses(tmp_path, tiny_mod
         assert main(["build", str(ok_file), "--data", str(tmp_path / "cli"), "--profile", "sd15", "--no-progress"]) == 6
         assert f"error: {gpu_msg}" in capsys.readouterr().err
     assert not (tmp_path / "cli").exists()
+
+
+def test_a_corrupt_embedding_on_the_server_is_failed_precondition_and_overflowing_weights_are_refused(
+        tmp_path, tiny_models, stand_in_stages):
+    # Issue 13: a corrupt embedding file on the server came back INVALID_ARGUMENT (the client's
+    # fault), and a prompt weight that overflows float32 gave an all-black image with status OK.
+    def hook(name, ctx, round_):
+        if name == "export":
+            (ctx.root / "exp").mkdir(exist_ok=True)
+            (ctx.root / "exp" / "3m1ly.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+            return {"files": {"safetensors": "exp/3m1ly.safetensors"}}
+        return None
+
+    rt = Runtime(tmp_path / "data", devices=["cpu"], default_profile="cpu-tiny", stages=stand_in_stages(hook))
+    server, port, _ = create_server("127.0.0.1:0", rt)
+    server.start()
+    rt.start(load_models=False)
+    try:
+        with LikenessClient(f"127.0.0.1:{port}") as c:
+            c.create_character(SPEC)
+            assert c.wait_build(c.start_build(character="Emily").id, timeout=60).state == pb.SUCCEEDED
+            code, msg = _code(lambda: list(c.generate("photo of 3m1ly", characters=["Emily"], seeds=[1])))
+            assert code == grpc.StatusCode.FAILED_PRECONDITION, (code, msg)
+            assert "exp/3m1ly.safetensors" in msg and "rebuild" in msg
+            assert str(tmp_path) not in msg  # no absolute server path
+            huge = "(cat:" + "9" * 40 + ")"
+            for call in (lambda: list(c.generate(f"photo of {huge}", seeds=[1])),
+                         lambda: list(c.generate("photo", negative_prompt=huge, seeds=[1]))):
+                code, msg = _code(call)
+                assert code == grpc.StatusCode.INVALID_ARGUMENT and "weight of 'cat' comes to 1e+40" in msg, msg
+            assert msg.startswith("negative_prompt:")
+    finally:
+        server.stop(0)
+        rt.stop()

@@ -519,9 +519,7 @@ class Runtime:
             check_seed(s, "seeds", random_ok=False)
         seeds = list(seeds) or [random.SystemRandom().randrange(0, SEED_MAX) for _ in range(count)]
         builds = [self._finished_build(character=c) for c in dict.fromkeys(characters)]
-        for b in builds:
-            if "safetensors" not in b.result.get("embeddings", {}):
-                raise FailedPrecondition(f"build {b.id} of {b.character!r} exported no embedding; rebuild the character")
+        embeddings = [self._served_embedding(b) for b in builds]  # a bad file fails before the stream
         prof_name = profile or next((b.spec.get("profile", "") for b in builds if b.spec.get("profile")), "")
         prof = resolve_profile(prof_name or self.default_profile)
         sampling = from_dict(SamplingConfig, {k: v for k, v in {
@@ -531,12 +529,34 @@ class Runtime:
         spec_check = {"name": "x", "token": "xx", "sampling": {k: getattr(sampling, k) for k in
                                                                ("sampler", "steps", "cfg_scale", "width", "height")}}
         spec_from_dict(spec_check, where="request")
-        return self._generate(builds, prof, sampling, prompt, negative_prompt, seeds, cancel)
+        return self._generate(embeddings, prof, sampling, prompt, negative_prompt, seeds, cancel)
 
-    def _generate(self, builds: list[BuildRow], prof: Any, sampling: Any, prompt: str, negative_prompt: str,
+    def _served_embedding(self, b: BuildRow) -> Any:
+        """The trained embedding of a finished build, read from this server's data directory.
+
+        The file is the server's, not the caller's: one that is missing or unreadable is
+        FAILED_PRECONDITION (rebuild the character), never INVALID_ARGUMENT, and the message
+        names it relative to the build folder.
+        """
+        from likeness.embeddings import load_embedding
+
+        rel = b.result.get("embeddings", {}).get("safetensors", "")
+        if not rel:
+            raise FailedPrecondition(f"build {b.id} of {b.character!r} exported no embedding; rebuild the character")
+        build_dir = Path(self.store.build_dir(b.id))
+        try:
+            return load_embedding(safe_join(build_dir, rel), token=b.result["token"])
+        except (InvalidInput, NotFound, OSError) as exc:
+            why = str(exc).replace(str(build_dir.resolve()) + "/", "").replace(str(build_dir) + "/", "")
+            raise FailedPrecondition(
+                f"build {b.id} of {b.character!r}: its embedding file {rel} on the server cannot be used ({why}); "
+                "rebuild the character (StartBuild) or restore the file"
+            ) from None
+
+    def _generate(self, embeddings: list[Any], prof: Any, sampling: Any, prompt: str, negative_prompt: str,
                   seeds: list[int], cancel: CancelToken | None) -> Iterator[GeneratedImage]:
         from likeness.backends.diffusion import load_pipeline, model_hash, model_name, set_sampler
-        from likeness.embeddings import load_embedding, load_into_pipeline
+        from likeness.embeddings import load_into_pipeline
         from likeness.generate.gallery import PromptCache, infotext_for, render_images
         from likeness.generate.plan import PlannedImage
 
@@ -544,9 +564,8 @@ class Runtime:
         with self.calls.track("generate") as rec, lock:
             pipe = self.models.get("pipe", prof.name, lambda: load_pipeline(prof))
             set_sampler(pipe, sampling.sampler)
-            for b in builds:
-                path = safe_join(self.store.build_dir(b.id), b.result["embeddings"]["safetensors"])
-                load_into_pipeline(pipe, load_embedding(path, token=b.result["token"]))
+            for emb in embeddings:
+                load_into_pipeline(pipe, emb)
             model, mhash = model_name(prof), model_hash(prof)
             cache = PromptCache()  # one prompt: encoded once, not once per image
             for i, seed in enumerate(seeds):
@@ -566,8 +585,14 @@ class Runtime:
         return effective_spec(spec, build_options(options))
 
     def check_prompt(self, prompt: str, what: str = "prompt") -> str:
+        from likeness.prompts import parse_prompt_attention
+
         if len(prompt) > self.limits.max_prompt_chars:
             raise InvalidInput(f"{what}: {len(prompt)} characters is over the limit of {self.limits.max_prompt_chars}; shorten it")
+        try:
+            parse_prompt_attention(prompt)  # weights that overflow: refused here, not an all-black image
+        except InvalidInput as exc:
+            raise InvalidInput(str(exc).replace("prompt:", f"{what}:", 1)) from None
         return prompt
 
     def check_count(self, n: int) -> int:
