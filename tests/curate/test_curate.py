@@ -16,7 +16,7 @@ import pytest
 
 from likeness.curate.background import background_outliers, background_scores
 from likeness.curate.decide import CURATION_NAME, CurateConfig, curate, curate_config_from_dict, read_curation
-from likeness.curate.checks import REASON_CODES, near_duplicate_pairs
+from likeness.curate.checks import REASON_CODES
 from likeness.errors import InvalidInput
 from likeness.generate.manifest import GalleryImage, write_manifest
 from likeness.curate.selection import (
@@ -315,23 +315,6 @@ def test_several_faces_tells_groups_from_bystanders(realdata: Path, labels, anal
     assert {f for f in groups if got[f] != "several_faces"} == set()
     assert {f: c for f, c in got.items() if f not in groups and c == "several_faces"} == {}
     assert "faces/Jack_Dorsey/deepface_img62.jpg" in got and "faces/Jack_Dorsey/deepface_img59.jpg" in got
-
-
-def test_near_duplicates_of_obama(realdata: Path, labels, analyzer) -> None:
-    """Crops, a re-encode and a 32-bit PNG copy group with their source; distinct photos do not."""
-    from likeness.images import load_image
-
-    rows = [r for r in labels if r["identity"] == "Barack_Obama" and r["kind"] == "single_face"]
-    arrays = [np.asarray(load_image(realdata / r["file"])[0]) for r in rows]
-    faces = analyzer.analyze(arrays)
-    emb = np.stack([f[0].embedding for f in faces])
-    pairs = near_duplicate_pairs(emb, arrays, CurateConfig())
-    names = [Path(r["file"]).name for r in rows]
-    source = {n: (r["near_duplicate_of"] or n) for n, r in zip(names, rows)}
-    for a, b, _c, _m in pairs:
-        assert source[names[a]] == source[names[b]], (names[a], names[b])
-    linked = {names[a] for a, b, *_ in pairs} | {names[b] for a, b, *_ in pairs}
-    assert {n for n, r in zip(names, rows) if r["near_duplicate_of"]} <= linked
 
 
 def _grid_gallery(root: Path, realdata: Path) -> Path:

@@ -87,12 +87,23 @@ class CurateConfig:
     min_sharpness: float = 0.15
     # Same-person cosine threshold; None = the calibrated one of likeness.scores.
     identity_threshold: float | None = None
-    # Near-duplicate = faces this similar AND the same source picture (below).
-    near_dup_face_cosine: float = 0.75
-    # RANSAC-consistent ORB matches (mirror-aware) that prove two images come
-    # from one picture (re-encode, resize, crop, mirror); different photos of
-    # one person give < 35 on the real photos, copies 75-480.
+    # Near-duplicate candidates: faces at least this similar (then checked as the same picture, below).
+    # Copies measured 0.71-1.00 (real photos' crops, re-encodes and mirror 0.87-1.00; re-encodes, crops,
+    # resizes and mirrors of generated anime/SD faces 0.71-0.99), except a mirrored crop of an anime face
+    # at 0.54 (the CPU pack is trained on photos). A candidate only costs a keypoint check, so the gate is low.
+    near_dup_face_cosine: float = 0.5
+    # ORB matches (mirror-aware) consistent with ONE similarity transform (RANSAC inliers). Copies measured
+    # 97-500 (the 480p re-encode of fr_obama.jpg is the lowest); distinct photos of one person <= 26 over
+    # 122 same-identity pairs in ../shared/realdata/faces; distinct generations <= 12 (ConsiStory sets),
+    # <= 50 (IP-Adapter panels), but 120-214 for a face re-rendered over the same picture (face_editor
+    # deno/mask) -- so the transform alone is not proof; the pixel agreement below decides those.
     near_dup_min_matches: int = 50
+    # After aligning the pair with that transform, the fraction of the face box's pixels that agree within
+    # 12 grey levels (blurred, sigma 1.5 px). Copies measured >= 0.976 (the real Obama crops and 480p
+    # re-encode; JPEG q=35, resizes, crops and mirrors of generated images 0.98-1.00); two generations
+    # <= 0.893 (face_editor mask-10 vs mask-20: one picture, the face inpainted again), ConsiStory <= 0.75,
+    # IP-Adapter panels <= 0.79, cutoff same-seed pairs <= 0.56, distinct photos <= 0.65. 0.95 sits between.
+    near_dup_min_face_agreement: float = 0.95
     # Pairs checked per image: its most similar faces only (keeps it O(n)).
     near_dup_neighbours: int = 8
     # Rear-angle shots without a face: "clip" keeps one when CLIP image cosine
@@ -133,8 +144,8 @@ def validate_config(cfg: CurateConfig) -> CurateConfig:
         raise InvalidInput(f"curate.{name}: {getattr(cfg, name)!r} {why}")
 
     check_bounds(cfg, "curate")
-    for name in ("min_det_score", "several_faces_ratio", "several_faces_min_det", "several_faces_det_margin",
-                 "min_sharpness", "min_face_area_fallback", "background_min_score", "background_min_drop"):
+    for name in ("min_det_score", "near_dup_min_face_agreement", "several_faces_ratio", "several_faces_min_det",
+                 "several_faces_det_margin", "min_sharpness", "min_face_area_fallback", "background_min_score", "background_min_drop"):
         if not 0.0 <= getattr(cfg, name) <= 1.0:
             bad(name, "must be between 0 and 1")
     if cfg.several_faces_ratio <= 0:
@@ -187,7 +198,7 @@ class FaceCheck:
     reason_code: str | None
     reason: str
     # Numbers measured on the way (JSON-ready), reported in curation.json.
-    measures: dict[str, float]
+    measures: dict[str, Any]
 
 
 def check_faces(cfg: CurateConfig, faces: Sequence[Any], image: np.ndarray, zoom: str, zoom_index: int) -> FaceCheck:
@@ -201,7 +212,7 @@ def check_faces(cfg: CurateConfig, faces: Sequence[Any], image: np.ndarray, zoom
     crop = scores.face_gray_crop(image, main.bbox)
     sharp = scores.sharpness(crop) if crop.size else 0.0
     zoom_key = zoom or None
-    m: dict[str, float] = {
+    m: dict[str, Any] = {
         "n_faces": float(len(faces)),
         "det_score": round(float(main.det_score), 4),
         "face_area": round(float(main.area_ratio), 5),
@@ -209,6 +220,8 @@ def check_faces(cfg: CurateConfig, faces: Sequence[Any], image: np.ndarray, zoom
         "sharpness": round(float(sharp), 4),
         "quality": round(scores.quality(main.det_score, main.area_ratio, sharp, zoom_key if zoom_key in scores.ZOOM_FACE_AREA else None), 4),
     }
+    # The main face box as fractions of the frame (resolution-free: near-duplicates compare it on thumbnails).
+    m["face_box"] = [round(float(v) / d, 4) for v, d in zip(main.bbox, (w, h, w, h))]
     # Only confident faces count as competitors (a poster face at 0.3 is noise, a
     # blurred bystander cut by the frame is detected far less surely than the main face).
     rival_det = max(0.5, min(cfg.several_faces_min_det, main.det_score - cfg.several_faces_det_margin))
@@ -237,11 +250,55 @@ def check_faces(cfg: CurateConfig, faces: Sequence[Any], image: np.ndarray, zoom
 
 
 # --- near-duplicates ----------------------------------------------------------
+#
+# A near-duplicate is the SAME picture again (re-encoded, resized, cropped, mirrored), never
+# a second generation of the same character: those are alike by design. So a candidate pair
+# (similar faces) is confirmed only when (1) its ORB keypoint matches agree with ONE
+# similarity transform (RANSAC inliers; plain or mirrored) and (2) after aligning one image
+# onto the other with that transform, the face's pixels agree. Keypoints alone are not
+# enough: a face re-rendered over the same picture (inpainting at another denoise/mask
+# level) or two generations with the same backdrop share 100-200 consistent keypoints.
 
 _ORB_SIDE = 512  # keypoints are found on a copy this long; enough for re-encodes and crops
+# Grey levels (0-255, after a Gaussian blur of sigma _AGREE_BLUR px) within which two aligned
+# pixels agree: the blur and tolerance absorb JPEG q=35 ringing and resampling (re-encodes
+# and resizes agree on >= 97.6% of face pixels at 12, see CurateConfig.near_dup_min_face_agreement).
+_AGREE_TOLERANCE = 12.0
+_AGREE_BLUR = 1.5
+# Fewer aligned face pixels than this (a crop that cut the face away) cannot confirm a copy.
+_MIN_FACE_PIXELS = 64
+# A copy's scale change stays within this factor (a 4x thumbnail or blow-up at most).
+_MAX_SCALE = 8.0
 
 
-def orb_features(image: np.ndarray) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
+@dataclass(frozen=True)
+class PictureFeatures:
+    """What a near-duplicate check needs of one image: grey pixels, ORB of it and its mirror, the face box."""
+
+    gray: np.ndarray
+    plain: tuple[Any, Any]
+    mirror: tuple[Any, Any]
+    # Main face box as fractions of the width/height (x0, y0, x1, y1); None = compare the whole overlap.
+    face_box: tuple[float, float, float, float] | None = None
+
+
+@dataclass(frozen=True)
+class SamePicture:
+    """How two images relate geometrically: the best similarity transform and the pixel agreement under it."""
+
+    # RANSAC inliers of the similarity transform, and the ratio-test matches it was fitted on.
+    inliers: int
+    matches: int
+    # The second image had to be mirrored to match.
+    mirrored: bool
+    # Scale of the transform (second image / first).
+    scale: float
+    # Fraction of the first image's face pixels (whole overlap without a face box) that agree
+    # with the aligned second image; None when too little of the face overlaps.
+    agreement: float | None
+
+
+def orb_features(image: np.ndarray, face_box: Sequence[float] | None = None) -> PictureFeatures:
     """ORB keypoints+descriptors of an RGB or grey image and of its mirror (for mirrored copies)."""
     import cv2
 
@@ -249,53 +306,118 @@ def orb_features(image: np.ndarray) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
     s = _ORB_SIDE / max(gray.shape)
     if s < 1.0:
         gray = cv2.resize(gray, (max(1, int(gray.shape[1] * s)), max(1, int(gray.shape[0] * s))), interpolation=cv2.INTER_AREA)
+    gray = np.ascontiguousarray(gray)
     orb = cv2.ORB_create(nfeatures=500)
     plain = orb.detectAndCompute(gray, None)
     mirror = orb.detectAndCompute(np.ascontiguousarray(gray[:, ::-1]), None)
-    return plain, mirror
+    box = tuple(float(v) for v in face_box) if face_box is not None else None
+    return PictureFeatures(gray, plain, mirror, box)  # type: ignore[arg-type]
 
 
-def _consistent_matches(a: tuple[Any, Any], b: tuple[Any, Any]) -> int:
+def _similarity(a: tuple[Any, Any], b: tuple[Any, Any]) -> tuple[np.ndarray | None, int, int]:
+    """(2x3 similarity transform a -> b or None, RANSAC inliers, ratio-test matches)."""
     import cv2
 
     (ka, da), (kb, db) = a, b
     if da is None or db is None or len(ka) < 8 or len(kb) < 8:
-        return 0
+        return None, 0, 0
     pairs = cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(da, db, k=2)
     # Lowe's ratio test drops ambiguous matches (skin, hair, plain backdrops).
     good = [p[0] for p in pairs if len(p) == 2 and p[0].distance < 0.75 * p[1].distance]
     if len(good) < 8:
-        return 0
+        return None, 0, len(good)
     src = np.float32([ka[g.queryIdx].pt for g in good])
     dst = np.float32([kb[g.trainIdx].pt for g in good])
-    # A similarity transform covers resize + crop; mirror is handled by features.
-    _, mask = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=5.0)
-    return int(mask.sum()) if mask is not None else 0
+    # One similarity transform (scale, rotation, shift) covers resize + crop; mirrors are tried separately.
+    m, mask = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=5.0)
+    if m is None or mask is None:
+        return None, 0, len(good)
+    return m, int(mask.sum()), len(good)
 
 
-def same_picture_matches(a: tuple[tuple[Any, Any], tuple[Any, Any]], b: tuple[tuple[Any, Any], tuple[Any, Any]]) -> int:
-    """Geometrically consistent ORB matches between two images, the better of plain and mirrored."""
-    return max(_consistent_matches(a[0], b[0]), _consistent_matches(a[0], b[1]))
+def _agreement(a: PictureFeatures, b_gray: np.ndarray, m: np.ndarray) -> float | None:
+    """Fraction of ``a``'s face pixels (or whole frame) that agree with ``b_gray`` warped onto ``a`` by ``m``."""
+    import cv2
+
+    h, w = a.gray.shape
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP  # m maps a's pixels to b's: sample b at m(x, y)
+    warped = cv2.warpAffine(b_gray.astype(np.float32), m, (w, h), flags=flags, borderValue=0)
+    valid = cv2.warpAffine(np.ones(b_gray.shape, np.float32), m, (w, h), flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP,
+                           borderValue=0) > 0.5
+    if a.face_box is not None:
+        x0, y0, x1, y1 = a.face_box
+        region = np.zeros((h, w), bool)
+        region[max(0, int(y0 * h)):max(0, int(np.ceil(y1 * h))), max(0, int(x0 * w)):max(0, int(np.ceil(x1 * w)))] = True
+        valid &= region
+    if int(valid.sum()) < _MIN_FACE_PIXELS:
+        return None
+    pa = cv2.GaussianBlur(a.gray.astype(np.float32), (0, 0), _AGREE_BLUR)
+    pb = cv2.GaussianBlur(warped, (0, 0), _AGREE_BLUR)
+    return float(np.mean(np.abs(pa[valid] - pb[valid]) <= _AGREE_TOLERANCE))
+
+
+def same_picture(a: PictureFeatures, b: PictureFeatures) -> SamePicture:
+    """The best similarity transform from ``a`` to ``b`` (plain or mirrored) and the pixel agreement under it."""
+    best = SamePicture(0, 0, False, 1.0, None)
+    for mirrored, fb in ((False, b.plain), (True, b.mirror)):
+        m, inliers, matches = _similarity(a.plain, fb)
+        if m is None or inliers <= best.inliers:
+            continue
+        scale = float(np.sqrt(abs(np.linalg.det(m[:, :2]))))
+        if not 1.0 / _MAX_SCALE <= scale <= _MAX_SCALE:
+            continue
+        b_gray = np.ascontiguousarray(b.gray[:, ::-1]) if mirrored else b.gray
+        best = SamePicture(inliers, matches, mirrored, scale, _agreement(a, b_gray, m))
+    return best
+
+
+def is_same_picture(sp: SamePicture, cfg: CurateConfig) -> bool:
+    """Both tests of a copy: enough keypoints agree with one transform, and the aligned faces agree pixel for pixel."""
+    return (sp.inliers >= cfg.near_dup_min_matches and sp.agreement is not None
+            and sp.agreement >= cfg.near_dup_min_face_agreement)
+
+
+@dataclass(frozen=True)
+class NearDuplicate:
+    """A confirmed pair of copies, i < j, with the evidence."""
+
+    i: int
+    j: int
+    face_cosine: float
+    picture: SamePicture
+
+    def evidence(self) -> str:
+        """The evidence in words (the reason a user reads)."""
+        p = self.picture
+        how = "mirrored, " if p.mirrored else ""
+        return (f"{p.inliers} keypoints agree with one {how}scale-{p.scale:.2f} transform and "
+                f"{(p.agreement or 0.0):.0%} of the face's pixels match after aligning")
 
 
 def near_duplicate_pairs(
-    embeddings: np.ndarray, images: Sequence[np.ndarray], cfg: CurateConfig
-) -> list[tuple[int, int, float, int]]:
-    """Pairs (i, j, face cosine, matches), i < j, that are near-duplicates.
+    embeddings: np.ndarray, images: Sequence[np.ndarray], cfg: CurateConfig,
+    face_boxes: Sequence[Sequence[float] | None] | None = None,
+) -> list[NearDuplicate]:
+    """Pairs of copies among ``images``, sorted by (i, j).
 
     Candidates: each face's ``near_dup_neighbours`` most similar faces (faiss
-    kNN) with cosine >= ``near_dup_face_cosine``; confirmed when the two
-    pictures share >= ``near_dup_min_matches`` consistent ORB matches.
+    kNN) with cosine >= ``near_dup_face_cosine``; confirmed by
+    :func:`is_same_picture` (one similarity transform, then the face's pixels
+    agree after aligning). ``face_boxes``: each image's main face box as
+    fractions of its width/height (``measures["face_box"]``); without them the
+    whole overlap is compared.
     """
     import faiss
 
     n = len(images)
-    cache: dict[int, Any] = {}
+    if face_boxes is not None and len(face_boxes) != n:
+        raise ValueError(f"{len(face_boxes)} face boxes for {n} images")  # a programming error, not user input
+    cache: dict[int, PictureFeatures] = {}
 
-    def feats(i: int) -> Any:
+    def feats(i: int) -> PictureFeatures:
         # Lazily: only images with a similar face pay for keypoints.
         if i not in cache:
-            cache[i] = orb_features(images[i])
+            cache[i] = orb_features(images[i], face_boxes[i] if face_boxes is not None else None)
         return cache[i]
 
     if n < 2:
@@ -316,7 +438,7 @@ def near_duplicate_pairs(
             if key in seen:
                 continue
             seen.add(key)
-            m = same_picture_matches(feats(key[0]), feats(key[1]))
-            if m >= cfg.near_dup_min_matches:
-                out.append((key[0], key[1], float(s), m))
-    return sorted(out)
+            sp = same_picture(feats(key[0]), feats(key[1]))
+            if is_same_picture(sp, cfg):
+                out.append(NearDuplicate(key[0], key[1], float(s), sp))
+    return sorted(out, key=lambda d: (d.i, d.j))

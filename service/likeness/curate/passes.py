@@ -218,17 +218,18 @@ def near_duplicate_pass(items: list[_Item], ctx: PassContext) -> None:
 
     alive = [i for i in ctx.members if not items[i].code]
     pairs = near_duplicate_pairs(np.stack([items[i].embedding for i in alive]) if alive else np.zeros((0, 1)),
-                                 [items[i].thumb for i in alive], ctx.cfg)
+                                 [items[i].thumb for i in alive], ctx.cfg,
+                                 face_boxes=[items[i].measures.get("face_box") for i in alive])
     if not pairs:
         return
-    a_idx = np.array([p[0] for p in pairs], np.int64)
-    b_idx = np.array([p[1] for p in pairs], np.int64)
+    a_idx = np.array([p.i for p in pairs], np.int64)
+    b_idx = np.array([p.j for p in pairs], np.int64)
     _, comp = connected_components(coo_matrix((np.ones(len(pairs), np.int8), (a_idx, b_idx)),
                                               shape=(len(alive), len(alive))), directed=False)
     groups: dict[int, list[int]] = {}
     for n in range(len(alive)):
         groups.setdefault(int(comp[n]), []).append(n)
-    match_info = {(a, b): (c, m) for a, b, c, m in pairs}
+    evidence = {(p.i, p.j): p for p in pairs}
     for g in groups.values():
         if len(g) < 2:
             continue
@@ -237,10 +238,10 @@ def near_duplicate_pass(items: list[_Item], ctx: PassContext) -> None:
             if n == best:
                 continue
             it = items[alive[n]]
-            c, m = match_info.get((min(n, best), max(n, best)), (None, None))
-            how = f" (face cosine {c:.2f}, {m} matching keypoints)" if c is not None else " (same group of copies)"
-            if ctx.reject(it, "near_duplicate", f"near-duplicate of kept image {items[alive[best]].row.id}: "
-                                                f"the same picture re-encoded, cropped or mirrored{how}"):
+            pair = evidence.get((min(n, best), max(n, best)))
+            how = f": {pair.evidence()}" if pair is not None else " (in the same group of copies)"
+            if ctx.reject(it, "near_duplicate", f"near-duplicate of kept image {items[alive[best]].row.id}, "
+                                                f"the same picture re-encoded, resized, cropped or mirrored{how}"):
                 it.duplicate_of = items[alive[best]].row.id
 
 
