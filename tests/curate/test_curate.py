@@ -339,18 +339,16 @@ def _grid_gallery(root: Path, realdata: Path) -> Path:
 
 def test_manifest_gallery_zoom_rules_and_rear_policy(tmp_path: Path, realdata: Path, analyzer, tiny_clip) -> None:
     g = _grid_gallery(tmp_path, realdata)
-    keep = curate(g, None, tmp_path / "a", CurateConfig(k=2, rear_clip_threshold=-1.0), faces=analyzer, clip=tiny_clip)
+    keep = curate(g, None, tmp_path / "a", CurateConfig(k=2), faces=analyzer, clip=tiny_clip)
     d = {x.id: x for x in keep.images}
     assert d["z0-a0-0000"].reason_code == "face_too_small" and "extreme closeup" in d["z0-a0-0000"].reason
-    # Spread: one per cell first; the rear shot (its own cell) competes on CLIP similarity.
+    # Spread: one per cell first.
     assert len(set((d[s].zoom_index, d[s].angle_index) for s in keep.selected)) == 2
-    assert d["z4-a1-0000"].reason_code in {"rear_kept", "not_selected"}
-    assert d["z4-a1-0000"].scores["clip_identity"] is not None
+    # The tiny CLIP has random weights: a rear shot without a face cannot be verified (tests/curate/test_no_face.py).
+    assert d["z4-a1-0000"].reason_code == "no_face" and "real CLIP model" in d["z4-a1-0000"].reason
     assert d["z2-a0-0001"].scores.get("prompt_adherence") is not None
-    again = curate(g, None, tmp_path / "b", CurateConfig(k=2, rear_clip_threshold=-1.0), faces=analyzer, clip=tiny_clip)
+    again = curate(g, None, tmp_path / "b", CurateConfig(k=2), faces=analyzer, clip=tiny_clip)
     assert again.selected == keep.selected, "same input, same choice"
-    strict = curate(g, None, tmp_path / "c", CurateConfig(k=5, rear_clip_threshold=1.01), faces=analyzer, clip=tiny_clip)
-    assert {x.id: x for x in strict.images}["z4-a1-0000"].reason_code == "rear_rejected"
     off = curate(g, None, tmp_path / "d", CurateConfig(k=5, rear_policy="off"), faces=analyzer, clip=None)
     r = {x.id: x for x in off.images}["z4-a1-0000"]
     assert r.reason_code == "rear_rejected" and "policy is off" in r.reason

@@ -157,26 +157,44 @@ def background_score_pass(items: list[_Item], ctx: PassContext) -> None:
 
 
 def rear_pass(items: list[_Item], ctx: PassContext) -> None:
-    """Images without a face: kept only as rear-angle shots close enough to the character (CLIP policy)."""
+    """Images without a face: kept as the character seen from behind only on evidence.
+
+    Evidence is a real CLIP model's image similarity to the character's images at a
+    threshold the user calibrated (``rear_clip_threshold``). A random-weights CLIP
+    (``cpu-tiny``) scores every image 0.93-0.97 against any other, a coffee cup
+    included (issue 11), so with it, or without any CLIP, no rear view can be verified
+    and the image is ``no_face`` with that said.
+    """
     cfg = ctx.cfg
+    real_clip = ctx.clip is not None and not getattr(ctx.clip, "random_weights", False)
     ident_clip = None
-    if ctx.clip is not None and ctx.members:
+    if real_clip and ctx.members:
         ident_clip = np.mean([items[i].clip for i in ctx.members], axis=0)
         ident_clip /= max(float(np.linalg.norm(ident_clip)), 1e-12)
     for it in items:
         if it.code or it.faces or it.border is None:
             continue
         if not is_rear_angle(cfg, it.row.angle):
-            ctx.reject(it, "no_face", "no face found (and the image is not a rear-angle shot)")
+            ctx.reject(it, "no_face", "no face found, and the image is not labelled a rear-angle shot")
         elif cfg.rear_policy == "off":
             ctx.reject(it, "rear_rejected", "rear-angle shot without a face; the rear policy is off")
+        elif not real_clip:
+            which = "no CLIP model was given" if ctx.clip is None else (
+                f"{getattr(ctx.clip, 'name', 'the CLIP model')} has random weights and measures nothing")
+            ctx.reject(it, "no_face", (
+                f"no face found; a rear view can't be verified without a real CLIP model ({which}), "
+                "so nothing shows this is the character seen from behind"))
         elif ident_clip is None:
-            ctx.reject(it, "rear_rejected",
-                       "rear-angle shot without a face; no CLIP model or no identity to compare with")
+            ctx.reject(it, "rear_rejected", "rear-angle shot without a face; no identity images to compare it with")
         else:
             sim = float(it.clip @ ident_clip / max(float(np.linalg.norm(it.clip)), 1e-12))
             it.scores["clip_identity"] = round(sim, 4)
-            if sim < cfg.rear_clip_threshold:
+            if cfg.rear_clip_threshold is None:
+                ctx.reject(it, "rear_rejected", (
+                    f"rear-angle shot without a face (CLIP similarity {sim:.2f} to the character's images); no "
+                    "threshold is calibrated for this CLIP model, so a rear view can't be verified: measure one on "
+                    "labelled rear views and set curate.rear_clip_threshold"))
+            elif sim < cfg.rear_clip_threshold:
                 ctx.reject(it, "rear_rejected", (
                     f"rear-angle shot without a face; CLIP similarity {sim:.2f} to the character's images is below "
                     f"{cfg.rear_clip_threshold:.2f}"))
@@ -262,7 +280,7 @@ def select_pass(items: list[_Item], ctx: PassContext) -> None:
         else:
             it.code, it.reason = "rear_kept", (
                 f"kept rear-angle shot: CLIP similarity {it.scores['clip_identity']:.2f} to the character's images "
-                f"is at least {cfg.rear_clip_threshold:.2f} (choice {rank + 1} of {len(chosen)})")
+                f"is at least the calibrated {cfg.rear_clip_threshold:.2f} (choice {rank + 1} of {len(chosen)})")
     for i in cands:
         if i not in chosen_set:
             ctx.reject(items[i], "not_selected", f"passed every check, but {len(chosen)} images with higher scores "
