@@ -364,3 +364,15 @@ def test_pad_conds_is_recorded_in_the_infotext_as_a1111_does(sd15) -> None:
         texts[sampling.pad_conds] = Image.open(io.BytesIO(out.png)).info["parameters"]
     assert "Pad conds" not in texts[False]
     assert parse_infotext(texts[True]).extra.get("Pad conds") == "True"
+
+
+def test_pad_conds_travels_in_a_spec_over_grpc() -> None:
+    import dataclasses
+
+    from likeness.serve.servicer import spec_from_pb, spec_to_pb
+    from likeness.spec import load_spec
+
+    spec = load_spec(Path(__file__).resolve().parent.parent / "examples" / "emily.toml")
+    on = dataclasses.replace(spec, sampling=dataclasses.replace(spec.sampling, pad_conds=True))
+    for s in (spec, on):
+        assert spec_from_pb(spec_to_pb(dataclasses.asdict(s))).sampling.pad_conds is s.sampling.pad_conds

@@ -15,6 +15,7 @@ import signal
 import threading
 from concurrent import futures
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator
 
 import grpc
@@ -41,7 +42,7 @@ _FORMATS = {pb.EMBEDDING_FORMAT_UNSPECIFIED: "safetensors", pb.A1111_PT: "a1111-
 _FORMAT_ENUM = {"a1111-pt": pb.A1111_PT, "safetensors": pb.SAFETENSORS, "diffusers": pb.DIFFUSERS}
 _SPEC_SCALARS = ("class_word", "wardrobe", "background", "template", "negative_prompt", "per_cell", "profile")
 _SPEC_LISTS = ("traits", "trait_synonyms", "zooms", "angles")
-_SAMPLING = ("sampler", "steps", "cfg_scale", "width", "height", "seed", "batch_size")
+_SAMPLING = ("sampler", "steps", "cfg_scale", "width", "height", "seed", "batch_size", "pad_conds")
 
 
 # ------------------------------------------------------------------ conversions
@@ -97,11 +98,23 @@ def options_to_dict(msg: pb.BuildOptions) -> dict[str, Any]:
     return out
 
 
+def _relative_to_roots(folder: str, roots: list[str]) -> str:
+    """``folder`` as a client names it: relative to the import root that holds it (no server paths)."""
+    for root in roots:
+        try:
+            return Path(folder).relative_to(root).as_posix()
+        except ValueError:
+            continue
+    return Path(folder).name
+
+
 def options_to_pb(data: dict[str, Any]) -> pb.BuildOptions:
     msg = pb.BuildOptions()
     for k, v in data.items():
         if k == "eval_scenes":
             msg.eval_scenes.extend(v)
+        elif k == "import_gallery" and v and data.get("import_roots"):
+            msg.import_gallery = _relative_to_roots(v, data["import_roots"])
         elif hasattr(msg, k):
             setattr(msg, k, v)
     return msg

@@ -35,7 +35,7 @@ SAFETENSORS: EmbeddingFormat
 DIFFUSERS: EmbeddingFormat
 
 class Sampling(_message.Message):
-    __slots__ = ("sampler", "steps", "cfg_scale", "width", "height", "seed", "batch_size")
+    __slots__ = ("sampler", "steps", "cfg_scale", "width", "height", "seed", "batch_size", "pad_conds")
     SAMPLER_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     CFG_SCALE_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,7 @@ class Sampling(_message.Message):
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAD_CONDS_FIELD_NUMBER: _ClassVar[int]
     sampler: str
     steps: int
     cfg_scale: float
@@ -50,7 +51,8 @@ class Sampling(_message.Message):
     height: int
     seed: int
     batch_size: int
-    def __init__(self, sampler: _Optional[str] = ..., steps: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., seed: _Optional[int] = ..., batch_size: _Optional[int] = ...) -> None: ...
+    pad_conds: bool
+    def __init__(self, sampler: _Optional[str] = ..., steps: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., seed: _Optional[int] = ..., batch_size: _Optional[int] = ..., pad_conds: _Optional[bool] = ...) -> None: ...
 
 class CharacterSpec(_message.Message):
     __slots__ = ("name", "token", "class_word", "traits", "trait_synonyms", "wardrobe", "background", "template", "negative_prompt", "zooms", "angles", "per_cell", "sampling", "profile")
