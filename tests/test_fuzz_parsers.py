@@ -87,6 +87,7 @@ def test_format_then_parse_is_the_identity(prompt, negative, steps, sampler, cfg
 ))
 @example(10**400)
 @example("0.005:" + "9" * 5000)
+@example("0" * 23 + "\x1f" * 8 + "\x08\U00010b92\U00011daa\U0001342f\U00018d09\U0002ebe10000")
 def test_parse_learn_rate_returns_or_refuses(value):
     try:
         schedule = parse_learn_rate(value)

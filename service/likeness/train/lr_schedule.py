@@ -66,8 +66,17 @@ MAX_END_STEP = 10**9
 
 
 def _show(text: str) -> str:
-    """``text`` quoted for a message, cut to 40 characters (a 5,000-digit number is not echoed)."""
-    return repr(text) if len(text) <= 40 else repr(text[:37] + "...") + f" ({len(text):,} characters)"
+    """``text`` quoted for a message, at most ~60 characters (a 5,000-digit number is not echoed).
+
+    The cut is on the quoted form: escapes (``\\U00010b92``) make it up to 10x longer than the text.
+    """
+    quoted = repr(text)
+    if len(text) <= 40 and len(quoted) <= 60:
+        return quoted
+    head = repr(text[:37])
+    if len(head) > 56:
+        head = head[:55] + head[0]
+    return f"{head[:-1]}...{head[-1]} ({len(text):,} characters)"
 
 
 def _label(where: str) -> str:
