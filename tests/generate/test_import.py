@@ -200,15 +200,15 @@ def test_a_cancel_during_one_images_decode_stops_before_its_encode(tmp_path: Pat
     for i in range(3):
         _png(src / f"{i}.png", (i, 0, 0), {"parameters": _a1111("emily, closeup, front shot", i)})
     token = CancelToken()
-    real = likeness.images.load_image
+    real = likeness.images.load_image_bytes
 
-    def decode_then_cancel(path, *a, **kw):
-        result = real(path, *a, **kw)
-        if Path(path).name == "1.png":
+    def decode_then_cancel(data, name, *a, **kw):
+        result = real(data, name, *a, **kw)
+        if Path(name).name == "1.png":
             token.cancel("cancelled on request")  # arrives while image 1 is being decoded
         return result
 
-    monkeypatch.setattr(likeness.images, "load_image", decode_then_cancel)
+    monkeypatch.setattr(likeness.images, "load_image_bytes", decode_then_cancel)
     with pytest.raises(Cancelled):
         import_gallery(src, tmp_path / "g", cancel=token)
     assert len(list((tmp_path / "g" / "images").glob("*.png"))) == 1  # image 0 only
@@ -266,3 +266,25 @@ def test_cancel_reaches_an_import_with_a_long_text_png_within_a_second(tmp_path:
     with pytest.raises(Cancelled):
         import_gallery(src, tmp_path / "g", progress=on_progress, cancel=token)
     assert time.perf_counter() - fired[0] < 1.0
+
+
+def test_links_outside_the_import_roots_are_skipped_and_reasons_are_relative(tmp_path: Path):
+    # Issue 13: the build importer followed links inside an import root to files outside it, and
+    # skip reasons carried absolute server paths back to clients.
+    root, outside = tmp_path / "root", tmp_path / "private"
+    (root / "pool" / "sub").mkdir(parents=True)
+    outside.mkdir()
+    _png(root / "shared.png", (1, 2, 3))
+    _png(outside / "secret.png", (4, 5, 6))
+    _png(root / "pool" / "own.png", (7, 8, 9))
+    (root / "pool" / "inside.png").symlink_to(root / "shared.png")
+    (root / "pool" / "sub" / "outside.png").symlink_to(outside / "secret.png")
+    (root / "pool" / "broken.png").write_bytes(b"not a png")
+    result = import_gallery(root / "pool", tmp_path / "g", roots=[root])
+    assert result.imported == 2  # own.png and the link that stays inside the root
+    skipped = {s["file"]: s["reason"] for s in result.skipped}
+    assert set(skipped) == {"sub/outside.png", "broken.png"}
+    assert "outside the import roots" in skipped["sub/outside.png"]
+    assert all(str(tmp_path) not in r for r in skipped.values()), skipped
+    # Without roots (the CLI, on the user's own files) links are followed anywhere.
+    assert import_gallery(root / "pool", tmp_path / "g2").imported == 3

@@ -552,3 +552,52 @@ def test_a_corrupt_embedding_on_the_server_is_failed_precondition_and_overflowin
     finally:
         server.stop(0)
         rt.stop()
+
+
+@pytest.mark.slow  # ~35 s on 2 shared cores: the real face pack and CLIP on 5 real photos, and a build
+def test_curate_over_grpc_reads_a_folder_of_links_like_a_build_and_speaks_relative_paths(
+        tmp_path, face_pack, tiny_models, realdata, stand_in_stages):
+    # Issue 13: Curate on a folder of symlinks (as scripts/main.sh links its gallery) marked every
+    # image "undecodable" while a build imported the same folder; links out of the import roots
+    # were followed by builds; messages and Build.options carried absolute server paths.
+    pool_root = tmp_path / "galleries"
+    pool = pool_root / "jolie"
+    pool.mkdir(parents=True)
+    photos = sorted((realdata / "faces" / "Angelina_Jolie").glob("*.jpg"))[:4]
+    for p in photos:
+        (pool / f"Angelina_Jolie__{p.name}").symlink_to(p)
+    (tmp_path / "private").mkdir()
+    (tmp_path / "private" / "x.jpg").write_bytes(photos[0].read_bytes())
+    (pool / "private__x.jpg").symlink_to(tmp_path / "private" / "x.jpg")
+    from likeness.build.stages import STAGE_FUNCTIONS
+
+    stages = {**stand_in_stages(), "generate": STAGE_FUNCTIONS["generate"]}  # the real importer
+    rt = Runtime(tmp_path / "data", devices=["cpu"], default_profile="cpu-tiny", stages=stages,
+                 import_roots=[pool_root, realdata / "faces"])
+    server, port, _ = create_server("127.0.0.1:0", rt)
+    server.start()
+    rt.start(load_models=False)
+    try:
+        with LikenessClient(f"127.0.0.1:{port}", timeout=300) as c:
+            out = c.curate(gallery="jolie", k=2)
+            by_name = {d.name: d for d in out.decisions}
+            assert set(by_name) == {f"Angelina_Jolie__{p.name}" for p in photos} | {"private__x.jpg"}
+            private = by_name.pop("private__x.jpg")
+            assert not private.kept and "outside the import roots" in private.reasons[1]
+            assert all(d.reasons[0] != "undecodable" for d in by_name.values()), [d.reasons for d in by_name.values()]
+            assert sum(d.kept for d in by_name.values()) == 2
+            assert all(str(tmp_path) not in r for d in out.decisions for r in d.reasons)
+            # A folder outside the roots: the message names the roots by name, not by server path.
+            code, msg = _code(lambda: c.start_build(spec=SPEC, options={"import_gallery": "/etc"}))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "'galleries'" in msg and str(tmp_path) not in msg
+            # A build's options name the import folder as the client did, relative to its root.
+            b = c.start_build(spec=SPEC, options={"import_gallery": str(pool)})
+            assert c.get_build(b.id).options.import_gallery == "jolie"
+            # The build's importer follows the same rule as Curate.
+            assert c.wait_build(b.id, timeout=120).state == pb.SUCCEEDED
+            (report,) = Path(rt.store.build_dir(b.id)).rglob("import.json")
+            got = json.loads(report.read_text())
+            assert got["imported"] == 4 and [s["file"] for s in got["skipped"]] == ["private__x.jpg"]
+    finally:
+        server.stop(0)
+        rt.stop()

@@ -31,6 +31,9 @@ class BuildOptions:
     refinement_margin: float = bounded(0.02, 0.0, 1.0)
     # A folder of existing images to use instead of generation (server: under --import-root).
     import_gallery: str = ""
+    # Set by the server, never by a client: its import roots; the import reads no file that links
+    # outside them. Empty (the CLI) follows links anywhere.
+    import_roots: tuple[str, ...] = ()
     # Base seed of the gallery; -1 = the spec's seed (or one drawn once and recorded).
     base_seed: int = bounded(-1, -1, SEED_MAX)
     # Evaluation scenes ("cooking", ...); empty = the evaluation stage's defaults.

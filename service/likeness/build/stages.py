@@ -102,7 +102,8 @@ def stage_generate(ctx: BuildContext, round_: int) -> dict[str, Any]:
     if round_ == 0 and ctx.options.import_gallery:
         from likeness.generate.importer import import_gallery
 
-        res = import_gallery(ctx.options.import_gallery, gallery, ctx.spec, progress=ctx.progress, cancel=ctx.cancel)
+        res = import_gallery(ctx.options.import_gallery, gallery, ctx.spec, progress=ctx.progress, cancel=ctx.cancel,
+                             roots=ctx.options.import_roots or None)
         return {"gallery": str(gallery.relative_to(ctx.root)), "source": "import", "summary": _summary(res)}
     spec, embedding = ctx.spec, None
     if round_ > 0:

@@ -142,18 +142,15 @@ def comfy_infotext(prompt_json: str) -> InfoText | None:
 # ---------------------------------------------------------------- import
 
 
-def _metadata(path: Path, png_text: dict[str, str]) -> tuple[InfoText | None, str]:
-    """(parsed infotext, raw A1111 text) of a file; (None, "") when it has none."""
+def _metadata(data: bytes, png_text: dict[str, str]) -> tuple[InfoText | None, str]:
+    """(parsed infotext, raw A1111 text) of a file's bytes; (None, "") when it has none."""
     raw = png_text.get("parameters", "")
     if not raw and "prompt" in png_text:
         info = comfy_infotext(png_text["prompt"])
         if info is not None:
             return info, ""
     if not raw and not png_text:
-        try:
-            raw = read_parameters(path.read_bytes())
-        except OSError:
-            raw = ""
+        raw = read_parameters(data)
     if not raw.strip():
         return None, ""
     return parse_infotext(raw), raw
@@ -166,8 +163,14 @@ def import_gallery(
     *,
     progress: ProgressFn | None = None,
     cancel: CancelToken | None = None,
+    roots: Sequence[str | os.PathLike[str]] | None = None,
 ) -> ImportResult:
     """Import every image under ``src`` into the gallery folder ``out_dir``.
+
+    ``roots`` (a server's import roots): a file that is a link to something
+    outside all of them is skipped with the reason, never read. None (the
+    CLI, on the user's own files) follows links anywhere. Skip reasons and
+    warnings name files relative to ``src``, never by absolute path.
 
     Zoom and angle phrases come from ``spec`` (default: the workflow's five
     zooms and five angles). Ids are ``z<zoom>-a<angle>-<n>`` like generated
@@ -182,15 +185,36 @@ def import_gallery(
                            f"e.g. {out / 'gallery'}")
     if (out / "plan.json").exists():
         raise InvalidInput(f"{out} holds a generated gallery (plan.json); import into another folder")
+    allowed = None if roots is None else [Path(r).resolve() for r in roots]
     with folder_lock(out, "import"):
-        return _import_locked(src_p, out, spec, progress, cancel)
+        return _import_locked(src_p, out, spec, progress, cancel, allowed)
+
+
+def _inside(path: Path, roots: Sequence[Path]) -> bool:
+    return any(path == r or r in path.parents for r in roots)
+
+
+def _read(path: Path, rel: str, roots: Sequence[Path] | None) -> bytes:
+    """The bytes of one listed file, or InvalidInput naming it by ``rel`` (never the server's path)."""
+    if roots is not None and not _inside(path.resolve(), roots):
+        # A link inside an import root to /etc/... or another user's files: not ours to read.
+        raise InvalidInput(f"{rel}: is a link to a file outside the import roots; put the file itself "
+                           "(not a link to it) under an import root")
+    try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise InvalidInput(f"{rel}: {size / 2**20:.0f} MB is over the {MAX_FILE_BYTES // 2**20} MB limit")
+        return path.read_bytes()
+    except OSError as exc:
+        raise InvalidInput(f"{rel}: cannot be read ({exc.strerror or exc})") from None
 
 
 def _import_locked(
-    src_p: Path, out: Path, spec: CharacterSpec | None, progress: ProgressFn | None, cancel: CancelToken | None
+    src_p: Path, out: Path, spec: CharacterSpec | None, progress: ProgressFn | None, cancel: CancelToken | None,
+    roots: Sequence[Path] | None,
 ) -> ImportResult:
     from likeness.generate.contact_sheet import contact_sheet
-    from likeness.images import list_images, load_image
+    from likeness.images import list_images, load_image_bytes
 
     # Importing into a subfolder of the source is fine: our own output is not re-imported.
     files = [p for p in list_images(src_p) if out not in p.resolve().parents]
@@ -206,13 +230,11 @@ def _import_locked(
     for n, path in enumerate(files, 1):
         if cancel is not None:
             cancel.check()
-        rel = str(path.relative_to(src_p))
+        rel = path.relative_to(src_p).as_posix()
         try:
-            size = path.stat().st_size
-            if size > MAX_FILE_BYTES:
-                raise InvalidInput(f"{rel}: {size / 2**20:.0f} MB is over the {MAX_FILE_BYTES // 2**20} MB limit")
-            img, info = load_image(path)
-        except (InvalidInput, OSError) as exc:
+            data = _read(path, rel, roots)
+            img, info = load_image_bytes(data, rel)
+        except InvalidInput as exc:
             skipped.append({"file": rel, "reason": str(exc)})
             report(progress, "import", n, len(files), "skipped")
             continue
@@ -220,7 +242,7 @@ def _import_locked(
         if info.extension_mismatch:
             notes.append(f"the file is {info.format} but named {path.suffix}; imported as PNG")
         try:
-            meta, raw = _metadata(path, info.text)
+            meta, raw = _metadata(data, info.text)
         except InvalidInput as exc:
             # Damaged parameters (Steps: inf, a 30-digit seed, megabytes of text): this image
             # is skipped with the reason; the others are imported.

@@ -7,6 +7,7 @@ and the CLI calls them directly when embedded. Never imports grpc.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections import deque
@@ -272,9 +273,10 @@ class Runtime:
                 continue
             if target.is_dir():
                 return target
+        # The roots are named by their folder names only: a client has no business with server paths.
         raise InvalidInput(
-            f"gallery folder {folder!r} is not a folder inside the import roots "
-            f"{[str(r) for r in self.import_roots]}; pass a path inside one of them"
+            f"gallery folder {folder!r} is not a folder inside this server's import roots "
+            f"({', '.join(repr(r.name) for r in self.import_roots)}); pass a folder path relative to one of them"
         )
 
     def start_build(self, *, character: str = "", spec: CharacterSpec | None = None,
@@ -291,7 +293,8 @@ class Runtime:
         prof = resolve_profile(None, eff.profile)
         check_build_request(eff, prof, has_cuda=any(d.startswith("cuda") for d in self.pool.devices))
         if opts.import_gallery:
-            opts = BuildOptions(**{**opts.__dict__, "import_gallery": str(self.check_import_folder(opts.import_gallery))})
+            opts = BuildOptions(**{**opts.__dict__, "import_gallery": str(self.check_import_folder(opts.import_gallery)),
+                                   "import_roots": tuple(str(r) for r in self.import_roots)})
         build_id = start_build(self.store, spec, opts, character=character)
         self.pool.wake()
         return self.store.get_build(build_id)
@@ -462,6 +465,7 @@ class Runtime:
             raise InvalidInput(f"k: {k} is out of range; use 0 (curation's default, {CurateConfig.k}) or {lo} to {hi}")
         spec = self.character_spec(character) if character else None
         prof = resolve_profile((spec.profile if spec else "") or self.default_profile)
+        skipped: list[dict[str, str]] = []
         with self.calls.track("curate"), tempfile.TemporaryDirectory(dir=self.store.data_dir) as tmp:
             if images:
                 self._check_images(images)
@@ -471,19 +475,37 @@ class Runtime:
                     atomic_write_bytes(src / f"img{i:05d}.png", data)
                     names[f"img{i:05d}"] = i
             else:
-                src = self.check_import_folder(gallery)
-                names = {}
+                # One loader, one rule: the folder is read by the build's importer (links
+                # that stay inside the import roots are followed, others are skipped with the
+                # reason), so Curate decides exactly what a build importing the folder would.
+                from likeness.generate.importer import import_gallery
+
+                src = Path(tmp) / "gallery"
+                folder = self.check_import_folder(gallery)
+                imported = import_gallery(folder, src, spec, cancel=cancel, roots=self.import_roots)
+                skipped = imported.skipped
+                if not imported.imported:
+                    raise InvalidInput(
+                        f"gallery folder {gallery!r}: none of its {len(skipped)} image files can be used"
+                        + (f" (first: {skipped[0]['reason']})" if skipped else " (it holds no images)"))
+                names = json.loads((src / "import.json").read_text(encoding="utf-8"))["sources"]
             cfg = CurateConfig(k=k or CurateConfig.k, batch_size=self.limits.curate_batch_size)
             res = curate(src, spec, Path(tmp) / "out", cfg, faces=self.models.faces(prof),
                          clip=self.models.clip(prof), cancel=cancel)
         decisions = []
         for j, d in enumerate(res.images):
-            i = names.get(d.id, j)
-            name = images[i][0] if images else d.file
-            decisions.append(CurateDecision(index=i, name=name or d.id, kept=d.decision == "kept",
+            if images:
+                i = names.get(d.id, j)
+                name = images[i][0] or d.id
+            else:
+                i, name = j, names.get(d.id, d.file)  # the file as the client named it, relative to the folder
+            decisions.append(CurateDecision(index=i, name=name, kept=d.decision == "kept",
                                             reasons=(d.reason_code, d.reason),
                                             scores={k2: float(v) for k2, v in d.scores.items()
                                                     if isinstance(v, (int, float)) and v is not None}))
+        for s in skipped:  # files the importer could not use: decided, with the importer's reason
+            decisions.append(CurateDecision(index=len(decisions), name=s["file"], kept=False,
+                                            reasons=("undecodable", s["reason"]), scores={}))
         selected = res.set_scores.get("selected", {})
         return CurateResult(decisions=tuple(decisions),
                             set_scores={k2: float(v) for k2, v in selected.items()
