@@ -330,3 +330,34 @@ def test_score_and_curate_give_the_same_scores_for_the_same_set(capsys, realdata
     for k in ("n_images", "n_faces", "identity_mean_pairwise", "identity_consistency", "background_consistency",
               "quality", "overall"):
         assert got[k] == pytest.approx(want[k], abs=2e-3), (k, got[k], want[k])
+
+
+def test_faces_at_every_zoom_extreme_closeups_and_full_body(analyzer, realdata: Path):
+    """Issue 11: at det_size 640 the detector found no face wider than ~57% of the frame, so extreme
+    closeups were rejected as no_face. Faces filling 60-86% of the frame are found (on a padded retry),
+    their boxes lie in the frame, and they embed as the same person as the whole photo; a small
+    full-body face (~30 px wide) on a 512 canvas is found too."""
+    from PIL import Image
+
+    root = realdata / "lfw_view1_devtrain" / "lfw-deepfunneled"
+    if not root.is_dir():
+        pytest.skip(f"LFW devtrain images missing at {root}")
+    files = sorted((root / "Angelina_Jolie").glob("*.jpg"))[:4] + sorted((root / "Andy_Roddick").glob("*.jpg"))[:2]
+    widths = []
+    for f in files:
+        whole = Image.open(f).convert("RGB").resize((250, 250))
+        (ref,) = analyzer.analyze([np.asarray(whole)])[0][:1]
+        for c in (140, 120, 110):
+            crop = whole.crop((125 - c // 2, 125 - c // 2, 125 + c // 2, 125 + c // 2)).resize((512, 512))
+            faces = analyzer.analyze([np.asarray(crop)])[0]
+            assert faces, f"{f.name} crop {c}: no face"
+            x0, y0, x1, y1 = faces[0].bbox
+            assert 0 <= x0 < x1 <= 512 and 0 <= y0 < y1 <= 512
+            assert all(0 <= x <= 512 and 0 <= y <= 512 for x, y in faces[0].landmarks)
+            assert float(faces[0].embedding @ ref.embedding) > 0.49  # the membership threshold
+            widths.append((x1 - x0) / 512)
+        small = Image.new("RGB", (512, 512), (120, 120, 120))
+        small.paste(whole.resize((100, 100)), (206, 60))
+        tiny = analyzer.analyze([np.asarray(small)])[0]
+        assert tiny and 25 <= tiny[0].bbox[2] - tiny[0].bbox[0] <= 60  # ~29 px wide
+    assert max(widths) >= 0.8, "the test must reach faces wider than 80% of the frame"
