@@ -26,8 +26,9 @@ written here in torch (insightface's w600k_r50 architecture: 112x112 in,
                  loop (scripts/bench_train.py's two loops), interleaved pairs
     recognition  IResNet-50 images/s (fp16, NCHW vs channels_last)
     clip         CLIP ViT-L/14 vision tower images/s (fp16, SDPA)
-    compile      torch.compile (fixed shapes, dynamic=False) of the UNet and the VAE decoder:
-                 compile seconds and steady speed against eager
+    compile      torch.compile as a profile's `compile` option does it (likeness.backends.tuning:
+                 dynamic=False, fixed batch) of the UNet and the VAE decoder: compile seconds
+                 and steady speed against eager
 
 Every phase runs under its own time box (SIGALRM; the boxes are cut to fit
 ``--budget``), and its result -- also a partial one -- is written into the
@@ -637,11 +638,13 @@ def phase_compile(res: Result, deadline: float, args) -> None:
     with torch.inference_mode():
         res["unet_eager_ms"] = time_call(lambda: unet(x, t, e), args.device, warmup=2, iters=iters, deadline=deadline)
         res["vae_eager_ms"] = time_call(lambda: vae.decode(z), args.device, warmup=1, iters=iters, deadline=deadline)
-    kw = {"mode": args.compile_mode, "backend": args.compile_backend, "dynamic": False, "fullgraph": False}
-    if args.compile_backend != "inductor":
-        kw.pop("mode")
-    cunet = torch.compile(unet, **kw)
-    cdecode = torch.compile(vae.decode, **kw)
+    # Our path (likeness.backends.tuning, what a profile's `compile` option does): dynamic=False
+    # behind FixedBatch, the UNet and the VAE's decoder module.
+    from likeness.backends.tuning import compile_module
+
+    cunet = compile_module(unet, args.compile_mode, backend=args.compile_backend)
+    vae.decoder = compile_module(vae.decoder, args.compile_mode, backend=args.compile_backend)
+    cdecode = vae.decode
     with torch.inference_mode():
         t0 = time.monotonic()
         cunet(x, t, e)

@@ -47,6 +47,15 @@ class Profile:
     base_model: str = ""
     # Optional VAE override (diffusers folder or single file), as A1111's SD VAE.
     vae: str = ""
+    # SDXL's VAE overflows in fp16, so its config says force_upcast (every decode in float32, twice
+    # the memory); madebyollin's fp16-fix VAE does not need it. "auto": a VAE folder's own config;
+    # a single file has none, so its file name decides ("fp16" and "fix" in it: no upcast).
+    # "yes"/"no" override both.
+    vae_upcast: Literal["auto", "yes", "no"] = "auto"
+    # torch.compile of the UNet and the VAE decoder (CUDA): "off", or an inductor mode. Shapes are
+    # fixed (dynamic=False, the first batch's size; smaller batches are padded to it), so a build's
+    # last partial batch and its validation batches do not recompile.
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "off"
     # insightface pack folder (detection + recognition .onnx files).
     face_pack: str = ""
     # Detector input size; 640 finds small faces in full-body shots.

@@ -43,6 +43,8 @@ def _register_config(config_path: Path) -> str:
 
 
 def _device(profile_device: str) -> torch.device:
+    if profile_device.startswith("cuda:"):  # a worker's own GPU (issue 14), never GPU 0 by default
+        return torch.device(profile_device)
     if profile_device != "cpu" and torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("cpu")
@@ -114,7 +116,7 @@ class OpenClipModel:
         return self.embed_images(images) @ self.embed_texts(texts).T
 
 
-def _open_clip_from_profile(profile: Profile) -> OpenClipModel:
+def _open_clip_from_profile(profile: Profile, device: str | None = None) -> OpenClipModel:
     model_name = profile.clip_model
     if model_name.endswith(".json"):
         model_name = str(profile.resolve(model_name))
@@ -123,21 +125,21 @@ def _open_clip_from_profile(profile: Profile) -> OpenClipModel:
     if not pretrained or looks_like_path:
         pretrained = str(profile.require("clip"))
     precision = {"float16": "fp16", "bfloat16": "bf16"}.get(profile.dtype, "fp32")
-    model = OpenClipModel(model_name, pretrained, device=profile.device, precision=precision)
+    model = OpenClipModel(model_name, pretrained, device=device or profile.device, precision=precision)
     model.random_weights = bool(profile.random_weights)
     return model
 
 
 # Registry: backend name -> factory(profile). Unknown names fail listing these.
-CLIP_BACKENDS: dict[str, Callable[[Profile], ClipModel]] = {
+CLIP_BACKENDS: dict[str, Callable[..., ClipModel]] = {
     "open_clip": _open_clip_from_profile,
 }
 
 
-def load_clip(profile: Profile, *, backend: str = "open_clip") -> ClipModel:
-    """The CLIP model a profile names; ModelMissing (with how to get it) when weights are absent."""
+def load_clip(profile: Profile, *, backend: str = "open_clip", device: str | None = None) -> ClipModel:
+    """The CLIP model a profile names (on ``device``, e.g. "cuda:1", if given); ModelMissing when weights are absent."""
     try:
         factory = CLIP_BACKENDS[backend]
     except KeyError:
         raise InvalidInput(f"unknown CLIP backend {backend!r}; choose one of {sorted(CLIP_BACKENDS)}") from None
-    return factory(profile)
+    return factory(profile, device=device) if device else factory(profile)

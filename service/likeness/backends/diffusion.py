@@ -299,7 +299,7 @@ def _load_diffusers(profile: Profile, dtype: torch.dtype) -> Any:
     return pipe
 
 
-def _tune(pipe: Any, device: torch.device, compile_unet: bool) -> Any:
+def _tune(pipe: Any, device: torch.device, compile_unet: bool | str) -> Any:
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     pipe.to(device)
@@ -312,9 +312,12 @@ def _tune(pipe: Any, device: torch.device, compile_unet: bool) -> Any:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    if compile_unet:
-        # The first batch of each shape pays the compile (tens of seconds); later batches run faster.
-        pipe.unet = torch.compile(pipe.unet, fullgraph=False)
+    mode = compile_unet if isinstance(compile_unet, str) else ("default" if compile_unet else "off")
+    if mode != "off":
+        # The first batch pays the compile (tens of seconds); the shapes stay fixed after it.
+        from likeness.backends.tuning import compile_pipeline
+
+        compile_pipeline(pipe, mode)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -332,22 +335,29 @@ DIFFUSION_BACKENDS: dict[str, Callable[[Profile, torch.dtype], Any]] = {"diffuse
 
 
 def load_pipeline(
-    profile: Profile, *, backend: str = "diffusers", compile_unet: bool = False, sampler: SamplerName | None = None
+    profile: Profile, *, backend: str = "diffusers", compile_unet: bool = False, sampler: SamplerName | None = None,
+    device: str | torch.device | None = None,
 ) -> Any:
     """Load the profile's base model as a ready diffusers pipeline on its device.
 
     Returns the diffusers ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline``
     (kept loaded by the service and by each Ray worker). ``backend`` picks a
-    loader from :data:`DIFFUSION_BACKENDS`. Raises :class:`ModelMissing` for
-    missing weights or configs, :class:`FailedPrecondition` for a CUDA profile
-    without a GPU. Nothing is downloaded unless ``base_model`` is a hub id and
-    ``HF_HUB_OFFLINE`` is unset.
+    loader from :data:`DIFFUSION_BACKENDS`; ``device`` (``"cuda:1"``) the worker's
+    device (:func:`likeness.backends.tuning.worker_device`); the profile's ``compile`` option (or
+    ``compile_unet``) compiles the UNet and the VAE decoder with fixed shapes.
+    Raises :class:`ModelMissing` for missing weights or configs,
+    :class:`FailedPrecondition` for a CUDA profile without a GPU. Nothing is
+    downloaded unless ``base_model`` is a hub id and ``HF_HUB_OFFLINE`` is unset.
     """
+    from likeness.backends.tuning import compile_mode, device_scope, set_vae_upcast, worker_device
+
     loader = choose(DIFFUSION_BACKENDS, backend, "diffusion")
-    device, dtype = select_device(profile)
+    device, dtype = worker_device(profile, device, select_device(profile) if device is None else None)
     _quiet_loading()
-    pipe = loader(profile, dtype)
-    pipe = _tune(pipe, device, compile_unet)
+    with device_scope(device):
+        pipe = loader(profile, dtype)
+        set_vae_upcast(profile, pipe)
+        pipe = _tune(pipe, device, compile_mode(profile, compile_unet))
     pipe._likeness_profile = profile.name
     if sampler:
         set_sampler(pipe, sampler)

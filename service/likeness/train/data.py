@@ -151,6 +151,12 @@ def encode_latents(vae: Any, items: Sequence[TrainItem], resolution: int, *, bat
     import torch
 
     device, dtype = vae.device, vae.dtype
+    # A VAE whose config says force_upcast (SDXL's original) overflows in fp16: NaN latents.
+    # Encode in float32 as diffusers' SDXL pipeline decodes, and give the VAE its dtype back.
+    upcast = dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+    if upcast:
+        vae.to(torch.float32)
+        dtype = torch.float32
     means, stds = [], []
     pixels, metas = [], []
     for item in items:
@@ -160,12 +166,16 @@ def encode_latents(vae: Any, items: Sequence[TrainItem], resolution: int, *, bat
         pixels += [arr, torch.flip(arr, dims=[2])]
         # A centre crop is its own mirror image, so both flips share the crop offsets.
         metas += [(oh, ow, top, left, resolution, resolution)] * 2
-    with torch.no_grad():
-        for i in range(0, len(pixels), batch_size):
-            batch = torch.stack(pixels[i : i + batch_size]).to(device=device, dtype=dtype)
-            dist = vae.encode(batch).latent_dist
-            means.append(dist.mean.float())
-            stds.append(dist.std.float())
+    try:
+        with torch.no_grad():
+            for i in range(0, len(pixels), batch_size):
+                batch = torch.stack(pixels[i : i + batch_size]).to(device=device, dtype=dtype)
+                dist = vae.encode(batch).latent_dist
+                means.append(dist.mean.float())
+                stds.append(dist.std.float())
+    finally:
+        if upcast:
+            vae.to(torch.float16)
     mean = torch.cat(means)
     std = torch.cat(stds)
     n = len(items)
