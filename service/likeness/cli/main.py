@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Sequence
 
 from likeness.cli.commands import (
@@ -25,6 +26,7 @@ from likeness.cli.commands import (
     serve,
     train,
 )
+from likeness import __version__
 from likeness.cli.output import say
 from likeness.errors import LikenessError
 
@@ -34,6 +36,7 @@ COMMAND_MODULES = (info, generate, faces, prompt, caption, export, curate, serve
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="likeness", description="Consistent Stable Diffusion characters.")
+    parser.add_argument("--version", action="version", version=f"likeness {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMAND_MODULES:
         module.register(sub)
@@ -57,4 +60,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         say("interrupted: finished work is kept; run the same command again to resume")
         return 130
+    except Exception as exc:  # noqa: BLE001 - only a server's answer is handled here; the rest re-raises
+        status = _server_error(exc)
+        if status is None:
+            raise
+        say(f"error: {status[0]}: {status[1]}")
+        return status[2]
     return int(result or 0)
+
+
+def _server_error(exc: BaseException) -> tuple[str, str, int] | None:
+    """(STATUS, message, exit code) of a gRPC error from a server (``--server``), else None.
+
+    The exit code is the one the same error has embedded (``InvalidInput`` 2, ``NotFound`` 3, ...:
+    the inverse of serve/status.py's table); a server that cannot be reached is 1.
+    """
+    grpc = sys.modules.get("grpc")  # only commands that talked to a server loaded it
+    if grpc is None or not isinstance(exc, grpc.RpcError) or not hasattr(exc, "code"):
+        return None
+    from likeness.serve.status import STATUS_CODES
+
+    code = exc.code()
+    exit_codes = {status: cls.exit_code for cls, status in STATUS_CODES.items()}
+    message = exc.details() or code.name
+    if code == grpc.StatusCode.UNAVAILABLE:
+        message += " (is `likeness serve` running at that address, and is it the right port?)"
+    return code.name, message, exit_codes.get(code, 1)

@@ -40,20 +40,59 @@ def _client(args: argparse.Namespace) -> Any:
     return LikenessClient(args.server, token=token_from_env(args.token), tls_ca=args.tls_ca or "", timeout=120)
 
 
-def _build_dict_pb(b: Any) -> dict[str, Any]:
-    from google.protobuf.json_format import MessageToDict
+# `builds list`: the fields that tell builds apart; `builds show ID` has the rest.
+_SUMMARY = ("id", "character", "state", "stage", "round", "error", "create_time", "finish_time", "scores")
 
-    d = MessageToDict(b, preserving_proto_field_name=True)
-    d["state"] = STATE_NAMES.get(b.state, str(b.state))
-    return d
+
+def _build_dict_pb(b: Any) -> dict[str, Any]:
+    """A build as JSON, one shape embedded and remote: the Build message's field names and types.
+
+    (MessageToDict wrote int64 as strings: ``last_event`` "12"; and embedded output used the
+    store's names, ``created_at``.)
+    """
+    from likeness.serve.servicer import options_to_dict, spec_to_dict
+
+    return {
+        "id": b.id, "character": b.character, "state": STATE_NAMES.get(b.state, str(b.state)),
+        "stage": b.stage, "round": b.round, "error": b.error, "device": b.device,
+        "create_time": b.create_time, "start_time": b.start_time, "finish_time": b.finish_time,
+        "last_event": int(b.last_event), "scores": dict(b.scores),
+        "stages": [{"round": s.round, "stage": s.stage, "state": s.state, "update_time": s.update_time}
+                   for s in b.stages],
+        "spec": spec_to_dict(b.spec), "options": options_to_dict(b.options),
+    }
 
 
 def _build_dict_row(store: Any, row: Any) -> dict[str, Any]:
-    from likeness.config import to_dict
+    """An embedded build in the same shape as a server's (through the same message)."""
+    from likeness.serve.servicer import build_to_pb
 
-    d = to_dict(row)
-    d["stages"] = [to_dict(s) for s in store.stages(row.id)]
-    return d
+    return _build_dict_pb(build_to_pb(row, store.stages(row.id)))
+
+
+def _emit_builds(builds: list[dict[str, Any]]) -> None:
+    """`builds list`: a JSON array with one line per build (each was ~150 lines with spec and stages)."""
+    import json
+    import sys
+
+    lines = [json.dumps({k: b[k] for k in _SUMMARY}, ensure_ascii=False) for b in builds]
+    sys.stdout.write("[\n" + ",\n".join(lines) + "\n]\n" if lines else "[]\n")
+    sys.stdout.flush()
+
+
+def _store(args: argparse.Namespace, build_id: str = "") -> Any:
+    """The embedded store over --data, without creating a data folder just to look into it."""
+    from pathlib import Path
+
+    from likeness.build.store import DB_NAME, Store
+    from likeness.errors import NotFound
+
+    if not (Path(args.data) / DB_NAME).is_file():
+        if build_id:
+            raise NotFound(f"build {build_id!r} not found: {args.data} holds no builds (no {DB_NAME}); "
+                           "pass --data DIR of a `likeness build`, or --server ADDR")
+        return None
+    return Store(args.data)
 
 
 def _bars(disable: bool) -> Any:
@@ -111,7 +150,7 @@ def _build(args: argparse.Namespace) -> int:
         # Before any folder is made; the service's StartBuild refuses the same requests, same words.
         eff = effective_spec(spec, build_options(options))
         check_build_request(eff, resolve_profile(None, eff.profile, say=say))
-    store = Store(args.data)
+    store = _store(args, args.resume) if args.resume else Store(args.data)
     if args.resume:
         build_id = store.get_build(args.resume).id
         say(f"resuming build {build_id}")
@@ -131,7 +170,7 @@ def _build(args: argparse.Namespace) -> int:
     finally:
         bars.close()
     final = store.get_build(build_id)
-    emit(_build_dict_row(store, final))
+    emit(_build_dict_row(store, final) | {"folder": str(store.build_dir(build_id))})
     return 0 if final.state == "succeeded" else 1
 
 
@@ -139,7 +178,7 @@ def _builds(args: argparse.Namespace) -> int:
     if args.server:
         with _client(args) as c:
             if args.action == "list":
-                emit([_build_dict_pb(b) for b in c.list_builds(args.character or "", args.limit)])
+                _emit_builds([_build_dict_pb(b) for b in c.list_builds(args.character or "", args.limit)])
             elif args.action == "show":
                 emit(_build_dict_pb(c.get_build(_need_id(args))))
             elif args.action == "cancel":
@@ -148,11 +187,12 @@ def _builds(args: argparse.Namespace) -> int:
                 final = _follow_remote(c, _need_id(args), args.no_progress, args.after)
                 emit(_build_dict_pb(final))
         return 0
-    from likeness.build.store import Store
-
-    store = Store(args.data)
+    store = _store(args, "" if args.action == "list" else _need_id(args))
+    if store is None:  # `builds list` where no build ever ran: nothing, and no ./data made
+        _emit_builds([])
+        return 0
     if args.action == "list":
-        emit([_build_dict_row(store, r) for r in store.list_builds(args.character or "", args.limit or 100)])
+        _emit_builds([_build_dict_row(store, r) for r in store.list_builds(args.character or "", args.limit or 100)])
     elif args.action == "show":
         emit(_build_dict_row(store, store.get_build(_need_id(args))))
     elif args.action == "cancel":

@@ -117,19 +117,23 @@ def _compare(args: argparse.Namespace) -> int:
                 except NotFound as exc:
                     paths[n] = str(exc)
     res = _analyze_files(analyzer, [p for p in paths.values() if isinstance(p, Path)])
-    same = wrong = 0
+    same = wrong = errors = 0
     for a, b, label in rows:
         ra = res[paths[a]] if isinstance(paths[a], Path) else {"error": paths[a]}
         rb = res[paths[b]] if isinstance(paths[b], Path) else {"error": paths[b]}
         row = _pair_result(a, b, ra, rb, cal.threshold)
         if label is not None:
             row["label_same"] = label
-            row["correct"] = (row["same_person"] is True) == label
-            wrong += not row["correct"]
+            # A pair that could not be compared (a missing file, no face) is neither right nor
+            # wrong: it used to count as correct whenever the label said "different people".
+            row["correct"] = None if "error" in row else row["same_person"] == label
+            wrong += row["correct"] is False
+        errors += "error" in row
         same += row["same_person"] is True
         emit_line(row)
     say(f"{len(rows)} pairs, {same} judged same person at threshold {cal.threshold}"
-        + (f", {wrong} disagree with the labels" if any(lab is not None for *_, lab in rows) else ""))
+        + (f", {wrong} disagree with the labels" if any(lab is not None for *_, lab in rows) else "")
+        + (f", {errors} could not be compared (see 'error')" if errors else ""))
     return 0
 
 

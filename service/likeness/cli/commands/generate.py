@@ -20,13 +20,20 @@ def _generate(args: argparse.Namespace) -> int:
                  if v is not None}
     if overrides:
         spec = spec.with_overrides(**overrides)
+    from likeness.preflight import check_device
+    from likeness.profiles import resolve_profile
+
+    # Refused before plan.json is written: a plan made for a profile that cannot run here made the
+    # retry with --profile cpu-tiny (as the message suggests) fail as "planned with other settings".
+    profile = resolve_profile(args.profile, spec.profile, say=say)
+    check_device(profile)
     executor = executor_from_args(args)
     bar = TqdmProgress(disable=args.quiet)
     try:
         result = generate_gallery(
             spec,
             args.out,
-            args.profile,
+            profile,
             per_cell=args.per_cell,
             zooms=args.zooms,
             angles=args.angles,

@@ -93,11 +93,19 @@ def _train(args: argparse.Namespace) -> int:
                                      cancel=cancel)
     finally:
         bar.close()
+    from likeness.files import atomic_write_bytes
+
+    # The chosen embedding at the top of --out as <token>.safetensors, where kohya and A1111 users
+    # look for it (it was only inside checkpoints/step-N/).
+    chosen = result.out_dir / f"checkpoints/step-{result.best_step}/{spec.token}.safetensors"
+    embedding = atomic_write_bytes(result.out_dir / f"{spec.token}.safetensors", chosen.read_bytes())
+    say(f"embedding of step {result.best_step}: {embedding}")
     emit({
         "token": spec.token,
         "best_step": result.best_step,
         "reason": result.best_reason,
-        "embedding": str(result.out_dir / f"checkpoints/step-{result.best_step}/{spec.token}.safetensors"),
+        "embedding": str(embedding),
+        "checkpoint_embedding": str(chosen),
         "best": str(result.out_dir / BEST_FILE),
         "last_step": result.last_step,
         "resumed_from": result.resumed_from,
@@ -111,7 +119,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a textual-inversion embedding on a captioned image folder")
     p.add_argument("dataset", help="folder of images with .txt caption sidecars (the curated set)")
     p.add_argument("--spec", required=True, help="character spec TOML (token, class word, sampler)")
-    p.add_argument("--out", required=True, help="output folder (checkpoints/, checkpoint_scores.json, best.json)")
+    p.add_argument("--out", required=True,
+                   help="output folder: <token>.safetensors (the chosen step), checkpoints/, checkpoint_scores.json, best.json")
     p.add_argument("--steps", type=int, help="optimizer updates (default 1500)")
     p.add_argument("--profile", help="model profile (default: the spec's, else the best this machine runs)")
     p.add_argument("--lr", help='learning rate: a number or an A1111 schedule such as "0.005:100, 1e-3:1000, 1e-5"')
