@@ -8,7 +8,6 @@ machines, so by default no rear shot without a face is kept.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest

@@ -3,9 +3,9 @@
 The driver (``likeness.curate.decide``) reads each shard's files as bytes — only when
 the executor asks for that shard, so memory stays bounded by the shard size
 times the workers in flight — and a worker decodes them once, then runs the
-face analyzer, the CLIP image encoder, the face checks, the border colours
-and the grey thumbnail for near-duplicates. A worker is built once per
-process (or Ray actor) by :class:`CurationWorkerFactory`, which loads the
+face analyzer, the CLIP image encoder, the face checks, the border colours,
+the hair/wardrobe colours around the face and the grey thumbnail for
+near-duplicates. A worker is built once per process (or Ray actor) by :class:`CurationWorkerFactory`, which loads the
 models from a profile; results are plain picklable values
 (:class:`ImageAnalysis`), so they travel back from other nodes, and the
 driver alone decides and writes (``likeness.executor``).
@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from likeness.backends.protocols import ClipModel, FaceAnalyzer
+from likeness.curate.appearance import region_colours
 from likeness.curate.background import border_features
 from likeness.curate.checks import CurateConfig, check_faces
 from likeness.errors import InvalidInput
@@ -79,6 +80,9 @@ class ImageAnalysis:
     border: np.ndarray | None = field(default=None, repr=False)
     # L2-normalised CLIP image embedding (None without CLIP).
     clip: np.ndarray | None = field(default=None, repr=False)
+    # Colour histograms of the hair and wardrobe regions around the main face
+    # (likeness.curate.appearance.region_colours; a region is None when not in the frame).
+    regions: dict[str, Any] = field(default_factory=dict, repr=False)
     # format, mode, size, extension mismatch, and the face checks' numbers.
     measures: dict[str, Any] = field(default_factory=dict)
 
@@ -184,7 +188,8 @@ def analyse_shard(shard: AnalysisShard, faces: FaceAnalyzer, clip: ClipModel | N
                 code, reason = chk.reason_code, chk.reason
         out[item.index] = ImageAnalysis(
             item.index, code, reason, faces=tuple(recs), thumb=thumb, border=border_features(arr),
-            clip=np.asarray(embs[n], np.float32) if embs is not None else None, measures=measures)
+            clip=np.asarray(embs[n], np.float32) if embs is not None else None, measures=measures,
+            regions=region_colours(arr, recs[0].bbox) if recs else {})
     return [out[item.index] for item in shard.items]
 
 

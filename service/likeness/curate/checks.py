@@ -30,6 +30,8 @@ REASON_CODES: tuple[str, ...] = (
     "blurry",               # the face is not sharp
     "identity_outlier",     # the face is not the character (far from the identity centroid)
     "off_background",       # the background is unlike the spec/the set
+    "off_hair",             # the hair (above the face) has other colours than the character's images
+    "off_wardrobe",         # the clothes (below the face) have other colours than the character's images
     "near_duplicate",       # a re-encoding, crop or mirror of a kept image
     "not_selected",         # passed every check; K images were chosen before it
     "selected",             # kept in the curated set
@@ -127,6 +129,26 @@ class CurateConfig:
     # Absolute floor of the background score (0 = off: CLIP probabilities
     # differ between CLIP models, so an absolute bar is opt-in).
     background_min_score: float = 0.0
+    # Off-prompt hair / wardrobe (likeness.curate.appearance): an image is off when the Hellinger
+    # distance of its region's CIELAB colour histograms to the character's consensus (per-bin median over
+    # the identity's images) exceeds both median + z * 1.4826 * MAD of the identity's distances and the
+    # minimum. Measured on labelled images built from real generated galleries (7 ConsiStory sets,
+    # IP-Adapter's realistic and anime panels, Face Editor's deno-4/6/8), each picture x7 (mirror, crop,
+    # +-12% brightness, shrunk to 55%/35% on its own border colour) as the consistent images, and the
+    # same pictures with the hair (blonde/red/black/blue) or the clothes (red/black/green/white)
+    # recoloured as the off-prompt ones (full size and shrunk; tests/curate/test_off_prompt.py makes
+    # them): at z=3 and 0.35, hair flags 173/215 recoloured and 2/240 consistent (both ConsiStory set
+    # 04, one of whose witches wears another hat), wardrobe 208/230 and 9/225 (ConsiStory 04's one
+    # darker outfit, Face Editor deno-8's white collar: really other clothes). 0.45/0.50 flag none of the
+    # consistent images but only 153/215 and 157/230, and miss the one white shirt among IP-Adapter's
+    # blue ones (0.38-0.40; flagged at 0.35): a kept off-prompt image costs more than a rejected good
+    # one from a 400-image gallery. Real black hair among purple-red (Face Editor mask-00 vs deno-*)
+    # measures 0.83. The misses are small colour changes (blonde for light brown hair 0.30-0.33, a white
+    # or black shirt for a light blue one 0.26-0.29). z = 0 turns a rule off.
+    off_hair_z: float = 3.0
+    off_hair_min_distance: float = 0.35
+    off_wardrobe_z: float = 3.0
+    off_wardrobe_min_distance: float = 0.35
     # Contrasting scenes for the CLIP background probability.
     background_alternatives: tuple[str, ...] = DEFAULT_BACKGROUND_ALTERNATIVES
     # Selection utility weights: identity first, then background, then quality.
@@ -150,7 +172,7 @@ def validate_config(cfg: CurateConfig) -> CurateConfig:
         raise InvalidInput(f"curate.{name}: {getattr(cfg, name)!r} {why}")
 
     check_bounds(cfg, "curate")
-    for name in ("min_det_score", "near_dup_min_face_agreement", "several_faces_ratio", "several_faces_min_det",
+    for name in ("min_det_score", "near_dup_min_face_agreement", "off_hair_min_distance", "off_wardrobe_min_distance", "several_faces_ratio", "several_faces_min_det",
                  "several_faces_det_margin", "min_sharpness", "min_face_area_fallback", "background_min_score", "background_min_drop"):
         if not 0.0 <= getattr(cfg, name) <= 1.0:
             bad(name, "must be between 0 and 1")
@@ -167,8 +189,9 @@ def validate_config(cfg: CurateConfig) -> CurateConfig:
     for name in ("near_dup_min_matches", "near_dup_neighbours", "batch_size"):
         if getattr(cfg, name) < 1:
             bad(name, "must be at least 1")
-    if cfg.min_face_px < 0 or cfg.background_outlier_z < 0:
-        bad("min_face_px" if cfg.min_face_px < 0 else "background_outlier_z", "must not be negative")
+    for name in ("min_face_px", "background_outlier_z", "off_hair_z", "off_wardrobe_z"):
+        if getattr(cfg, name) < 0:
+            bad(name, "must not be negative (0 turns the rule off)" if name.endswith("_z") else "must not be negative")
     if cfg.max_side < 256:
         bad("max_side", "must be at least 256 (the detector needs the pixels)")
     if min(cfg.weight_identity, cfg.weight_background, cfg.weight_quality) < 0:

@@ -19,9 +19,13 @@ Pipeline (every rule and threshold is in docs/curation.md):
    ``likeness.curate.selection``), with a warning when no identity holds a
    clear majority;
 5. Background score (CLIP text contrast + CIELAB border consistency) and
-   off-background outliers — ``likeness.curate.background``.
-6. Near-duplicates among the rest (face cosine AND ORB same-picture matches);
-   one per group stays. Rear-angle shots without a face: CLIP policy.
+   off-background outliers — ``likeness.curate.background``; off-prompt hair
+   and wardrobe (colour histograms above and below the face against the
+   character's consensus) — ``likeness.curate.appearance``.
+6. Near-duplicates among the rest (similar faces that are the same picture:
+   keypoints agree with one similarity transform and the aligned faces agree
+   pixel for pixel); one per group stays. Images without a face: kept as rear
+   views only by a real CLIP model at a calibrated threshold.
 7. Selection of K over the zoom x angle grid; set scores of the selection,
    the whole pool and a fixed-seed random K (``likeness.scores.set_scores``).
 8. ``<out>/<id>.png`` for the selected images and ``<out>/curation.json``,
@@ -181,7 +185,7 @@ def _analyse(root: Path, items: list[_Item], cfg: CurateConfig, executor: Any, f
         for a in res.images:
             it = items[a.index]
             it.code, it.reason, it.faces = a.code, a.reason, list(a.faces)
-            it.thumb, it.border, it.clip = a.thumb, a.border, a.clip
+            it.thumb, it.border, it.clip, it.regions = a.thumb, a.border, a.clip, a.regions
             it.measures.update(a.measures)
         state["models"] = {"face_backend": res.face_backend, "recognition_sha256": res.recognition_sha256,
                            "clip_backend": res.clip_backend}

@@ -16,6 +16,7 @@ import numpy as np
 
 from likeness import scores
 from likeness.backends.protocols import ClipModel
+from likeness.curate.appearance import colour_distances, colour_outliers
 from likeness.curate.background import background_outliers, background_scores, clip_background_probability
 from likeness.curate.checks import REASON_CODES, CurateConfig, is_rear_angle, near_duplicate_pairs
 from likeness.curate.selection import Candidate, cluster_identities, identity_verdicts, select_k
@@ -36,6 +37,7 @@ class _Item:
     thumb: np.ndarray | None = None
     border: np.ndarray | None = None
     clip: np.ndarray | None = None
+    regions: dict[str, Any] = field(default_factory=dict)
     measures: dict[str, Any] = field(default_factory=dict)
     scores: dict[str, float | None] = field(default_factory=dict)
     cluster: int = -1
@@ -215,6 +217,41 @@ def background_outlier_pass(items: list[_Item], ctx: PassContext) -> None:
                 f"{float(np.median(bg[ref])) if ref else float('nan'):.2f})"))
 
 
+def _off_colour_pass(region: str, code: str, what: str, z: float, min_distance: float,
+                     items: list[_Item], ctx: PassContext) -> None:
+    """Reject faces whose ``region`` colours are far from the character's consensus (likeness.curate.appearance)."""
+    ref_items = [i for i in ctx.members if not items[i].code]
+    idx = [i for i, it in enumerate(items) if it.faces]
+    colours = [items[i].regions.get(region) for i in idx]
+    pos = {i: n for n, i in enumerate(idx)}
+    ref = [pos[i] for i in ref_items]
+    dist, _consensus = colour_distances(colours, ref)
+    off, limit = colour_outliers(dist, ref, z=z, min_delta=min_distance)
+    ref_d = dist[np.asarray(ref, np.int64)] if ref else dist[:0]
+    ref_d = ref_d[~np.isnan(ref_d)]
+    med = float(np.median(ref_d)) if ref_d.size else float("nan")
+    for n, i in enumerate(idx):
+        if not np.isnan(dist[n]):
+            items[i].scores[f"{region}_distance"] = round(float(dist[n]), 4)
+        if off[n]:
+            ctx.reject(items[i], code, (
+                f"{what} has other colours than in the character's images: colour distance {dist[n]:.2f} from "
+                f"their consensus (limit {limit:.2f}; the character's images are typically {med:.2f}), so the "
+                f"prompt's {region} was not followed"))
+
+
+def off_hair_pass(items: list[_Item], ctx: PassContext) -> None:
+    """Reject faces whose hair (the band above the face) drifted from the character's colours."""
+    _off_colour_pass("hair", "off_hair", "the hair above the face", ctx.cfg.off_hair_z,
+                     ctx.cfg.off_hair_min_distance, items, ctx)
+
+
+def off_wardrobe_pass(items: list[_Item], ctx: PassContext) -> None:
+    """Reject faces whose clothes (below the chin) drifted from the character's colours."""
+    _off_colour_pass("wardrobe", "off_wardrobe", "the clothing below the face", ctx.cfg.off_wardrobe_z,
+                     ctx.cfg.off_wardrobe_min_distance, items, ctx)
+
+
 def utility_pass(items: list[_Item], ctx: PassContext) -> None:
     """Weighted identity/background/quality utility of every undecided item (rejects nothing)."""
     cfg = ctx.cfg
@@ -289,4 +326,4 @@ def select_pass(items: list[_Item], ctx: PassContext) -> None:
 
 # The passes in order; a new rule is a new function here (docs/curation.md lists them).
 PASSES: tuple[Pass, ...] = (identity_pass, background_score_pass, rear_pass, background_outlier_pass,
-                            utility_pass, near_duplicate_pass, select_pass)
+                            off_hair_pass, off_wardrobe_pass, utility_pass, near_duplicate_pass, select_pass)
