@@ -74,3 +74,44 @@ def test_output_paths_that_cannot_be_folders_are_invalid_input(tmp_path):
     with pytest.raises(InvalidInput, match="it is a folder"):
         atomic_write_bytes(tmp_path, b"1")
     assert blocker.read_text() == "x"
+
+
+def test_folder_lock_needs_no_fcntl(tmp_path):
+    # Issue 13: files.py imported fcntl, so nothing ran on native Windows. Simulated here by hiding
+    # fcntl before anything imports it (filelock then uses its portable lock).
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['fcntl'] = None\n"
+        "from likeness.files import folder_lock\n"
+        f"with folder_lock({str(tmp_path)!r}, 'test'):\n"
+        "    print('locked')\n"
+    )
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "locked"
+
+
+def test_folder_lock_of_a_killed_process_is_released(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from likeness.errors import FailedPrecondition
+    from likeness.files import folder_lock
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom likeness.files import folder_lock\n"
+         f"with folder_lock({str(tmp_path)!r}, 'generation'):\n    print('held', flush=True)\n    time.sleep(120)\n"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(FailedPrecondition, match="another generation is writing"):
+            with folder_lock(tmp_path, "generation"):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(30)
+    with folder_lock(tmp_path, "generation"):  # the kernel dropped the dead process's lock
+        pass

@@ -7,7 +7,6 @@ a reader (or a restarted build) never sees a half-written file.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -149,20 +148,27 @@ def folder_lock(folder: str | os.PathLike[str], what: str = "run") -> Iterator[P
     """Hold an exclusive lock on ``folder`` (a ``.lock`` file) or fail at once.
 
     Two runs writing the same artifacts would interleave rows and images; the
-    second one is refused with a message instead. The lock dies with the
-    process (flock), so a killed run never leaves a stale lock behind.
+    second one is refused with a message instead. The lock is the operating
+    system's (``filelock``: flock on Linux and macOS, msvcrt on native Windows,
+    where fcntl does not exist), so it dies with the process and a killed run
+    never leaves a stale lock behind.
     """
+    import filelock
+
     from likeness.errors import FailedPrecondition
 
     folder = ensure_dir(folder)
-    fh = open(folder / ".lock", "a+")
+    # timeout=0: refuse at once instead of queueing behind the other run. No soft-lock fallback
+    # where flock fails (some network filesystems): a lock file that outlives a killed process
+    # would refuse every later run.
+    lock = filelock.FileLock(folder / ".lock", timeout=0, fallback_to_soft=False)
     try:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise FailedPrecondition(
-                f"another {what} is writing into {folder}; wait for it to finish or use another folder"
-            ) from None
+        lock.acquire()
+    except filelock.Timeout:
+        raise FailedPrecondition(
+            f"another {what} is writing into {folder}; wait for it to finish or use another folder"
+        ) from None
+    try:
         yield folder
     finally:
-        fh.close()
+        lock.release()
