@@ -2,7 +2,7 @@
 
 ``run_nightly(characters_dir, data_dir=...)``:
 
-- takes ``<data_dir>/nightly.lock`` (``fcntl.flock``, non-blocking): a second
+- takes ``<data_dir>/nightly.lock`` (``filelock``, non-blocking): a second
   run at the same time fails at once instead of building everything twice;
 - keys the run by night (``YYYY-MM-DD``, local time, or ``config.night``): a
   character whose build for this night already succeeded is not rebuilt, so
@@ -26,7 +26,6 @@ store is the one owner of that file. The summary page is made by
 from __future__ import annotations
 
 import datetime as _dt
-import fcntl
 import hashlib
 import json
 import os
@@ -145,23 +144,30 @@ def nightly_exit_code(result: NightlyResult) -> int:
 def nightly_lock(data_dir: Path) -> Iterator[Path]:
     """Hold ``<data_dir>/nightly.lock`` for the run; FailedPrecondition if another run holds it.
 
-    flock is released by the kernel when the process dies, so a killed run never
-    leaves a stale lock behind.
+    The lock is the operating system's (``filelock``: flock on Linux and macOS, msvcrt on
+    native Windows), released by the kernel when the process dies, so a killed run never
+    leaves a stale lock behind. The holder's pid sits beside it in ``nightly.pid`` for the
+    message (a locked file cannot be read on Windows).
     """
+    import filelock
+
     data_dir.mkdir(parents=True, exist_ok=True)
     path = data_dir / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    pid_file = data_dir / "nightly.pid"
+    lock = filelock.FileLock(path, timeout=0, fallback_to_soft=False)
     try:
+        lock.acquire()
+    except filelock.Timeout:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            raise FailedPrecondition(f"another nightly run holds {path} (pid {holder}); wait for it to finish") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+            holder = pid_file.read_text(encoding="utf-8").strip() or "unknown"
+        except OSError:
+            holder = "unknown"
+        raise FailedPrecondition(f"another nightly run holds {path} (pid {holder}); wait for it to finish") from None
+    try:
+        pid_file.write_text(str(os.getpid()), encoding="utf-8")
         yield path
     finally:
-        os.close(fd)  # closing the descriptor releases the lock
+        lock.release()
 
 
 # ------------------------------------------------------------------ comparing
