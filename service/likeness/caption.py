@@ -181,8 +181,9 @@ def load_vocabulary(path: str | Path) -> CaptionVocabulary:
 def _rows(dataset_dir: Path) -> list[tuple[str, Path, str, str]]:
     """(id, image, zoom, angle) of every image to caption.
 
-    A curated folder (has ``curation.json``): its selected ``<id>.png`` images, with zoom and
-    angle from curate's :func:`likeness.curate.decide.read_curation`. Any other folder of images (a
+    A curated folder (has ``curation.json``): its selected ``<id>.png`` images, with the measured
+    zoom (the label's when none was measured) and the angle from curate's
+    :func:`likeness.curate.decide.read_curation`. Any other folder of images (a
     dataset made by hand): every image in it, without zoom/angle.
     """
     from likeness.images import list_images
@@ -197,7 +198,10 @@ def _rows(dataset_dir: Path) -> list[tuple[str, Path, str, str]]:
             image = dataset_dir / f"{image_id}.png"
             if not image.is_file():
                 raise NotFound(f"{image} is listed as selected in curation.json but missing; re-run curation")
-            rows.append((image_id, image, decision.zoom, decision.angle))
+            # The zoom the picture shows (curation measures it from the face's size), not the prompt's word:
+            # the workflow re-labels zooms by what is visible before captioning.
+            zoom = (decision.measures or {}).get("zoom_measured") or decision.zoom
+            rows.append((image_id, image, zoom, decision.angle))
     else:
         rows = [(p.stem, p, "", "") for p in list_images(dataset_dir) if p.parent == dataset_dir]
     if not rows:

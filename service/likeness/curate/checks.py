@@ -14,6 +14,7 @@ import numpy as np
 
 from likeness import scores
 from likeness.config import bounded, check_bounds, from_dict
+from likeness.curate.framing import measured_zoom, yaw_degrees
 from likeness.errors import InvalidInput
 
 # Every reason an image can get, in the order checks run. Stable: the caption,
@@ -126,6 +127,13 @@ class CurateConfig:
     rear_clip_threshold: float | None = None
     # Words in the angle name that mark a rear-angle shot.
     rear_angle_words: tuple[str, ...] = ("rear", "back", "behind")
+    # Label checks of the measured yaw (likeness.curate.framing; reported, never a rejection). On 500
+    # random LFW devtrain photos (press photos, mostly facing the camera) |yaw| has median 13, 95th
+    # percentile 38 and 99th 52 degrees; the real single-face photos of ../shared/realdata/faces 6 / 23
+    # (median / 95th). A "front shot" turned more than 45 is flagged (~3% of LFW's); a "side angle"
+    # turned less than 15 (LFW's frontal median) looks frontal and is flagged.
+    yaw_front_max: float = 45.0
+    yaw_side_min: float = 15.0
     # Off-background when the background score is this many robust deviations
     # below the identity images' median (0 = relative rule off).
     background_outlier_z: float = 3.0
@@ -197,6 +205,9 @@ def validate_config(cfg: CurateConfig) -> CurateConfig:
     for name in ("min_face_px", "background_outlier_z", "off_hair_z", "off_wardrobe_z"):
         if getattr(cfg, name) < 0:
             bad(name, "must not be negative (0 turns the rule off)" if name.endswith("_z") else "must not be negative")
+    for name in ("yaw_front_max", "yaw_side_min"):
+        if not 0.0 <= getattr(cfg, name) <= 90.0:
+            bad(name, "must be an angle in degrees between 0 and 90")
     if cfg.max_side < 256:
         bad("max_side", "must be at least 256 (the detector needs the pixels)")
     if min(cfg.weight_identity, cfg.weight_background, cfg.weight_quality) < 0:
@@ -256,6 +267,10 @@ def check_faces(cfg: CurateConfig, faces: Sequence[Any], image: np.ndarray, zoom
     }
     # The main face box as fractions of the frame (resolution-free: near-duplicates compare it on thumbnails).
     m["face_box"] = [round(float(v) / d, 4) for v, d in zip(main.bbox, (w, h, w, h))]
+    # What the picture shows, whatever the prompt said (likeness.curate.framing).
+    m["zoom_measured"] = measured_zoom(float(main.area_ratio))
+    yaw = yaw_degrees(main.landmarks)
+    m["yaw"] = round(yaw, 1) if yaw is not None else None
     # Only confident faces count as competitors (a poster face at 0.3 is noise, a
     # blurred bystander cut by the frame is detected far less surely than the main face).
     rival_det = max(0.5, min(cfg.several_faces_min_det, main.det_score - cfg.several_faces_det_margin))

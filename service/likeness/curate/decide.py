@@ -291,6 +291,8 @@ def curate(
         config=to_dict(cfg),
         warnings=tuple(ctx.warnings),
         summary={"n_images": len(items), "n_selected": len(chosen), "reason_counts": {k: v for k, v in counts.items() if v},
+                 # Images whose measured zoom or yaw disagrees with their prompt label (measures.label_disagrees).
+                 "label_disagreements": sum(1 for it in items if it.measures.get("label_disagrees")),
                  "face_backend": models["face_backend"], "clip_backend": models["clip_backend"],
                  "spec": spec.name if spec is not None else None,
                  "seconds_analyse": round(t_analyse, 3), "seconds_total": round(time.perf_counter() - t0, 3)},
@@ -330,6 +332,7 @@ def _set_scores(items: list[_Item], chosen: list[int], spec: CharacterSpec | Non
     """scores.set_scores of the selection, the whole decodable pool, and a fixed-seed random K."""
     pool = [i for i, it in enumerate(items) if it.border is not None]
     known = any(items[i].row.zoom_index >= 0 for i in pool)
+    # Coverage counts measured cells (passes.framing_pass); the grid's size is the labels' grid.
     total_cells = len(spec.zooms) * len(spec.angles) if spec is not None else len({
         (items[i].row.zoom_index, items[i].row.angle_index) for i in pool}) or 1
 
@@ -345,7 +348,7 @@ def _set_scores(items: list[_Item], chosen: list[int], spec: CharacterSpec | Non
             [items[i].embedding for i in idx],
             background=own_bg,
             quality=[float(items[i].measures.get("quality", 0.0)) if items[i].faces else 0.0 for i in idx],
-            cells=[(items[i].row.zoom_index, items[i].row.angle_index) for i in idx] if known else None,
+            cells=[items[i].cell for i in idx] if known else None,
             total_cells=total_cells, scale=scale,
         ).to_dict()
 

@@ -19,6 +19,7 @@ from likeness.backends.protocols import ClipModel
 from likeness.curate.appearance import colour_distances, colour_outliers
 from likeness.curate.background import background_outliers, background_scores, clip_background_probability
 from likeness.curate.checks import REASON_CODES, CurateConfig, is_rear_angle, near_duplicate_pairs
+from likeness.curate.framing import label_disagreements
 from likeness.curate.selection import Candidate, cluster_identities, identity_verdicts, select_k
 from likeness.generate.manifest import GalleryImage
 from likeness.spec import CharacterSpec
@@ -42,6 +43,8 @@ class _Item:
     scores: dict[str, float | None] = field(default_factory=dict)
     cluster: int = -1
     duplicate_of: str = ""
+    # (zoom index, angle index) in the grid, the zoom as measured where it maps to a grid word (framing_pass).
+    cell: tuple[int, int] = (-1, -1)
 
     @property
     def embedding(self) -> np.ndarray | None:
@@ -300,13 +303,37 @@ def near_duplicate_pass(items: list[_Item], ctx: PassContext) -> None:
                 it.duplicate_of = items[alive[best]].row.id
 
 
+def framing_pass(items: list[_Item], ctx: PassContext) -> None:
+    """Measured zoom and yaw against the prompt's labels (rejects nothing; likeness.curate.framing).
+
+    Each image's grid cell takes the zoom its face shows when that zoom word is one of the
+    gallery's (the workflow re-labels zooms by what is visible); the angle stays the label's.
+    Disagreements go to ``measures["label_disagrees"]``.
+    """
+    cfg = ctx.cfg
+    index = {z: n for n, z in enumerate(ctx.spec.zooms)} if ctx.spec is not None else {}
+    index.update({it.row.zoom: it.row.zoom_index for it in items if it.row.zoom and it.row.zoom_index >= 0})
+    for it in items:
+        it.cell = (it.row.zoom_index, it.row.angle_index)
+        if not it.faces:
+            continue
+        zoom = it.measures.get("zoom_measured")
+        if it.row.zoom_index >= 0 and zoom in index:
+            it.cell = (index[zoom], it.row.angle_index)
+            it.measures["grid_zoom"] = zoom
+        disagree = label_disagreements(it.row.zoom, float(it.faces[0].area_ratio), it.row.angle,
+                                       it.measures.get("yaw"), rear_words=cfg.rear_angle_words,
+                                       yaw_front_max=cfg.yaw_front_max, yaw_side_min=cfg.yaw_side_min)
+        if disagree:
+            it.measures["label_disagrees"] = disagree
+
+
 def select_pass(items: list[_Item], ctx: PassContext) -> None:
     """Choose K over the zoom x angle grid; the rest that passed every check are ``not_selected``."""
     cfg = ctx.cfg
     cands = [i for i in ctx.members + ctx.rear if not items[i].code]
     chosen = ctx.chosen = select_k(
-        [Candidate(i, items[i].row.id,
-                   (items[i].row.zoom_index, items[i].row.angle_index) if items[i].row.zoom_index >= 0 else None,
+        [Candidate(i, items[i].row.id, items[i].cell if items[i].row.zoom_index >= 0 else None,
                    float(items[i].scores["utility"])) for i in cands],
         cfg.k, spread_over_cells=cfg.spread_over_cells)
     chosen_set = set(chosen)
@@ -326,4 +353,5 @@ def select_pass(items: list[_Item], ctx: PassContext) -> None:
 
 # The passes in order; a new rule is a new function here (docs/curation.md lists them).
 PASSES: tuple[Pass, ...] = (identity_pass, background_score_pass, rear_pass, background_outlier_pass,
-                            off_hair_pass, off_wardrobe_pass, utility_pass, near_duplicate_pass, select_pass)
+                            off_hair_pass, off_wardrobe_pass, utility_pass, near_duplicate_pass, framing_pass,
+                            select_pass)

@@ -219,7 +219,9 @@ def _score(args: argparse.Namespace) -> int:
         quality.append(q)
         background.append(bg_feat)
         # An image without a zoom/angle label (an imported folder) has no grid cell, as in curation.
-        cells.append((row.zoom, row.angle) if row is not None and (row.zoom or row.angle) else None)
+        # A curated image's cell takes its measured zoom, as curation counts it (measures.grid_zoom).
+        zoom = (getattr(row, "measures", None) or {}).get("grid_zoom") or (row.zoom if row is not None else "")
+        cells.append((zoom, row.angle) if row is not None and (row.zoom or row.angle) else None)
         rows.append({"file": rel, "faces": len(res[f]["faces"]), "face": m.to_dict() if m else None, "quality": round(q, 4)})
     bg_scores = scores.background_consistency(np.stack(background)) if background else np.zeros(0)
     for r, e, b in zip(rows, emb, bg_scores):
