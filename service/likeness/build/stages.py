@@ -105,16 +105,19 @@ def stage_generate(ctx: BuildContext, round_: int) -> dict[str, Any]:
         res = import_gallery(ctx.options.import_gallery, gallery, ctx.spec, progress=ctx.progress, cancel=ctx.cancel,
                              roots=ctx.options.import_roots or None)
         return {"gallery": str(gallery.relative_to(ctx.root)), "source": "import", "summary": _summary(res)}
-    spec, embedding = ctx.spec, None
+    spec, embedding, ti_hashes = ctx.spec, None, None
     if round_ > 0:
         # The Chosen One's loop: the same grid, with the trained token in place of the description.
         spec = _refinement_spec(ctx, round_)
         embedding = _load_best(ctx, round_ - 1)
+        from likeness.generate.infotext import ti_hash
+
+        ti_hashes = {embedding.token: ti_hash(_best_embedding_path(ctx, round_ - 1))}
     # With an executor (Ray) each worker loads its own pipeline (and the embedding); otherwise
     # the build's shared one is used.
     pipe = None if ctx.executor is not None else _pipe(ctx)
     res = generate_gallery(spec, gallery, _profile(ctx), pipe=pipe, progress=ctx.progress, cancel=ctx.cancel,
-                           executor=ctx.executor, embedding=embedding)
+                           executor=ctx.executor, embedding=embedding, ti_hashes=ti_hashes)
     return {"gallery": str(gallery.relative_to(ctx.root)), "source": "generate", "summary": _summary(result_dict(res))}
 
 

@@ -30,7 +30,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from likeness.backends.protocols import Pipeline
 from likeness.config import to_dict
@@ -249,10 +249,35 @@ class PromptCache:
         return Conditioning.concat([self._embeds[p] for p in pairs])
 
 
-def infotext_for(item: PlannedImage, sampling: SamplingConfig, model: str, model_hash: str = "") -> str:
-    """The A1111 parameters text of one planned image."""
-    from likeness.generate.infotext import InfoText, format_infotext
+def used_ti_hashes(item: PlannedImage, ti_hashes: Mapping[str, str] | None) -> dict[str, str]:
+    """The ``{token: short hash}`` entries whose token the item's prompt or negative prompt uses.
 
+    A1111 lists only the embeddings a prompt used. The tokenizer splits an added token out of any
+    text that contains it (case-insensitive, as CLIP lowercases), so containment is the test.
+    """
+    text = f"{item.prompt}\n{item.negative_prompt}".lower()
+    return {tok: h for tok, h in (ti_hashes or {}).items() if tok and tok.lower() in text}
+
+
+def infotext_for(item: PlannedImage, sampling: SamplingConfig, model: str, model_hash: str = "",
+                 ti_hashes: Mapping[str, str] | None = None) -> str:
+    """The A1111 parameters text of one planned image.
+
+    ``ti_hashes`` maps the trigger word of each loaded embedding to A1111's short hash of the file
+    it came from (:func:`likeness.generate.infotext.ti_hash`); those the prompt uses are written
+    as ``TI hashes``. ``RNG: CPU`` says where the initial noise came from
+    (:func:`likeness.backends.diffusion.draw_latents`: a CPU generator seeded with the seed, as
+    A1111's CPU source); A1111 writes no field for its GPU default.
+    """
+    from likeness.generate.infotext import InfoText, format_infotext, format_ti_hashes
+
+    extra: dict[str, str] = {}
+    if sampling.pad_conds:
+        extra["Pad conds"] = "True"  # A1111 writes the option only when it is on
+    extra["RNG"] = "CPU"
+    used = used_ti_hashes(item, ti_hashes)
+    if used:
+        extra["TI hashes"] = format_ti_hashes(used)
     return format_infotext(
         InfoText(
             prompt=item.prompt,
@@ -265,8 +290,7 @@ def infotext_for(item: PlannedImage, sampling: SamplingConfig, model: str, model
             height=sampling.height,
             model=model,
             model_hash=model_hash,
-            # A1111 writes the option only when it is on.
-            extra={"Pad conds": "True"} if sampling.pad_conds else {},
+            extra=extra,
         )
     )
 
@@ -282,6 +306,7 @@ def render_images(
     clip_skip: int = 1,
     cache: PromptCache | None = None,
     cancel: CancelToken | None = None,
+    ti_hashes: Mapping[str, str] | None = None,
 ) -> list[RenderedImage]:
     """Render planned images with a loaded pipeline; PNG bytes carry A1111 infotext.
 
@@ -306,7 +331,7 @@ def render_images(
             t0 = time.perf_counter()
             embeds = cache.encode(pipe, batch, clip_skip, steps, sampling.pad_conds)
             images = denoise(pipe, embeds, [b.seed for b in batch], sampling, cancel=cancel)
-            encoded = [png_bytes(img, infotext_for(b, sampling, model, model_hash)) for b, img in zip(batch, images)]
+            encoded = [png_bytes(img, infotext_for(b, sampling, model, model_hash, ti_hashes)) for b, img in zip(batch, images)]
             share = (time.perf_counter() - t0) / len(batch)
             for b, img, png in zip(batch, images, encoded):
                 out[b.id] = RenderedImage(b.id, png, share, img.width, img.height)
@@ -317,16 +342,18 @@ class GalleryWorker:
     """Renders shards (lists of PlannedImage) with one loaded pipeline (an executor worker)."""
 
     def __init__(
-        self, pipe: Pipeline, sampling: SamplingConfig, model: str, model_hash: str = "", cancel: CancelToken | None = None
+        self, pipe: Pipeline, sampling: SamplingConfig, model: str, model_hash: str = "", cancel: CancelToken | None = None,
+        ti_hashes: Mapping[str, str] | None = None,
     ) -> None:
         self.pipe, self.sampling, self.model, self.model_hash = pipe, sampling, model, model_hash
+        self.ti_hashes = dict(ti_hashes or {})
         # In-process workers stop mid-batch on cancel; Ray workers stop between shards.
         self.cancel = cancel
         self.cache = PromptCache()
 
     def run(self, shard: Sequence[PlannedImage]) -> list[RenderedImage]:
         return render_images(self.pipe, shard, self.sampling, model=self.model, model_hash=self.model_hash,
-                             cache=self.cache, cancel=self.cancel)
+                             cache=self.cache, cancel=self.cancel, ti_hashes=self.ti_hashes)
 
 
 @dataclass(frozen=True)
@@ -339,6 +366,8 @@ class GalleryWorkerFactory:
     # A TrainedEmbedding (its tensors travel with the factory) for galleries drawn with the
     # character's token, e.g. refinement rounds; None for the first gallery.
     embedding: Any = None
+    # {token: A1111 short hash of the embedding's file} for the infotext's "TI hashes".
+    ti_hashes: Mapping[str, str] | None = None
 
     def __call__(self) -> GalleryWorker:
         from likeness.backends.diffusion import load_pipeline, model_hash, model_name
@@ -348,7 +377,8 @@ class GalleryWorkerFactory:
             from likeness.embeddings import load_into_pipeline
 
             load_into_pipeline(pipe, self.embedding)
-        return GalleryWorker(pipe, self.sampling, model_name(self.profile), model_hash(self.profile))
+        return GalleryWorker(pipe, self.sampling, model_name(self.profile), model_hash(self.profile),
+                             ti_hashes=self.ti_hashes)
 
 
 # ---------------------------------------------------------------- the stage
@@ -402,6 +432,7 @@ def generate_gallery(
     executor: Any = None,
     compile_unet: bool = False,
     embedding: Any = None,
+    ti_hashes: Mapping[str, str] | None = None,
 ) -> GenerateResult:
     """Generate (or finish) the gallery of ``spec`` in ``out_dir``; see the module docstring.
 
@@ -412,7 +443,8 @@ def generate_gallery(
     batches are kept and :class:`likeness.errors.Cancelled` is raised.
     ``embedding`` (a :class:`likeness.embeddings.TrainedEmbedding`) is loaded
     into the pipeline (every worker's, with an executor) so prompts can use
-    the character's token.
+    the character's token; ``ti_hashes`` (``{token: ti_hash(file)}`` of the file it was read
+    from) puts A1111's ``TI hashes`` in the infotext of images whose prompt uses it.
     """
     if batch_size is not None and not 0 <= batch_size <= 256:
         # A negative size made range() empty: the run "succeeded" without drawing anything.
@@ -422,7 +454,7 @@ def generate_gallery(
         return _generate_locked(
             spec, out_dir, profile, per_cell=per_cell, zooms=zooms, angles=angles, batch_size=batch_size,
             progress=progress, cancel=cancel, pipe=pipe, executor=executor, compile_unet=compile_unet,
-            embedding=embedding,
+            embedding=embedding, ti_hashes=ti_hashes,
         )
 
 
@@ -441,6 +473,7 @@ def _generate_locked(
     executor: Any,
     compile_unet: bool,
     embedding: Any,
+    ti_hashes: Mapping[str, str] | None = None,
 ) -> GenerateResult:
     from likeness.backends.diffusion import auto_batch_size, load_pipeline, model_hash, model_name, pipeline_device
     from likeness.generate.contact_sheet import contact_sheet
@@ -473,11 +506,11 @@ def _generate_locked(
         load_seconds = time.perf_counter() - t0
         device = str(pipeline_device(pipe))
         size = size or auto_batch_size(pipe, sampling.width, sampling.height, prof.family)
-        worker = GalleryWorker(pipe, sampling, model, model_hash(prof), cancel=cancel)
+        worker = GalleryWorker(pipe, sampling, model, model_hash(prof), cancel=cancel, ti_hashes=ti_hashes)
         worker_factory = lambda: worker  # noqa: E731 - the local executor calls it once
     else:
         size = size or 8
-        worker_factory = GalleryWorkerFactory(prof, sampling, compile_unet, embedding)
+        worker_factory = GalleryWorkerFactory(prof, sampling, compile_unet, embedding, ti_hashes)
         device = "executor" if pending else device
     shards = [pending[i : i + size] for i in range(0, len(pending), size)]
 

@@ -28,7 +28,9 @@ from typing import Any, Sequence
 from likeness.config import to_dict
 from likeness.errors import InvalidInput
 from likeness.files import atomic_write_bytes, atomic_write_json, folder_lock
-from likeness.generate.infotext import InfoText, format_infotext, parse_infotext, png_bytes, read_parameters
+from likeness.generate.infotext import (
+    InfoText, format_infotext, parse_infotext, parse_ti_hashes, png_bytes, read_parameters, rng_source, ti_hash,
+)
 from likeness.generate.manifest import GalleryImage, manifest_path, write_manifest
 from likeness.progress import CancelToken, ProgressFn, report
 from likeness.spec import DEFAULT_ANGLES, DEFAULT_ZOOMS, CharacterSpec
@@ -52,6 +54,9 @@ class ImportResult:
     skipped: list[dict[str, str]] = field(default_factory=list)
     # [{"file": ..., "warning": ...}] for imported files worth a look (wrong extension, no infotext).
     warnings: list[dict[str, str]] = field(default_factory=list)
+    # Per image id: {"rng": "GPU"|"CPU"|"NV" (A1111's noise source; no RNG field = GPU),
+    # "ti_hashes": [{"token", "hash", "file" (under the embeddings folder; "" when not found), "note"}]}.
+    images: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- zoom / angle
@@ -139,6 +144,64 @@ def comfy_infotext(prompt_json: str) -> InfoText | None:
     return None
 
 
+# ---------------------------------------------------------------- TI hashes
+
+# The files A1111 loads as embeddings (its embeddings folder, searched recursively).
+EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors", ".png", ".webp", ".jxl", ".avif")
+
+
+def index_embeddings(folder: str | os.PathLike[str]) -> dict[str, list[str]]:
+    """``{A1111 short hash: [files relative to folder]}`` of every embedding file under ``folder``.
+
+    The short hash is :func:`~likeness.generate.infotext.ti_hash` (sha256 of the bytes, 12 hex
+    digits), what A1111 writes in ``TI hashes``. Files over :data:`MAX_FILE_BYTES` are not hashed
+    (no embedding is that big). A folder that does not exist is InvalidInput.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise InvalidInput(f"embeddings folder {root} does not exist or is not a folder; pass the folder that "
+                           "holds your .pt/.safetensors embeddings (A1111's embeddings/)")
+    found: dict[str, list[str]] = {}
+    for path in sorted(root.rglob("*")):
+        if path.suffix.lower() not in EMBEDDING_SUFFIXES or not path.is_file():
+            continue
+        try:
+            if path.stat().st_size > MAX_FILE_BYTES:
+                continue
+            short = ti_hash(path)
+        except OSError:
+            continue
+        found.setdefault(short, []).append(path.relative_to(root).as_posix())
+    return found
+
+
+def resolve_ti_hashes(value: str, index: dict[str, list[str]] | None) -> list[dict[str, str]]:
+    """One entry per ``name: hash`` of a ``TI hashes`` value, resolved against ``index``.
+
+    ``file`` is the matching file (relative to the embeddings folder) or ``""``; ``note`` says why
+    nothing was found, or that the file's name differs from the trigger word (A1111 takes the word
+    from the file name, so the prompt would not find it under that name).
+    """
+    out = []
+    for name, short in parse_ti_hashes(value).items():
+        entry = {"token": name, "hash": short, "file": "", "note": ""}
+        if index is None:
+            entry["note"] = "no embeddings folder given (likeness import --embeddings DIR) to resolve it"
+        elif len(short) != 12 or any(c not in "0123456789abcdef" for c in short):
+            entry["note"] = f"{short!r} is not A1111's 12-digit sha256 prefix"
+        elif short not in index:
+            entry["note"] = "no file in the embeddings folder has this hash (sha256[:12] of the file's bytes)"
+        else:
+            files = index[short]
+            named = [f for f in files if Path(f).stem == name]
+            entry["file"] = (named or files)[0]
+            if not named:
+                entry["note"] = (f"found as {entry['file']}; A1111 takes the trigger word from the file name, "
+                                 f"so rename it to {name}{Path(entry['file']).suffix} for the prompt to use it")
+        out.append(entry)
+    return out
+
+
 # ---------------------------------------------------------------- import
 
 
@@ -164,8 +227,13 @@ def import_gallery(
     progress: ProgressFn | None = None,
     cancel: CancelToken | None = None,
     roots: Sequence[str | os.PathLike[str]] | None = None,
+    embeddings_dir: str | os.PathLike[str] | None = None,
 ) -> ImportResult:
     """Import every image under ``src`` into the gallery folder ``out_dir``.
+
+    Each image's noise source (A1111's ``RNG:``) and ``TI hashes`` are recorded in
+    ``ImportResult.images`` and ``import.json``; with ``embeddings_dir`` every TI hash is
+    resolved to the file there whose sha256[:12] it is, or a note says it was not found.
 
     ``roots`` (a server's import roots): a file that is a link to something
     outside all of them is skipped with the reason, never read. None (the
@@ -186,8 +254,9 @@ def import_gallery(
     if (out / "plan.json").exists():
         raise InvalidInput(f"{out} holds a generated gallery (plan.json); import into another folder")
     allowed = None if roots is None else [Path(r).resolve() for r in roots]
+    index = index_embeddings(embeddings_dir) if embeddings_dir is not None else None
     with folder_lock(out, "import"):
-        return _import_locked(src_p, out, spec, progress, cancel, allowed)
+        return _import_locked(src_p, out, spec, progress, cancel, allowed, index)
 
 
 def _inside(path: Path, roots: Sequence[Path]) -> bool:
@@ -211,7 +280,7 @@ def _read(path: Path, rel: str, roots: Sequence[Path] | None) -> bytes:
 
 def _import_locked(
     src_p: Path, out: Path, spec: CharacterSpec | None, progress: ProgressFn | None, cancel: CancelToken | None,
-    roots: Sequence[Path] | None,
+    roots: Sequence[Path] | None, index: dict[str, list[str]] | None = None,
 ) -> ImportResult:
     from likeness.generate.contact_sheet import contact_sheet
     from likeness.images import list_images, load_image_bytes
@@ -224,6 +293,7 @@ def _import_locked(
     skipped: list[dict[str, str]] = []
     warnings: list[dict[str, str]] = []
     sources: dict[str, str] = {}
+    records: dict[str, dict[str, Any]] = {}
     counters: dict[tuple[int, int], int] = {}
     with_info = assigned = 0
     report(progress, "import", 0, len(files), "scanning")
@@ -254,6 +324,15 @@ def _import_locked(
             meta = InfoText()
         else:
             with_info += 1
+        record: dict[str, Any] = {}
+        if raw:
+            # Only A1111-style infotext says which noise source; ComfyUI graphs and bare files don't.
+            try:
+                record["rng"] = rng_source(meta)
+            except InvalidInput as exc:
+                notes.append(str(exc))
+            if meta.extra.get("TI hashes"):
+                record["ti_hashes"] = resolve_ti_hashes(meta.extra["TI hashes"], index)
         if notes:
             warnings.append({"file": rel, "warning": "; ".join(notes)})
         if cancel is not None:
@@ -269,6 +348,8 @@ def _import_locked(
                        if meta.prompt else "")
         atomic_write_bytes(out / "images" / f"{image_id}.png", png_bytes(img, text or None))
         sources[image_id] = rel
+        if record:
+            records[image_id] = record
         rows.append(
             GalleryImage(
                 id=image_id, file=f"images/{image_id}.png",
@@ -285,10 +366,12 @@ def _import_locked(
     write_manifest(out, rows)
     report_path = atomic_write_json(
         out / IMPORT_REPORT,
-        {"source": str(src_p), "imported": len(rows), "skipped": skipped, "warnings": warnings, "sources": sources},
+        {"source": str(src_p), "imported": len(rows), "skipped": skipped, "warnings": warnings, "sources": sources,
+         "images": records},
     )
     sheet = str(contact_sheet(rows, out, out / "contact_sheet.png", title=f"imported from {src_p.name}")) if rows else ""
     return ImportResult(
         gallery_dir=str(out), manifest=str(manifest_path(out)), report=str(report_path), contact_sheet=sheet,
         imported=len(rows), with_infotext=with_info, assigned=assigned, skipped=skipped, warnings=warnings,
+        images=records,
     )

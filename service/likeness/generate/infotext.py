@@ -276,6 +276,76 @@ def parse_infotext(text: str) -> InfoText:
     )
 
 
+# ---------------------------------------------------------------- TI hashes and RNG
+
+# A1111's short hash of an embedding: the first 12 hex digits of the sha256 of the file's bytes
+# (the same as civitai's AutoV2), as it writes them in "TI hashes".
+TI_HASH_LEN = 12
+_TI_HASH_RE = re.compile(r"^[0-9a-f]{%d}$" % TI_HASH_LEN)
+# A1111's noise sources as its infotext names them; no "RNG:" field means "GPU" (its default).
+RNG_SOURCES = ("GPU", "CPU", "NV")
+
+
+def ti_hash(path: str | Any) -> str:
+    """A1111's ``TI hashes`` value of an embedding file: sha256 of its bytes, first 12 hex digits."""
+    import hashlib
+    from pathlib import Path
+
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:TI_HASH_LEN]
+
+
+def format_ti_hashes(hashes: dict[str, str]) -> str:
+    """The ``TI hashes`` value for ``{trigger word: short hash}``: ``"a: 0123456789ab, b: ..."``.
+
+    As A1111 does, ``:`` and ``,`` are dropped from names (they would break the list) and
+    :func:`format_infotext` JSON-quotes the value (it holds colons).
+    """
+    parts = []
+    for name, short in hashes.items():
+        clean = str(name).replace(":", "").replace(",", "").strip()
+        if not clean or not _TI_HASH_RE.match(short):
+            raise InvalidInput(f"TI hashes: {name!r}: {short!r} is not a trigger word with a 12-digit lowercase "
+                               "hex sha256 prefix (ti_hash() of the embedding file)")
+        parts.append(f"{clean}: {short}")
+    return ", ".join(parts)
+
+
+def parse_ti_hashes(value: str) -> dict[str, str]:
+    """``{trigger word: short hash}`` from a ``TI hashes`` value (already unquoted).
+
+    A1111 writes ``name: hash`` pairs joined by ``, ``. An entry without a colon or whose hash is
+    not hex is kept with the text it has (lowercased), so an importer can say what it could not
+    resolve; an empty value gives ``{}``.
+    """
+    out: dict[str, str] = {}
+    for entry in str(value or "").split(","):
+        name, sep, short = entry.strip().rpartition(":")
+        if not sep:
+            name, short = short, ""
+        name = name.strip()
+        if name:
+            out[name] = short.strip().lower()
+    return out
+
+
+def rng_source(info: InfoText) -> str:
+    """The noise source an image was drawn with: ``"GPU"`` (A1111's default, no field), ``"CPU"`` or ``"NV"``.
+
+    A value A1111 does not write is InvalidInput naming the three it does.
+    """
+    raw = info.extra.get("RNG", "").strip()
+    if not raw:
+        return "GPU"
+    if raw.upper() not in RNG_SOURCES:
+        raise InvalidInput(f"infotext RNG: {raw[:40]!r} is not a noise source A1111 writes "
+                           f"(one of {', '.join(RNG_SOURCES)}; no field means GPU)")
+    return raw.upper()
+
+
 # ---------------------------------------------------------------- images
 
 

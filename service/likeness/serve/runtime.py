@@ -553,21 +553,24 @@ class Runtime:
         spec_from_dict(spec_check, where="request")
         return self._generate(embeddings, prof, sampling, prompt, negative_prompt, seeds, cancel)
 
-    def _served_embedding(self, b: BuildRow) -> Any:
-        """The trained embedding of a finished build, read from this server's data directory.
+    def _served_embedding(self, b: BuildRow) -> tuple[Any, str]:
+        """The trained embedding of a finished build, read from this server's data directory, and
+        A1111's short hash of its file (for the images' ``TI hashes``).
 
         The file is the server's, not the caller's: one that is missing or unreadable is
         FAILED_PRECONDITION (rebuild the character), never INVALID_ARGUMENT, and the message
         names it relative to the build folder.
         """
         from likeness.embeddings import load_embedding
+        from likeness.generate.infotext import ti_hash
 
         rel = b.result.get("embeddings", {}).get("safetensors", "")
         if not rel:
             raise FailedPrecondition(f"build {b.id} of {b.character!r} exported no embedding; rebuild the character")
         build_dir = Path(self.store.build_dir(b.id))
         try:
-            return load_embedding(safe_join(build_dir, rel), token=b.result["token"])
+            path = safe_join(build_dir, rel)
+            return load_embedding(path, token=b.result["token"]), ti_hash(path)
         except (InvalidInput, NotFound, OSError) as exc:
             why = str(exc).replace(str(build_dir.resolve()) + "/", "").replace(str(build_dir) + "/", "")
             raise FailedPrecondition(
@@ -575,7 +578,7 @@ class Runtime:
                 "rebuild the character (StartBuild) or restore the file"
             ) from None
 
-    def _generate(self, embeddings: list[Any], prof: Any, sampling: Any, prompt: str, negative_prompt: str,
+    def _generate(self, embeddings: list[tuple[Any, str]], prof: Any, sampling: Any, prompt: str, negative_prompt: str,
                   seeds: list[int], cancel: CancelToken | None) -> Iterator[GeneratedImage]:
         from likeness.backends.diffusion import load_pipeline, model_hash, model_name, set_sampler
         from likeness.embeddings import load_into_pipeline
@@ -586,8 +589,9 @@ class Runtime:
         with self.calls.track("generate") as rec, lock:
             pipe = self.models.get("pipe", prof.name, lambda: load_pipeline(prof))
             set_sampler(pipe, sampling.sampler)
-            for emb in embeddings:
+            for emb, _ in embeddings:
                 load_into_pipeline(pipe, emb)
+            ti_hashes = {emb.token: short for emb, short in embeddings}
             model, mhash = model_name(prof), model_hash(prof)
             cache = PromptCache()  # one prompt: encoded once, not once per image
             for i, seed in enumerate(seeds):
@@ -595,10 +599,11 @@ class Runtime:
                     cancel.check()
                 item = PlannedImage(id=f"g{i}", zoom_index=-1, angle_index=-1, index_in_cell=i, zoom="", angle="",
                                     prompt=prompt, negative_prompt=negative_prompt, seed=int(seed))
-                (r,) = render_images(pipe, [item], sampling, model=model, model_hash=mhash, cache=cache, cancel=cancel)
+                (r,) = render_images(pipe, [item], sampling, model=model, model_hash=mhash, cache=cache, cancel=cancel,
+                                    ti_hashes=ti_hashes)
                 rec.units += 1
                 yield GeneratedImage(index=i, seed=int(seed), png=r.png,
-                                     infotext=infotext_for(item, sampling, model, mhash))
+                                     infotext=infotext_for(item, sampling, model, mhash, ti_hashes))
 
     def character_spec(self, name: str) -> CharacterSpec:
         return spec_from_dict(self.get_character(name).spec)

@@ -59,7 +59,7 @@ def _import(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec) if args.spec else None
     bar = TqdmProgress(disable=args.quiet)
     try:
-        result = import_gallery(args.src, args.out, spec, progress=bar)
+        result = import_gallery(args.src, args.out, spec, progress=bar, embeddings_dir=args.embeddings)
     finally:
         bar.close()
     say(f"imported {result.imported} images, skipped {len(result.skipped)} (reasons in {result.report})")
@@ -93,5 +93,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("src", help="folder of images (searched recursively)")
     p.add_argument("--out", required=True, help="gallery folder to write")
     p.add_argument("--spec", default=None, help="character spec whose zooms/angles to recognise in prompts")
+    p.add_argument("--embeddings", default=None, metavar="DIR",
+                   help="embeddings folder to resolve the images' 'TI hashes' against (sha256[:12] of each file)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_import)
