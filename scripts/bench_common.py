@@ -42,6 +42,14 @@ MIN_PAIRS_FOR_CLAIMS = 5
 # ---------------------------------------------------------------- the machine
 
 
+def lfw_dir(realdata: Path) -> Path:
+    """LFW devtrain's image folder in the shared real data; exits with how to point at it when absent."""
+    root = realdata / "lfw_view1_devtrain" / "lfw-deepfunneled"
+    if not root.is_dir():
+        raise SystemExit(f"LFW devtrain images not found at {root}; set LIKENESS_REALDATA to the shared realdata folder")
+    return root
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():

@@ -58,7 +58,8 @@ sys.path.insert(0, str(REPO / "scripts"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench_common import (  # noqa: E402
-    SideProcess, add_pair_args, check_pairs, fmt_spread, interleave, machine, machine_line, pairs_summary, side_main,
+    SideProcess, add_pair_args, check_pairs, fmt_spread, interleave, lfw_dir, machine, machine_line, pairs_summary,
+    side_main,
 )
 
 ZOOMS = ("extreme closeup", "medium closeup", "closeup", "medium shot", "full body")
@@ -66,13 +67,6 @@ ANGLES = ("front shot", "rear angle", "side angle", "shot from above", "low angl
 # Of every 16 images in a face cell, this many are the target (the rest other people): a clear
 # majority, as a gallery of one character drawn from one prompt has.
 TARGET_PER_16 = 12
-
-
-def _lfw(realdata: Path) -> Path:
-    root = realdata / "lfw_view1_devtrain" / "lfw-deepfunneled"
-    if not root.is_dir():
-        raise SystemExit(f"LFW devtrain images not found at {root}; set LIKENESS_REALDATA to the shared realdata folder")
-    return root
 
 
 def _jitter(im, j: int):
@@ -96,7 +90,7 @@ def build_pool(realdata: Path, n: int, dest: Path) -> dict[str, str]:
     from bench_curate_quality import _corner, _frame
     from likeness.generate.manifest import GalleryImage, write_manifest
 
-    root = _lfw(realdata)
+    root = lfw_dir(realdata)
     people = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: (-len(list(p.glob("*.jpg"))), p.name))
     target = people[0]
     photos = [Image.open(f).convert("RGB") for f in sorted(target.glob("*.jpg"))]

@@ -60,6 +60,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "service"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import lfw_dir  # noqa: E402
 
 ZOOMS = ("extreme closeup", "closeup", "medium closeup", "medium shot", "full body")
 # Reason codes a non-target may rightly be rejected with, per label.
@@ -81,13 +83,6 @@ class PoolImage:
     angle: str
     # For dups: the id of the target photo it copies.
     source: str = ""
-
-
-def _lfw(realdata: Path) -> Path:
-    root = realdata / "lfw_view1_devtrain" / "lfw-deepfunneled"
-    if not root.is_dir():
-        raise SystemExit(f"LFW devtrain images not found at {root}; set LIKENESS_REALDATA to the shared realdata folder")
-    return root
 
 
 def _frame(img, zoom: str):
@@ -305,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     from likeness.identity import main_embeddings
     from likeness.profiles import realdata_dir, resolve_profile
 
-    root = _lfw(realdata_dir())
+    root = lfw_dir(realdata_dir())
     prof = resolve_profile(args.profile)
     analyzer = load_face_analyzer(prof)
     t0 = time.perf_counter()
