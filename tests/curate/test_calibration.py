@@ -28,10 +28,10 @@ def test_bad_lfw_rows_are_invalid_input(tmp_path: Path, row: str) -> None:
         read_pairs(p)
 
 
-def test_real_devtrain_file_counts() -> None:
-    p = Path("/work/shared/realdata/lfw_view1_devtrain/pairsDevTrain.txt")
+def test_real_devtrain_file_counts(realdata: Path) -> None:
+    p = realdata / "lfw_view1_devtrain" / "pairsDevTrain.txt"
     if not p.is_file():
-        pytest.skip("realdata lfw_view1_devtrain absent")
+        pytest.skip(f"LFW devtrain split missing at {p}")
     rows = read_pairs(p)
     assert sum(r[2] for r in rows) == 1084 and sum(not r[2] for r in rows) == 1091
     assert all((p.parent / a).is_file() and (p.parent / b).is_file() for a, b, _ in rows[:50])
