@@ -174,21 +174,6 @@ def labels(realdata: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-@pytest.fixture(scope="module")
-def analyzer(face_pack: Path):
-    from likeness.backends.faces import InsightFaceAnalyzer
-
-    return InsightFaceAnalyzer(face_pack, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tiny_models: Path):
-    from likeness.backends.clip import load_clip
-    from likeness.profiles import load_profile
-
-    return load_clip(load_profile("cpu-tiny"))
-
-
 def _name(row: dict[str, str]) -> str:
     return row["file"].split("/", 1)[1].replace("/", "__")
 

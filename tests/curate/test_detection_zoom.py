@@ -18,13 +18,6 @@ from likeness.curate.analysis import AnalysisInput, AnalysisShard, analyse_shard
 from likeness.curate.checks import CurateConfig
 
 
-@pytest.fixture(scope="module")
-def analyzer(face_pack: Path):
-    from likeness.backends.faces import InsightFaceAnalyzer
-
-    return InsightFaceAnalyzer(face_pack, device="cpu")
-
-
 def _png(im) -> bytes:
     buf = io.BytesIO()
     im.save(buf, "PNG")

@@ -62,13 +62,6 @@ def test_label_disagreements_in_words() -> None:
     assert label_disagreements("", 0.15, "", None, **kw) == []
 
 
-@pytest.fixture(scope="module")
-def analyzer(face_pack: Path):
-    from likeness.backends.faces import InsightFaceAnalyzer
-
-    return InsightFaceAnalyzer(face_pack, device="cpu")
-
-
 def _photo(realdata: Path, name: str):
     from PIL import Image
 

@@ -23,13 +23,6 @@ from likeness.curate.checks import CurateConfig, near_duplicate_pairs, orb_featu
 _PANEL_X0, _PANEL_W, _PANEL_ROWS = 2319, 779.5, (182, 1001)
 
 
-@pytest.fixture(scope="module")
-def analyzer(face_pack: Path):
-    from likeness.backends.faces import InsightFaceAnalyzer
-
-    return InsightFaceAnalyzer(face_pack, device="cpu")
-
-
 def _open(path: Path):
     from likeness.images import load_image
 

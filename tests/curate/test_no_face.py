@@ -16,21 +16,6 @@ from likeness.curate.decide import CurateConfig, curate
 from likeness.generate.manifest import GalleryImage, write_manifest
 
 
-@pytest.fixture(scope="module")
-def analyzer(face_pack: Path):
-    from likeness.backends.faces import InsightFaceAnalyzer
-
-    return InsightFaceAnalyzer(face_pack, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tiny_models: Path):
-    from likeness.backends.clip import load_clip
-    from likeness.profiles import load_profile
-
-    return load_clip(load_profile("cpu-tiny"))
-
-
 class _TreatedAsReal:
     """The tiny CLIP with its random-weights flag cleared: exercises the rule a real CLIP would follow.
 

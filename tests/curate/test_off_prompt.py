@@ -21,13 +21,6 @@ from test_near_duplicates import _generated  # noqa: E402  (the real generated s
 
 
 @pytest.fixture(scope="module")
-def analyzer(face_pack: Path):
-    from likeness.backends.faces import InsightFaceAnalyzer
-
-    return InsightFaceAnalyzer(face_pack, device="cpu")
-
-
-@pytest.fixture(scope="module")
 def generated(realdata: Path):
     return _generated(realdata)
 
