@@ -1,12 +1,16 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from likeness.errors import InvalidInput
 from likeness.generate.plan import cell_prompts, plan_gallery
 from likeness.spec import load_spec, spec_from_dict
 
-from conftest import REPO
+# Not `from conftest import REPO`: tests/curate/conftest.py is also a module named conftest, and
+# whichever pytest imported last wins that name.
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_example_spec_loads_with_workflow_defaults():
