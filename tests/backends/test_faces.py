@@ -229,7 +229,7 @@ def test_faces_compare_json(capsys, realdata: Path):
     rc, out = _run(capsys, ["faces", "compare", str(f / "Jeff_Bezos/deepface_img20.jpg"),
                             str(f / "_negative_no_face/skimage_rocket.jpg"), "--profile", "cpu-tiny"])
     d = json.loads(out.out)
-    assert rc == 0 and d["cosine"] is None and d["no_face"] == ["b"] and "no face" in d["error"]
+    assert rc == 1 and d["cosine"] is None and d["no_face"] == ["b"] and "no face" in d["error"]
 
 
 def test_faces_compare_pairs_json_lines(capsys, realdata: Path, tmp_path: Path):
@@ -244,7 +244,7 @@ def test_faces_compare_pairs_json_lines(capsys, realdata: Path, tmp_path: Path):
         w.writerow(["a", "b"])
         w.writerows(rows)
     rc, out = _run(capsys, ["faces", "compare", "--pairs", str(pairs), "--profile", "cpu-tiny"])
-    assert rc == 0
+    assert rc == 1  # two pairs could not be compared (issue 13)
     lines = [json.loads(x) for x in out.out.strip().splitlines()]
     assert len(lines) == 4
     assert lines[0]["same_person"] is True and lines[1]["same_person"] is False

@@ -4,11 +4,14 @@ Each module in ``COMMAND_MODULES`` has ``register(subparsers)``, which adds its
 parsers with ``set_defaults(func=handler)``; heavy imports (torch, diffusers,
 insightface) happen inside handlers, so ``likeness --help`` is fast.
 Machine-readable results go to stdout as JSON; progress and messages to stderr.
+Every command takes ``-q`` (:func:`likeness.cli.output.add_quiet_option`, added to
+each subcommand here, so a new command cannot lack it).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import Sequence
@@ -27,7 +30,7 @@ from likeness.cli.commands import (
     train,
 )
 from likeness import __version__
-from likeness.cli.output import say
+from likeness.cli.output import add_quiet_option, set_quiet, warn
 from likeness.errors import LikenessError
 
 # Each command module is light at import time (heavy imports live in its handlers).
@@ -40,31 +43,53 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMAND_MODULES:
         module.register(sub)
+    for p in iter_parsers(parser):
+        add_quiet_option(p)
     return parser
+
+
+def iter_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """``parser`` and every (nested) subcommand parser under it, each once (aliases share one)."""
+    out, seen, todo = [], set(), [parser]
+    while todo:
+        p = todo.pop(0)
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        out.append(p)
+        for action in p._actions:  # noqa: SLF001 - argparse keeps subparsers only here
+            if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+                todo.extend(action.choices.values())
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
+    quiet = bool(getattr(args, "quiet", False))
+    set_quiet(quiet)
+    if quiet:
+        # Libraries' INFO lines (model loading, the server's log) are progress too.
+        logging.getLogger().setLevel(logging.WARNING)
     try:
         result = args.func(args)
     except LikenessError as exc:
-        say(f"error: {exc}")
+        warn(f"error: {exc}")
         return exc.exit_code
     except OSError as exc:
         # Disk full, permission denied, a vanished file: the user's environment to fix, not a bug.
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
-        say(f"error: {exc.strerror or exc}{where}")
+        warn(f"error: {exc.strerror or exc}{where}")
         return 1
     except KeyboardInterrupt:
-        say("interrupted: finished work is kept; run the same command again to resume")
+        warn("interrupted: finished work is kept; run the same command again to resume")
         return 130
     except Exception as exc:  # noqa: BLE001 - only a server's answer is handled here; the rest re-raises
         status = _server_error(exc)
         if status is None:
             raise
-        say(f"error: {status[0]}: {status[1]}")
+        warn(f"error: {status[0]}: {status[1]}")
         return status[2]
     return int(result or 0)
 

@@ -11,7 +11,7 @@ import argparse
 import os
 from typing import Any
 
-from likeness.cli.output import emit, say
+from likeness.cli.output import emit, progress_bar, say
 from likeness.cli.commands.executor_options import add_executor_options
 
 STATE_NAMES = {0: "unspecified", 1: "queued", 2: "running", 3: "succeeded", 4: "failed", 5: "cancelled"}
@@ -96,9 +96,7 @@ def _store(args: argparse.Namespace, build_id: str = "") -> Any:
 
 
 def _bars(disable: bool) -> Any:
-    from likeness.progress import TqdmProgress
-
-    return TqdmProgress(disable=disable)
+    return progress_bar(disable)
 
 
 def _follow_remote(client: Any, build_id: str, no_progress: bool, after: int = 0) -> Any:

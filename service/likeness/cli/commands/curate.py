@@ -7,11 +7,10 @@ import json
 
 
 def _curate(args: argparse.Namespace) -> int:
-    from likeness.cli.output import emit
+    from likeness.cli.output import emit, progress_bar, warn
     from likeness.cli.commands.executor_options import executor_config_from_args, executor_from_args
     from likeness.curate.decide import curate_config_from_dict, curate_with_profile
     from likeness.errors import InvalidInput
-    from likeness.progress import TqdmProgress
     from likeness.spec import load_spec
 
     executor_config_from_args(args)  # a bad option combination fails before any model loads
@@ -32,7 +31,7 @@ def _curate(args: argparse.Namespace) -> int:
         overrides["spread_over_cells"] = False
     cfg = curate_config_from_dict(overrides)
     executor = executor_from_args(args)
-    bar = TqdmProgress(disable=args.quiet)
+    bar = progress_bar()
     try:
         result = curate_with_profile(args.gallery, spec, args.out, cfg, profile=args.profile or None,
                                      use_clip=not args.no_clip, progress=bar, executor=executor)
@@ -49,10 +48,8 @@ def _curate(args: argparse.Namespace) -> int:
     })
     if result.warnings:
         # The curated set is written (for inspection), but it is not one consistent character: say why, exit 2.
-        from likeness.cli.output import say
-
         for w in result.warnings:
-            say(f"likeness curate: warning: {w}")
+            warn(f"likeness curate: warning: {w}")
         return 2
     return 0
 
@@ -70,6 +67,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rear-policy", choices=["clip", "off"], default=None, help="rear-angle shots without a face")
     p.add_argument("--no-spread", action="store_true", help="pick the top K without spreading over grid cells")
     p.add_argument("--config", default="", help="JSON object of CurateConfig overrides")
-    p.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
     add_executor_options(p)
     p.set_defaults(func=_curate)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from likeness.backends.protocols import FaceAnalyzer
-from likeness.cli.output import emit, emit_line, say
+from likeness.cli.output import emit, emit_line, say, warn
 
 
 
@@ -54,7 +54,7 @@ def _calibration(analyzer: FaceAnalyzer):
 
     cal = calibration_for(getattr(analyzer, "recognition_sha256", None))
     if not cal.calibrated:
-        say(f"warning: no calibration for this face pack; using the CPU pack's threshold {cal.threshold}. "
+        warn(f"warning: no calibration for this face pack; using the CPU pack's threshold {cal.threshold}. "
             "Run `likeness faces calibrate --pairs PAIRS.csv --write` with labelled pairs.")
     return cal
 
@@ -104,6 +104,9 @@ def _compare(args: argparse.Namespace) -> int:
         row = _pair_result(args.a, args.b, res[files[0]], res[files[1]], cal.threshold)
         row["calibrated"] = cal.calibrated
         emit(row)
+        if "error" in row:  # no face in A or B: no answer, and a script must not read it as one
+            warn(f"error: could not compare: {row['error']}")
+            return 1
         return 0
     rows = read_pairs(args.pairs)
     base = Path(args.pairs).resolve().parent
@@ -131,9 +134,14 @@ def _compare(args: argparse.Namespace) -> int:
         errors += "error" in row
         same += row["same_person"] is True
         emit_line(row)
-    say(f"{len(rows)} pairs, {same} judged same person at threshold {cal.threshold}"
-        + (f", {wrong} disagree with the labels" if any(lab is not None for *_, lab in rows) else "")
-        + (f", {errors} could not be compared (see 'error')" if errors else ""))
+    summary = (f"{len(rows)} pairs, {same} judged same person at threshold {cal.threshold}"
+               + (f", {wrong} disagree with the labels" if any(lab is not None for *_, lab in rows) else ""))
+    if errors:
+        # Every pair is still listed on stdout; the exit status says the answer is incomplete
+        # (a missing or undecodable file, or no face), so a script cannot take it for a full run.
+        warn(f"error: {summary}, {errors} could not be compared (see 'error' in their lines)")
+        return 1
+    say(summary)
     return 0
 
 
@@ -250,7 +258,7 @@ def _grid_rows(folder: Path, manifest_rows: list) -> dict[str, Any]:
     try:
         result = read_curation(folder)
     except Exception as exc:  # noqa: BLE001 - a damaged curation.json only loses grid info
-        say(f"warning: {folder / 'curation.json'} unreadable ({exc}); scoring without zoom/angle")
+        warn(f"warning: {folder / 'curation.json'} unreadable ({exc}); scoring without zoom/angle")
         return {}
     return {f"{d.id}.png": d for d in result.images if d.id in set(result.selected)}
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from likeness.cli.output import emit, say
+from likeness.cli.output import emit, progress_bar, say
 
 
 def _generate(args: argparse.Namespace) -> int:
     from likeness.cli.commands.executor_options import executor_from_args
     from likeness.config import to_dict
     from likeness.generate.gallery import generate_gallery
-    from likeness.progress import TqdmProgress
     from likeness.spec import load_spec
 
     spec = load_spec(args.spec)
@@ -28,7 +27,7 @@ def _generate(args: argparse.Namespace) -> int:
     profile = resolve_profile(args.profile, spec.profile, say=say)
     check_device(profile)
     executor = executor_from_args(args)
-    bar = TqdmProgress(disable=args.quiet)
+    bar = progress_bar()
     try:
         result = generate_gallery(
             spec,
@@ -53,11 +52,10 @@ def _generate(args: argparse.Namespace) -> int:
 def _import(args: argparse.Namespace) -> int:
     from likeness.config import to_dict
     from likeness.generate.importer import import_gallery
-    from likeness.progress import TqdmProgress
     from likeness.spec import load_spec
 
     spec = load_spec(args.spec) if args.spec else None
-    bar = TqdmProgress(disable=args.quiet)
+    bar = progress_bar()
     try:
         result = import_gallery(args.src, args.out, spec, progress=bar, embeddings_dir=args.embeddings)
     finally:
@@ -85,7 +83,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cfg", type=float, default=None, help="CFG scale (spec default 7)")
     p.add_argument("--sampler", default=None, help='A1111 sampler name, e.g. "Euler a" (spec default DPM++ 2M Karras)')
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (CUDA; slow first batch)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_executor_options(p)
     p.set_defaults(func=_generate)
 
@@ -95,5 +92,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--spec", default=None, help="character spec whose zooms/angles to recognise in prompts")
     p.add_argument("--embeddings", default=None, metavar="DIR",
                    help="embeddings folder to resolve the images' 'TI hashes' against (sha256[:12] of each file)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_import)

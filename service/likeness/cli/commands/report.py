@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from likeness import layout
-from likeness.cli.output import emit, say
+from likeness.cli.output import emit, progress_bar, say, warn
 
 DEFAULT_DATA = os.environ.get("LIKENESS_DATA", "data")  # same default as `likeness build` and `serve`
 
@@ -60,9 +60,7 @@ def _nightly(args: argparse.Namespace) -> int:
                            profile=args.profile)
     builder = service_builder(args.server, token=args.token or os.environ.get("LIKENESS_TOKEN", "")) \
         if args.server else None
-    from likeness.progress import TqdmProgress
-
-    bars = TqdmProgress()
+    bars = progress_bar()
     try:
         result = run_nightly(args.characters_dir, data_dir=args.data, config=config, build_fn=builder, log=say,
                              progress=bars)
@@ -71,7 +69,7 @@ def _nightly(args: argparse.Namespace) -> int:
     emit(result.to_dict())
     code = nightly_exit_code(result)
     if code:
-        say(f"nightly: {len(result.failures)} failed build(s), {len(result.regressions)} regression(s) "
+        warn(f"nightly: {len(result.failures)} failed build(s), {len(result.regressions)} regression(s) "
             f"beyond margin {config.margin}; see {result.summary_html}")
     return code
 

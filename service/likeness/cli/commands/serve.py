@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from likeness.cli.output import say
+from likeness.cli.output import is_quiet, say, warn
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -17,7 +17,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from likeness.errors import InvalidInput
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING if is_quiet() else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not 1 <= args.max_message_mb <= 2047:
         raise InvalidInput(f"--max-message-mb {args.max_message_mb}: use 1 to 2047 (gRPC's limit is 2 GiB)")
     auth = check_auth_config(args.listen, AuthConfig(
@@ -35,7 +35,8 @@ def _serve(args: argparse.Namespace) -> int:
     def bound(port: int, resumed: list[str]) -> None:
         host = args.listen.rsplit(":", 1)[0]
         # Tests and scripts read this line to learn the port when listening on :0.
-        say(f"likeness serving on {host}:{port} (data {runtime.store.data_dir}; "
+        # Printed with -q too: it is serve's one result (scripts read the port from it).
+        warn(f"likeness serving on {host}:{port} (data {runtime.store.data_dir}; "
             f"auth {'token' if auth.token else 'none'}; tls {'on' if auth.tls_cert else 'off'})")
         if resumed:
             say(f"resuming {len(resumed)} interrupted build(s): {', '.join(resumed)}")

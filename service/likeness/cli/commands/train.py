@@ -8,7 +8,7 @@ import threading
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from likeness.cli.output import emit, say
+from likeness.cli.output import emit, progress_bar, say, warn
 from likeness.errors import InvalidInput
 from likeness.progress import CancelToken
 
@@ -75,9 +75,24 @@ def stop_after_step_on_signal(cancel: CancelToken) -> Iterator[None]:
             signal.signal(sig, h)
 
 
+def _warn_uncaptioned(dataset: str, spec_path: str) -> None:
+    """Warn when images have no (or an empty) ``.txt`` caption: they train on the template alone.
+
+    Without captions naming the background and clothes, those are learned into the token
+    (the workflow's step 3); training still runs, as A1111's does.
+    """
+    from likeness.train.data import read_dataset
+
+    items = read_dataset(dataset)  # NotFound / InvalidInput for a missing or empty folder, before any model loads
+    bare = [it.path for it in items if not it.caption]
+    if bare:
+        warn(f"warning: {len(bare)} of {len(items)} images in {dataset} have no .txt caption (e.g. {bare[0].name}): "
+             "they are trained on the prompt template alone, so their background and clothes go into the "
+             f"embedding; caption them first with `likeness caption {dataset} --spec {spec_path}`")
+
+
 def _train(args: argparse.Namespace) -> int:
     from likeness.profiles import resolve_profile
-    from likeness.progress import TqdmProgress
     from likeness.spec import load_spec
     from likeness.train.trainer import BEST_FILE, train_embedding
 
@@ -85,7 +100,8 @@ def _train(args: argparse.Namespace) -> int:
     config = _config(args)
     profile = resolve_profile(args.profile, spec.profile, say=say)
     say(f"training {spec.token!r} on {args.dataset} with profile {profile.name!r}; resumes from {args.out} if it holds checkpoints")
-    bar = TqdmProgress(disable=args.quiet)
+    _warn_uncaptioned(args.dataset, args.spec)
+    bar = progress_bar()
     cancel = CancelToken()
     try:
         with stop_after_step_on_signal(cancel):
@@ -137,5 +153,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-validate", action="store_true", help="skip validation images; the last step is 'best'")
     p.add_argument("--val-steps", type=int, help="sampling steps of validation images (default 20)")
     p.add_argument("--val-seeds", help="comma-separated validation seeds")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_train)
