@@ -33,20 +33,29 @@ def _profile(ctx: BuildContext) -> Any:
     return resolve_profile(None, ctx.spec.profile)
 
 
+def _device(ctx: BuildContext, profile: Any) -> str | None:
+    """The build's worker's device for the loaders (``cuda:N``; None = the profile's rule)."""
+    from likeness.build.worker import loader_device
+
+    return loader_device(profile, ctx.device)
+
+
 def _faces(ctx: BuildContext) -> Any:
+    prof = _profile(ctx)
     if ctx.models is not None:
-        return ctx.models.faces(_profile(ctx))
+        return ctx.models.faces(prof, _device(ctx, prof))
     from likeness.backends.faces import load_face_analyzer
 
-    return load_face_analyzer(_profile(ctx))
+    return load_face_analyzer(prof, device=_device(ctx, prof))
 
 
 def _clip(ctx: BuildContext) -> Any:
+    prof = _profile(ctx)
     if ctx.models is not None:
-        return ctx.models.clip(_profile(ctx))
+        return ctx.models.clip(prof, _device(ctx, prof))
     from likeness.backends.clip import load_clip
 
-    return load_clip(_profile(ctx))
+    return load_clip(prof, device=_device(ctx, prof))
 
 
 def _pipe(ctx: BuildContext) -> Any:
@@ -63,14 +72,12 @@ def _pipe(ctx: BuildContext) -> Any:
     (training's noise scheduler is its own copy). Loading once saves one or two
     pipeline loads per round (seconds each for SD 1.5 / SDXL checkpoints).
     """
-    from likeness.backends.diffusion import load_pipeline, pipeline_device, set_sampler
+    from likeness.backends.diffusion import load_pipeline, set_sampler
 
     if ctx.pipe is None:
-        pipe = load_pipeline(_profile(ctx), sampler=ctx.spec.sampling.sampler)
-        # One worker per GPU: the build runs on its worker's device, not always cuda:0.
-        if ctx.device.startswith("cuda:") and pipeline_device(pipe).type == "cuda":
-            pipe.to(ctx.device)
-        ctx.pipe = pipe
+        # One worker per GPU: loaded straight onto the worker's device (was: GPU 0, then moved).
+        prof = _profile(ctx)
+        ctx.pipe = load_pipeline(prof, sampler=ctx.spec.sampling.sampler, device=_device(ctx, prof))
     set_sampler(ctx.pipe, ctx.spec.sampling.sampler)
     return ctx.pipe
 

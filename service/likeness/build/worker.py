@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable
+from typing import Any, Callable
 
 from likeness.errors import LikenessError
 from likeness.progress import CancelToken
@@ -31,6 +31,23 @@ def detect_devices() -> list[str]:
     except ImportError:  # pragma: no cover - torch is a hard dependency
         n = 0
     return [f"cuda:{i}" for i in range(n)] or ["cpu"]
+
+
+def loader_device(profile: Any, device: str | None) -> str | None:
+    """The device a worker on ``device`` loads ``profile``'s models on (the loaders' ``device=``).
+
+    One worker thread per GPU shares one process, so each must name its GPU: ``"cuda:N"``
+    for a CUDA or auto profile on worker ``cuda:N`` (without it every worker's models landed
+    on GPU 0, the current device). A CPU profile stays on the CPU on any worker, and a
+    ``"cpu"`` worker loads on the CPU (a CUDA profile there fails in the loader, saying so).
+    ``None`` -- the profile's own rule -- for anything that is not a device: an embedded
+    build's ``"embedded"``, or no worker at all.
+    """
+    if not device or not (device == "cpu" or device == "cuda" or device.startswith("cuda:")):
+        return None
+    if device == "cpu" or getattr(profile, "device", "auto") == "cpu":
+        return "cpu"
+    return device
 
 
 class WorkerPool:

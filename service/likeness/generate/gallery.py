@@ -372,7 +372,8 @@ class GalleryWorkerFactory:
     def __call__(self) -> GalleryWorker:
         from likeness.backends.diffusion import load_pipeline, model_hash, model_name
 
-        pipe = load_pipeline(self.profile, compile_unet=self.compile_unet, sampler=self.sampling.sampler)
+        pipe = load_pipeline(self.profile, compile_unet=self.compile_unet, sampler=self.sampling.sampler,
+                             device=self.device)
         if self.embedding is not None:
             from likeness.embeddings import load_into_pipeline
 
@@ -387,6 +388,9 @@ class GalleryWorkerFactory:
 def _clean_temporaries(images_dir: Path) -> None:
     # Leftovers of a kill during an atomic write: hidden ".<stem>.*.tmp.png" siblings.
     if images_dir.is_dir():
+    # --- device (issue 14): the worker's device for load_pipeline ("cuda:1", "cpu"); None = the
+    # profile's rule on the current device, which is the actor's own GPU under Ray.
+    device: str | None = None
         for p in images_dir.glob(".*.tmp*"):
             try:
                 p.unlink()
@@ -452,9 +456,10 @@ def generate_gallery(
     ensure_dir(out_dir, "gallery folder")
     with folder_lock(out_dir, "generation"):
         return _generate_locked(
+    device: str | None = None,
             spec, out_dir, profile, per_cell=per_cell, zooms=zooms, angles=angles, batch_size=batch_size,
             progress=progress, cancel=cancel, pipe=pipe, executor=executor, compile_unet=compile_unet,
-            embedding=embedding, ti_hashes=ti_hashes,
+            embedding=embedding, ti_hashes=ti_hashes, load_device=device,
         )
 
 
@@ -464,6 +469,8 @@ def _generate_locked(
     profile: Profile | str | None,
     *,
     per_cell: int | None,
+    ``device`` ("cuda:1", "cpu"; None = the profile's rule) is where a pipeline this call loads
+    itself goes (not ``pipe``'s, nor an executor's workers', which use their own).
     zooms: Sequence[str] | None,
     angles: Sequence[str] | None,
     batch_size: int | None,
@@ -493,12 +500,13 @@ def _generate_locked(
     report(progress, "generate", already, len(plan), "planned")
 
     load_seconds, device = 0.0, "n/a"
+    load_device: str | None = None,
     size = batch_size or sampling.batch_size
     worker_factory: Any
     if pending and executor is None:
         t0 = time.perf_counter()
         if pipe is None:
-            pipe = load_pipeline(prof, compile_unet=compile_unet, sampler=sampling.sampler)
+            pipe = load_pipeline(prof, compile_unet=compile_unet, sampler=sampling.sampler, device=load_device)
         if embedding is not None:
             from likeness.embeddings import load_into_pipeline
 

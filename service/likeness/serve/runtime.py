@@ -28,7 +28,7 @@ from likeness.profiles import resolve_profile
 from likeness.progress import CancelToken
 from likeness.spec import CharacterSpec, spec_from_dict
 from likeness.build.store import BuildRow, CharacterRow, EventRow, Store
-from likeness.build.worker import WorkerPool
+from likeness.build.worker import WorkerPool, loader_device
 
 log = logging.getLogger(__name__)
 
@@ -209,11 +209,19 @@ class Runtime:
             self.ready.set()
         return resumed
 
+    def device_for(self, profile: Any) -> str | None:
+        """The device requests (Score, Curate, Generate) load ``profile``'s models on: the first worker's.
+
+        Named, as each build worker names its own (``build.worker.loader_device``), so a request's
+        models and a build's on the same device are one cached copy, and none lands on GPU 0 by default.
+        """
+        return loader_device(profile, self.pool.devices[0] if self.pool.devices else None)
+
     def _load_models(self) -> None:
         try:
             prof = resolve_profile(self.default_profile)
-            self.models.faces(prof)
-            self.models.clip(prof)
+            self.models.faces(prof, self.device_for(prof))
+            self.models.clip(prof, self.device_for(prof))
             self.ready.set()
         except Exception:  # noqa: BLE001 - health stays NOT_SERVING; the log says why
             log.exception("loading models failed; health stays NOT_SERVING")
@@ -390,7 +398,7 @@ class Runtime:
     def _embed_main_faces(self, profile: Any, pil_images: Sequence[Any]) -> list[Any]:
         from likeness.identity import main_embeddings
 
-        return main_embeddings(self.models.faces(profile), pil_images)
+        return main_embeddings(self.models.faces(profile, self.device_for(profile)), pil_images)
 
     def _reference_centroid(self, profile: Any, character: str = "",
                             reference: Sequence[tuple[str, bytes]] = ()) -> Any:
@@ -434,7 +442,7 @@ class Runtime:
         prof = resolve_profile(profile or self.default_profile)
         centroid = self._reference_centroid(prof, character, reference)
         embs = self._embed_main_faces(prof, pil)
-        cal = calibration_for(getattr(self.models.faces(prof), "recognition_sha256", None))
+        cal = calibration_for(getattr(self.models.faces(prof, self.device_for(prof)), "recognition_sha256", None))
         threshold = float(cal.threshold)
         per_image = []
         for i, e in enumerate(embs):
@@ -490,8 +498,8 @@ class Runtime:
                         + (f" (first: {skipped[0]['reason']})" if skipped else " (it holds no images)"))
                 names = json.loads((src / "import.json").read_text(encoding="utf-8"))["sources"]
             cfg = CurateConfig(k=k or CurateConfig.k, batch_size=self.limits.curate_batch_size)
-            res = curate(src, spec, Path(tmp) / "out", cfg, faces=self.models.faces(prof),
-                         clip=self.models.clip(prof), cancel=cancel)
+            res = curate(src, spec, Path(tmp) / "out", cfg, faces=self.models.faces(prof, self.device_for(prof)),
+                         clip=self.models.clip(prof, self.device_for(prof)), cancel=cancel)
         decisions = []
         for j, d in enumerate(res.images):
             if images:
@@ -580,14 +588,14 @@ class Runtime:
 
     def _generate(self, embeddings: list[tuple[Any, str]], prof: Any, sampling: Any, prompt: str, negative_prompt: str,
                   seeds: list[int], cancel: CancelToken | None) -> Iterator[GeneratedImage]:
-        from likeness.backends.diffusion import load_pipeline, model_hash, model_name, set_sampler
+        from likeness.backends.diffusion import model_hash, model_name, set_sampler
         from likeness.embeddings import load_into_pipeline
         from likeness.generate.gallery import PromptCache, infotext_for, render_images
         from likeness.generate.plan import PlannedImage
 
         lock = self.models.get("pipe-lock", prof.name, threading.Lock)
         with self.calls.track("generate") as rec, lock:
-            pipe = self.models.get("pipe", prof.name, lambda: load_pipeline(prof))
+            pipe = self.models.pipeline(prof, self.device_for(prof))
             set_sampler(pipe, sampling.sampler)
             for emb, _ in embeddings:
                 load_into_pipeline(pipe, emb)
