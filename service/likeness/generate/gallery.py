@@ -368,6 +368,9 @@ class GalleryWorkerFactory:
     embedding: Any = None
     # {token: A1111 short hash of the embedding's file} for the infotext's "TI hashes".
     ti_hashes: Mapping[str, str] | None = None
+    # --- device (issue 14): the worker's device for load_pipeline ("cuda:1", "cpu"); None = the
+    # profile's rule on the current device, which is the actor's own GPU under Ray.
+    device: str | None = None
 
     def __call__(self) -> GalleryWorker:
         from likeness.backends.diffusion import load_pipeline, model_hash, model_name
@@ -388,9 +391,6 @@ class GalleryWorkerFactory:
 def _clean_temporaries(images_dir: Path) -> None:
     # Leftovers of a kill during an atomic write: hidden ".<stem>.*.tmp.png" siblings.
     if images_dir.is_dir():
-    # --- device (issue 14): the worker's device for load_pipeline ("cuda:1", "cpu"); None = the
-    # profile's rule on the current device, which is the actor's own GPU under Ray.
-    device: str | None = None
         for p in images_dir.glob(".*.tmp*"):
             try:
                 p.unlink()
@@ -437,6 +437,7 @@ def generate_gallery(
     compile_unet: bool = False,
     embedding: Any = None,
     ti_hashes: Mapping[str, str] | None = None,
+    device: str | None = None,
 ) -> GenerateResult:
     """Generate (or finish) the gallery of ``spec`` in ``out_dir``; see the module docstring.
 
@@ -449,6 +450,8 @@ def generate_gallery(
     into the pipeline (every worker's, with an executor) so prompts can use
     the character's token; ``ti_hashes`` (``{token: ti_hash(file)}`` of the file it was read
     from) puts A1111's ``TI hashes`` in the infotext of images whose prompt uses it.
+    ``device`` ("cuda:1", "cpu"; None = the profile's rule) is where a pipeline this call loads
+    itself goes (not ``pipe``'s, nor an executor's workers', which use their own).
     """
     if batch_size is not None and not 0 <= batch_size <= 256:
         # A negative size made range() empty: the run "succeeded" without drawing anything.
@@ -456,7 +459,6 @@ def generate_gallery(
     ensure_dir(out_dir, "gallery folder")
     with folder_lock(out_dir, "generation"):
         return _generate_locked(
-    device: str | None = None,
             spec, out_dir, profile, per_cell=per_cell, zooms=zooms, angles=angles, batch_size=batch_size,
             progress=progress, cancel=cancel, pipe=pipe, executor=executor, compile_unet=compile_unet,
             embedding=embedding, ti_hashes=ti_hashes, load_device=device,
@@ -469,8 +471,6 @@ def _generate_locked(
     profile: Profile | str | None,
     *,
     per_cell: int | None,
-    ``device`` ("cuda:1", "cpu"; None = the profile's rule) is where a pipeline this call loads
-    itself goes (not ``pipe``'s, nor an executor's workers', which use their own).
     zooms: Sequence[str] | None,
     angles: Sequence[str] | None,
     batch_size: int | None,
@@ -481,6 +481,7 @@ def _generate_locked(
     compile_unet: bool,
     embedding: Any,
     ti_hashes: Mapping[str, str] | None = None,
+    load_device: str | None = None,
 ) -> GenerateResult:
     from likeness.backends.diffusion import auto_batch_size, load_pipeline, model_hash, model_name, pipeline_device
     from likeness.generate.contact_sheet import contact_sheet
@@ -500,7 +501,6 @@ def _generate_locked(
     report(progress, "generate", already, len(plan), "planned")
 
     load_seconds, device = 0.0, "n/a"
-    load_device: str | None = None,
     size = batch_size or sampling.batch_size
     worker_factory: Any
     if pending and executor is None:
