@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from likeness.config import check_seed, from_dict, to_dict
+from likeness.config import bounded, check_seed, from_dict, to_dict
 from likeness.errors import InvalidInput
 
 SamplerName = Literal[
@@ -59,6 +59,15 @@ class SamplingConfig:
     # empty chunks to the other's length. Off by default, as in A1111 (it moved the final latents by
     # 14-15% with examples/emily.toml's 106-token negative); when on, infotext records "Pad conds: True".
     pad_conds: bool = False
+    # --- A1111's "Restore faces" (likeness.backends.restore), applied to every image before it is saved.
+    # "" = off (A1111's default), or the restorer: "CodeFormer" / "GFPGAN" (weights in models/Codeformer/,
+    # models/GFPGAN/; infotext "Face restoration: CodeFormer"). The workflow's galleries are made with it on.
+    restore_faces: Literal["", "CodeFormer", "GFPGAN"] = ""
+    # Share of the restored face blended over the original (A1111 Extras' visibility; txt2img uses 1).
+    restore_visibility: float = bounded(1.0, 0.0, 1.0)
+    # CodeFormer's fidelity w (A1111's "CodeFormer weight", default 0.5): 0 restores most, 1 keeps the input.
+    codeformer_weight: float = bounded(0.5, 0.0, 1.0)
+    # --- end of face restoration
 
 
 @dataclass(frozen=True)

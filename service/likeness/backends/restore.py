@@ -37,6 +37,7 @@ when this module is imported.
 from __future__ import annotations
 
 import logging
+import pickle
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,6 +143,27 @@ def infotext_fields(settings: RestoreSettings | None) -> dict[str, str]:
     return out
 
 
+def recorded_settings(model: str, extra: dict[str, str]) -> dict[str, Any]:
+    """The restoration an imported image's infotext records, in the spec's names.
+
+    ``{"model": "CodeFormer", "visibility": 1.0, "codeformer_weight": 0.5}``: a key A1111 did
+    not write takes A1111's default (its txt2img writes only the model); a value that is not a
+    number is kept as written. A model A1111 has but Likeness does not run (e.g. a plugin's) is
+    recorded all the same.
+    """
+    out: dict[str, Any] = {"model": model}
+    for name, key, default in (("visibility", f"{model} visibility", DEFAULT_VISIBILITY),
+                               ("codeformer_weight", "CodeFormer weight", DEFAULT_CODEFORMER_WEIGHT)):
+        if name == "codeformer_weight" and model != "CodeFormer":
+            continue
+        raw = str(extra.get(key, "")).strip()
+        try:
+            out[name] = float(raw) if raw else default
+        except ValueError:
+            out[name] = raw
+    return out
+
+
 def _round3(value: float) -> str:
     return repr(round(float(value), 3))
 
@@ -203,7 +225,7 @@ def load_restorer_net(path: str | Path, model: str, device: str | Any = "cpu") -
             f"{path} is not a face restoration model spandrel knows (GFPGAN, CodeFormer, RestoreFormer); "
             f"put the {model} weights ({WEIGHT_FILE.get(model, '')}) there instead"
         ) from None
-    except (ValueError, RuntimeError, OSError, EOFError) as exc:
+    except (pickle.UnpicklingError, ValueError, RuntimeError, OSError, EOFError, KeyError) as exc:
         raise InvalidInput(f"{path} could not be read as model weights ({type(exc).__name__}: {exc}); "
                            f"the file is damaged or not {model}'s: replace it with {WEIGHT_FILE.get(model, 'the file')}") from None
     arch = desc.architecture.id

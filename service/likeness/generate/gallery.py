@@ -96,6 +96,10 @@ def _plan_settings(spec: CharacterSpec, profile: str, model: str) -> dict[str, A
         "cfg_scale": s.cfg_scale,
         "width": s.width,
         "height": s.height,
+        # Face restoration (likeness.backends.restore) changes every image: a resume must not mix
+        # restored and plain ones. None when off, so plans written before the option still match.
+        "restore_faces": ({"model": s.restore_faces, "visibility": s.restore_visibility,
+                           "codeformer_weight": s.codeformer_weight} if s.restore_faces else None),
     }
 
 
@@ -278,6 +282,12 @@ def infotext_for(item: PlannedImage, sampling: SamplingConfig, model: str, model
     used = used_ti_hashes(item, ti_hashes)
     if used:
         extra["TI hashes"] = format_ti_hashes(used)
+    # --- face restoration: "Face restoration: <model>" as A1111 writes it (+ non-default Extras keys)
+    from likeness.backends.restore import infotext_fields, settings_from_sampling
+
+    restore = settings_from_sampling(sampling)
+    extra.update(infotext_fields(restore))
+    # --- end of face restoration
     return format_infotext(
         InfoText(
             prompt=item.prompt,
@@ -291,6 +301,7 @@ def infotext_for(item: PlannedImage, sampling: SamplingConfig, model: str, model
             model=model,
             model_hash=model_hash,
             extra=extra,
+            face_restoration=restore.model if restore else "",
         )
     )
 
@@ -319,6 +330,13 @@ def render_images(
     from likeness.generate.infotext import png_bytes
 
     cache = cache if cache is not None else PromptCache()
+    # --- face restoration (A1111's "Restore faces"): loaded before the first batch, so missing weights
+    # fail before any denoising; applied to each batch's images before they are encoded and saved.
+    from likeness.backends.restore import restore_generated
+
+    if sampling.restore_faces:
+        restore_generated(pipe, [], sampling)
+    # --- end of face restoration
     steps = schedule_steps(sampling)
     groups: dict[tuple[int, int], list[PlannedImage]] = {}
     for item in items:
@@ -331,6 +349,7 @@ def render_images(
             t0 = time.perf_counter()
             embeds = cache.encode(pipe, batch, clip_skip, steps, sampling.pad_conds)
             images = denoise(pipe, embeds, [b.seed for b in batch], sampling, cancel=cancel)
+            images = restore_generated(pipe, images, sampling)  # face restoration; unchanged when off
             encoded = [png_bytes(img, infotext_for(b, sampling, model, model_hash, ti_hashes)) for b, img in zip(batch, images)]
             share = (time.perf_counter() - t0) / len(batch)
             for b, img, png in zip(batch, images, encoded):
@@ -488,6 +507,10 @@ def _generate_locked(
 
     spec = effective_spec(spec, per_cell=per_cell, zooms=zooms, angles=angles)
     prof = resolve_profile(profile, spec.profile, say=log.info)
+    if spec.sampling.restore_faces:  # face restoration: missing weights fail before the plan is written
+        from likeness.backends.restore import find_weights
+
+        find_weights(spec.sampling.restore_faces)
     gallery = Path(out_dir)
     gallery.mkdir(parents=True, exist_ok=True)
     images_dir = gallery / IMAGES_DIR

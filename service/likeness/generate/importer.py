@@ -333,6 +333,10 @@ def _import_locked(
                 notes.append(str(exc))
             if meta.extra.get("TI hashes"):
                 record["ti_hashes"] = resolve_ti_hashes(meta.extra["TI hashes"], index)
+            if meta.face_restoration:  # A1111's "Face restoration: CodeFormer": the settings it ran with
+                from likeness.backends.restore import recorded_settings
+
+                record["face_restoration"] = recorded_settings(meta.face_restoration, meta.extra)
         if notes:
             warnings.append({"file": rel, "warning": "; ".join(notes)})
         if cancel is not None:

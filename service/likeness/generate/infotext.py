@@ -40,7 +40,7 @@ _SIDE_LIMIT = 2**31 - 1
 _NEGATIVE = "Negative prompt:"
 
 # Keys this module maps to fields; everything else stays in ``extra`` in order.
-_KNOWN = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model")
+_KNOWN = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Face restoration", "Size", "Model hash", "Model")
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,9 @@ class InfoText:
     model_hash: str = ""
     # Other "key: value" pairs (Clip skip, Version, Denoising strength, ...), in order.
     extra: dict[str, str] = field(default_factory=dict)
+    # A1111's "Face restoration: CodeFormer" (the restorer that ran, likeness.backends.restore); "" = none.
+    # Last, so positional construction of the fields above stays as it was.
+    face_restoration: str = ""
 
 
 def quote(value: str) -> str:
@@ -94,6 +97,8 @@ def format_infotext(info: InfoText) -> str:
         params.append(("CFG scale", _number(info.cfg_scale)))
     if info.seed >= 0:
         params.append(("Seed", str(info.seed)))
+    if info.face_restoration:  # where A1111's create_infotext puts it: after Seed, before Size
+        params.append(("Face restoration", info.face_restoration))
     if info.width and info.height:
         params.append(("Size", f"{info.width}x{info.height}"))
     if info.model_hash:
@@ -272,6 +277,7 @@ def parse_infotext(text: str) -> InfoText:
         height=height,
         model=params.get("Model", ""),
         model_hash=params.get("Model hash", ""),
+        face_restoration=params.get("Face restoration", "").strip(),
         extra=extra,
     )
 

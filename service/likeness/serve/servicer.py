@@ -42,7 +42,8 @@ _FORMATS = {pb.EMBEDDING_FORMAT_UNSPECIFIED: "safetensors", pb.A1111_PT: "a1111-
 _FORMAT_ENUM = {"a1111-pt": pb.A1111_PT, "safetensors": pb.SAFETENSORS, "diffusers": pb.DIFFUSERS}
 _SPEC_SCALARS = ("class_word", "wardrobe", "background", "template", "negative_prompt", "per_cell", "profile")
 _SPEC_LISTS = ("traits", "trait_synonyms", "zooms", "angles")
-_SAMPLING = ("sampler", "steps", "cfg_scale", "width", "height", "seed", "batch_size", "pad_conds")
+_SAMPLING = ("sampler", "steps", "cfg_scale", "width", "height", "seed", "batch_size", "pad_conds",
+             "restore_faces", "restore_visibility", "codeformer_weight")
 
 
 # ------------------------------------------------------------------ conversions
