@@ -57,6 +57,7 @@ def weights(tmp_path_factory) -> Path:
     """A models/ folder with random GFPGAN and CodeFormer files where A1111 keeps the real ones."""
     import torch
 
+    R.face_registry()  # imports spandrel with its torch.jit.script deprecation warning silenced
     root = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
     for model, make in (("GFPGAN", _random_gfpgan), ("CodeFormer", _random_codeformer)):

@@ -39,6 +39,7 @@ from __future__ import annotations
 import logging
 import pickle
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Sequence, get_args
@@ -199,8 +200,11 @@ def find_weights(model: str, folder: Path | None = None) -> Path:
 
 def face_registry() -> Any:
     """A spandrel registry holding only the face restorers (GFPGAN, RestoreFormer, CodeFormer)."""
-    from spandrel import MAIN_REGISTRY, ArchRegistry
-    from spandrel_extra_arches import EXTRA_REGISTRY
+    with warnings.catch_warnings():
+        # spandrel's architectures are compiled with torch.jit.script at import, which torch 2.14 deprecates.
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+        from spandrel import MAIN_REGISTRY, ArchRegistry
+        from spandrel_extra_arches import EXTRA_REGISTRY
 
     registry = ArchRegistry()
     registry.add(MAIN_REGISTRY["GFPGAN"], MAIN_REGISTRY["RestoreFormer"], EXTRA_REGISTRY["CodeFormer"])
@@ -213,13 +217,14 @@ def load_restorer_net(path: str | Path, model: str, device: str | Any = "cpu") -
     Raises ModelMissing when the file is absent, InvalidInput when it is not a face
     restorer or is another one than ``model`` (saying which it is).
     """
+    registry = face_registry()  # first: it imports spandrel quietly
     from spandrel import ModelLoader, UnsupportedModelError
 
     path = Path(path)
     if not path.is_file():
         raise ModelMissing(f"{model} face restoration weights {path} do not exist; put {WEIGHT_FILE.get(model, 'the file')} there")
     try:
-        desc = ModelLoader(device=device, registry=face_registry()).load_from_file(path)
+        desc = ModelLoader(device=device, registry=registry).load_from_file(path)
     except UnsupportedModelError:
         raise InvalidInput(
             f"{path} is not a face restoration model spandrel knows (GFPGAN, CodeFormer, RestoreFormer); "
