@@ -160,19 +160,27 @@ def test_stochastic_samplers_are_per_image(pipe, sampler):
     assert not np.array_equal(pixels(batch[0].png), pixels(batch[1].png))
 
 
-def test_resume_after_interruption(pipe, tmp_path):
+def test_resume_after_interruption(pipe, tmp_path, monkeypatch):
+    import likeness.backends.diffusion as diffusion
     from likeness.generate.gallery import generate_gallery
     from likeness.progress import CancelToken
 
     spec = tiny_spec(seed=-1)
     cancel = CancelToken()
+    denoise, calls = diffusion.denoise, []
 
-    def stop_after_first_batch(ev):
-        if ev.done >= 2:
+    def stop_in_the_second_batch(*args, **kwargs):
+        # Interrupted while the second batch denoises (the first one's PNGs are being written
+        # meanwhile, issue 14): the first batch is kept, the second is not.
+        calls.append(1)
+        if len(calls) == 2:
             cancel.cancel("simulated interruption")
+        return denoise(*args, **kwargs)
 
+    monkeypatch.setattr(diffusion, "denoise", stop_in_the_second_batch)
     with pytest.raises(Cancelled):
-        generate_gallery(spec, tmp_path, "cpu-tiny", pipe=pipe, batch_size=2, progress=stop_after_first_batch, cancel=cancel)
+        generate_gallery(spec, tmp_path, "cpu-tiny", pipe=pipe, batch_size=2, cancel=cancel)
+    monkeypatch.setattr(diffusion, "denoise", denoise)
     first = {r.id: r for r in read_manifest(tmp_path)}
     assert len(first) == 2
     base_seed = json.loads((tmp_path / "plan.json").read_text())["base_seed"]

@@ -28,9 +28,11 @@ import dataclasses
 import logging
 import os
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from likeness.backends.protocols import Pipeline
 from likeness.config import to_dict
@@ -81,6 +83,11 @@ class RenderedImage:
     seconds: float
     width: int
     height: int
+    # --- PNG overlap (issue 14): an image rendered with ``encode_png=False`` has ``png == b""``
+    # and keeps the decoded image and its infotext here, for GalleryWriter to encode on its
+    # threads while the next batch denoises (in-process workers only; never pickled).
+    image: Any = None
+    infotext: str = ""
 
 
 # ---------------------------------------------------------------- plan
@@ -318,6 +325,8 @@ def render_images(
     cache: PromptCache | None = None,
     cancel: CancelToken | None = None,
     ti_hashes: Mapping[str, str] | None = None,
+    encode_png: bool = True,
+    encode_threads: int = 0,
 ) -> list[RenderedImage]:
     """Render planned images with a loaded pipeline; PNG bytes carry A1111 infotext.
 
@@ -325,9 +334,11 @@ def render_images(
     prompt-chunk count, one seeded generator per image, prompts encoded by
     :func:`likeness.prompts.encode_prompts` once per distinct pair (``cache``,
     kept across calls by :class:`GalleryWorker`). Order of the result = order of ``items``.
+    PNGs are encoded after denoising on ``encode_threads`` threads (0: :func:`encode_threads`);
+    ``encode_png=False`` leaves that to the caller (:class:`GalleryWriter`): ``png`` is ``b""``
+    and ``image``/``infotext`` are set.
     """
     from likeness.backends.diffusion import denoise, schedule_steps
-    from likeness.generate.infotext import png_bytes
 
     cache = cache if cache is not None else PromptCache()
     # --- face restoration (A1111's "Restore faces"): loaded before the first batch, so missing weights
@@ -350,11 +361,106 @@ def render_images(
             embeds = cache.encode(pipe, batch, clip_skip, steps, sampling.pad_conds)
             images = denoise(pipe, embeds, [b.seed for b in batch], sampling, cancel=cancel)
             images = restore_generated(pipe, images, sampling)  # face restoration; unchanged when off
-            encoded = [png_bytes(img, infotext_for(b, sampling, model, model_hash, ti_hashes)) for b, img in zip(batch, images)]
-            share = (time.perf_counter() - t0) / len(batch)
-            for b, img, png in zip(batch, images, encoded):
-                out[b.id] = RenderedImage(b.id, png, share, img.width, img.height)
-    return [out[item.id] for item in items]
+            share = (time.perf_counter() - t0) / len(batch)  # --- PNG overlap: encoded below, not here
+            for b, img in zip(batch, images):
+                out[b.id] = RenderedImage(b.id, b"", share, img.width, img.height, image=img,
+                                          infotext=infotext_for(b, sampling, model, model_hash, ti_hashes))
+    rendered = [out[item.id] for item in items]
+    return encode_rendered(rendered, encode_threads) if encode_png else rendered
+
+
+# ---------------------------------------------------------------- PNG encoding and writing (issue 14)
+
+
+def encode_threads() -> int:
+    """Threads for PNG encoding: the CPUs torch may use here (a Ray actor's ``num_cpus``), at most 8.
+
+    Pillow releases the GIL while it compresses, so threads encode in parallel; more than 8
+    gains nothing for a batch of at most a few dozen images.
+    """
+    import torch
+
+    return max(1, min(8, torch.get_num_threads()))
+
+
+def _encoded(r: RenderedImage) -> RenderedImage:
+    from likeness.generate.infotext import png_bytes
+
+    if r.png or r.image is None:
+        return r
+    return dataclasses.replace(r, png=png_bytes(r.image, r.infotext), image=None)
+
+
+def encode_rendered(rendered: Sequence[RenderedImage], threads: int = 0) -> list[RenderedImage]:
+    """``rendered`` with every PNG encoded (and the decoded images dropped), on up to ``threads`` threads."""
+    todo = [r for r in rendered if not r.png]
+    n = min(len(todo), threads or encode_threads())
+    if n <= 1:
+        return [_encoded(r) for r in rendered]
+    with ThreadPoolExecutor(n, thread_name_prefix="likeness-png") as pool:
+        return list(pool.map(_encoded, rendered))
+
+
+class GalleryWriter:
+    """Encodes and writes each finished batch's PNGs on a few threads while the next batch denoises.
+
+    ``put(tag, rendered)`` hands a batch over and returns at once unless ``max_batches``
+    batches are already waiting (then it waits for the oldest: memory stays a few batches).
+    ``on_written(tag, rendered)`` runs in the caller's thread, in ``put`` order, once every
+    file of that batch is on disk -- so the manifest rows it appends name whole files only.
+    Each file is written under a temporary name and renamed: a kill at any moment leaves
+    whole files, and rows only for files that exist; a rendered batch not yet written is
+    rendered again on resume (the same seeds, the same pixels). A failed write is raised
+    by the next ``put`` or by ``close``.
+    """
+
+    def __init__(self, images_dir: Path, on_written: Callable[[Any, list[RenderedImage]], None],
+                 threads: int = 0, max_batches: int = 2) -> None:
+        self.images_dir = images_dir
+        self.on_written = on_written
+        # Beside denoising, which keeps torch's threads busy: half the CPUs, 1 to 4.
+        self.threads = threads or max(1, min(4, (os.cpu_count() or 2) // 2))
+        self.max_batches = max(1, max_batches)
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="likeness-png-writer")
+        self._pending: deque[tuple[Any, list[RenderedImage], list[Future]]] = deque()
+
+    def _write(self, r: RenderedImage) -> None:
+        atomic_write_bytes(self.images_dir / f"{r.id}.png", _encoded(r).png)
+
+    def put(self, tag: Any, rendered: Sequence[RenderedImage]) -> None:
+        """Queue one batch for encoding and writing; report the batches already finished."""
+        batch = list(rendered)
+        self._pending.append((tag, batch, [self._pool.submit(self._write, r) for r in batch]))
+        while self._pending and (len(self._pending) > self.max_batches or all(f.done() for f in self._pending[0][2])):
+            self._finish_oldest()
+
+    def _finish_oldest(self) -> None:
+        tag, batch, futures = self._pending.popleft()
+        for f in futures:
+            f.result()  # a failed write (disk full) surfaces here; its batch gets no rows
+        self.on_written(tag, batch)
+
+    def close(self) -> None:
+        """Write and report every queued batch, then stop the threads (raises a failed write)."""
+        try:
+            while self._pending:
+                self._finish_oldest()
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> "GalleryWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        # Cancelled or failed while rendering: the batches already rendered are still written
+        # (finished work is kept); an error while doing so must not hide the first one.
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - logged; the original error propagates
+            log.exception("writing the rendered batches after an interruption failed")
 
 
 class GalleryWorker:
@@ -369,10 +475,14 @@ class GalleryWorker:
         # In-process workers stop mid-batch on cancel; Ray workers stop between shards.
         self.cancel = cancel
         self.cache = PromptCache()
+        # --- PNG overlap: False for the in-process worker of generate_gallery, whose GalleryWriter
+        # encodes while the next batch denoises; True where results cross processes (Ray).
+        self.encode_png = True
 
     def run(self, shard: Sequence[PlannedImage]) -> list[RenderedImage]:
         return render_images(self.pipe, shard, self.sampling, model=self.model, model_hash=self.model_hash,
-                             cache=self.cache, cancel=self.cancel, ti_hashes=self.ti_hashes)
+                             cache=self.cache, cancel=self.cancel, ti_hashes=self.ti_hashes,
+                             encode_png=self.encode_png)
 
 
 @dataclass(frozen=True)
@@ -538,6 +648,7 @@ def _generate_locked(
         device = str(pipeline_device(pipe))
         size = size or auto_batch_size(pipe, sampling.width, sampling.height, prof.family)
         worker = GalleryWorker(pipe, sampling, model, model_hash(prof), cancel=cancel, ti_hashes=ti_hashes)
+        worker.encode_png = False  # --- PNG overlap: the GalleryWriter below encodes
         worker_factory = lambda: worker  # noqa: E731 - the local executor calls it once
     else:
         size = size or 8
@@ -548,11 +659,9 @@ def _generate_locked(
     state = {"done": already, "generated": 0}
     t_start = time.perf_counter()
 
-    def on_result(i: int, rendered: list[RenderedImage]) -> None:
-        shard = shards[i]
-        by_id = {p.id: p for p in shard}
-        for r in rendered:
-            atomic_write_bytes(images_dir / f"{r.id}.png", r.png)
+    def on_written(i: int, rendered: list[RenderedImage]) -> None:
+        # --- PNG overlap: called by the GalleryWriter once all of shard i's files are on disk.
+        by_id = {p.id: p for p in shards[i]}
         append_rows(gallery, [_row(by_id[r.id], r, sampling, model) for r in rendered])
         state["done"] += len(rendered)
         state["generated"] += len(rendered)
@@ -565,7 +674,9 @@ def _generate_locked(
             from likeness.executor import LocalExecutor
 
             executor = LocalExecutor()
-        executor.map_shards(worker_factory, shards, on_result, cancel)
+        images_dir.mkdir(parents=True, exist_ok=True)
+        with GalleryWriter(images_dir, on_written) as writer:  # --- PNG overlap
+            executor.map_shards(worker_factory, shards, writer.put, cancel)
     seconds = time.perf_counter() - t_start if shards else 0.0
 
     rows = read_manifest(gallery)
