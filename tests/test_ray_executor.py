@@ -110,3 +110,43 @@ def test_a_worker_that_cannot_load_its_model_fails_at_once_with_the_original_err
     executor = make_executor(ExecutorConfig(kind="ray", workers=1, max_attempts=3))
     with pytest.raises(ModelMissing, match="gpu7"):
         executor.map_shards(MissingModel(), [1, 2], lambda i, r: None)
+
+
+def test_gpu_actors_get_their_share_of_the_nodes_cores():
+    from likeness.executor import auto_cpus_per_worker
+
+    assert auto_cpus_per_worker([{"CPU": 16.0, "GPU": 1.0}], 1.0) == 16.0  # the lent H200 machine
+    assert auto_cpus_per_worker([{"CPU": 96.0, "GPU": 8.0}], 1.0) == 12.0
+    assert auto_cpus_per_worker([{"CPU": 96.0, "GPU": 8.0}], 0.5) == 6.0
+    # Mixed nodes: the tightest GPU node decides, so every GPU actor fits anywhere; CPU-only nodes don't count.
+    assert auto_cpus_per_worker([{"CPU": 96.0, "GPU": 8.0}, {"CPU": 16.0, "GPU": 4.0}, {"CPU": 64.0}], 1.0) == 4.0
+    assert auto_cpus_per_worker([{"CPU": 2.0, "GPU": 4.0}], 1.0) == 1.0  # never 0
+    assert auto_cpus_per_worker([{"CPU": 16.0, "GPU": 1.0}], 0.0) == 1.0  # CPU actors run side by side
+    assert auto_cpus_per_worker([{"CPU": 2.0}], 1.0) == 1.0
+    assert ExecutorConfig().cpus_per_worker == 0.0  # chosen, unless set
+
+
+@dataclass(frozen=True)
+class ThreadsFactory:
+    """A worker that reports how many threads torch and the PNG encoder have inside its actor."""
+
+    def __call__(self):
+        class _Threads:
+            def run(self, shard):
+                import torch
+
+                from likeness.generate.gallery import encode_threads
+
+                return torch.get_num_threads(), encode_threads()
+
+        return _Threads()
+
+
+def test_an_actor_with_two_cpus_encodes_on_two_threads(ray_cluster):
+    executor = make_executor(ExecutorConfig(kind="ray", workers=1, cpus_per_worker=2))
+    assert executor.cpus_per_worker == 2
+    got = []
+    executor.map_shards(ThreadsFactory(), [0], lambda i, r: got.append(r))
+    assert got == [(2, 2)]
+    # Chosen on this CPU-only cluster: CPU actors get 1 CPU each, as before.
+    assert make_executor(ExecutorConfig(kind="ray", workers=1)).cpus_per_worker == 1.0

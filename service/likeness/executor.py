@@ -40,10 +40,28 @@ class ExecutorConfig:
     workers: int = 2
     # GPUs per actor: 1 pins one actor per GPU; 0 for CPU-only clusters.
     gpus_per_worker: float = 0.0
-    # CPUs reserved per actor: Ray schedules by it, and torch in the actor uses that many threads.
-    cpus_per_worker: float = 1.0
+    # CPUs reserved per actor: Ray schedules by it, and torch and the PNG encoder in the actor use
+    # that many threads. 0 = chosen (:func:`auto_cpus_per_worker`): a GPU actor gets its share of
+    # its node's cores (cores / GPUs x gpus_per_worker; 16 cores, 1 GPU -> 16), so PNG encoding and
+    # face pre/post-processing are not single-threaded; a CPU actor gets 1 (actors run side by side).
+    cpus_per_worker: float = 0.0
     # A shard whose worker died is retried this many times in all before the stage fails.
     max_attempts: int = 3
+
+
+def auto_cpus_per_worker(nodes: Sequence[dict[str, float]], gpus_per_worker: float) -> float:
+    """CPUs for one actor from the alive nodes' resources (``ray.nodes()`` 'Resources' dicts).
+
+    GPU actors: the smallest cores-per-GPU of the nodes that have GPUs, times
+    ``gpus_per_worker``, whole and at least 1 -- every GPU actor fits on any GPU node.
+    CPU actors (``gpus_per_worker == 0``) and clusters without GPUs: 1.
+    """
+    if gpus_per_worker <= 0:
+        return 1.0
+    per_gpu = [n.get("CPU", 0.0) / n["GPU"] for n in nodes if n.get("GPU", 0.0) > 0]
+    if not per_gpu:
+        return 1.0
+    return float(max(1, int(min(per_gpu) * gpus_per_worker)))
 
 
 class LocalExecutor:
@@ -73,8 +91,17 @@ class _RayWorkerHost:
     error (e.g. ModelMissing with the path) at once instead of three restarts.
     """
 
-    def __init__(self, factory: WorkerFactory) -> None:
+    def __init__(self, factory: WorkerFactory, threads: int = 0) -> None:
         self._error: BaseException | None = None
+        if threads > 0:
+            # The actor's CPUs, for torch and the PNG encoder (likeness.generate.gallery.encode_threads);
+            # Ray's own OMP_NUM_THREADS does the same only if torch is imported after it is set.
+            try:
+                import torch
+
+                torch.set_num_threads(threads)
+            except ImportError:  # pragma: no cover - torch is a hard dependency
+                pass
         try:
             self._worker = factory()
         except Exception as exc:  # noqa: BLE001 - handed to the driver by run()
@@ -109,12 +136,14 @@ class RayExecutor:
                 kwargs["address"] = config.ray_address
             ray.init(**kwargs)
         self.actors: list[Any] = []
+        self.cpus_per_worker = config.cpus_per_worker or auto_cpus_per_worker(
+            [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")], config.gpus_per_worker)
 
     def _start_actor(self, factory: WorkerFactory) -> Any:
         cls = self._ray.remote(
-            num_cpus=self.config.cpus_per_worker, num_gpus=self.config.gpus_per_worker, max_restarts=0
+            num_cpus=self.cpus_per_worker, num_gpus=self.config.gpus_per_worker, max_restarts=0
         )(_RayWorkerHost)
-        return cls.remote(factory)
+        return cls.remote(factory, int(self.cpus_per_worker))
 
     def map_shards(
         self, factory: WorkerFactory, shards: Sequence[Any], on_result: ResultFn, cancel: CancelToken | None = None
