@@ -283,6 +283,28 @@ def wrong_reasons(decisions, images: list[PoolImage]) -> Counter:
     return out
 
 
+def wrong_decisions(decisions, images: list[PoolImage]) -> list[dict]:
+    """Every wrong rejection and every wrongly kept image: id, label, zoom, reason code and sentence, scores."""
+    by_id = {im.id: im for im in images}
+    kept = {d.id for d in decisions if d.decision == "kept"}
+    copied = {im.source for im in images if im.label == "dup" and im.id in kept}
+    out = []
+    for d in decisions:
+        im = by_id.get(d.id)
+        if im is None:
+            continue
+        if d.decision == "kept":
+            wrong = not (im.label == "target" or (im.label == "dup" and im.source not in kept))
+        elif im.label == "target":
+            wrong = d.reason_code != "not_selected" and not (d.reason_code == "near_duplicate" and im.id in copied)
+        else:
+            wrong = d.reason_code not in EXPECTED[im.label]
+        if wrong:
+            out.append({"id": d.id, "label": im.label, "zoom": im.zoom, "decision": d.decision,
+                        "reason_code": d.reason_code, "reason": d.reason, "scores": d.scores})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pools", type=int, default=0, help="pools per family (0: every target with >= 6 photos)")
@@ -333,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
                 for m in methods:
                     results[family][m].append(dict(score(kept[m], images, k), target=target, k=k))
                 reasons[family].update(wrong_reasons(res.images, images))
+                # Each wrong decision in full (what a user would read in curation.json), to see why.
+                results[family]["likeness"][-1]["wrong"] = wrong_decisions(res.images, images)
                 warned[family] += bool(res.warnings)
             print(f"  {family} {n + 1}/{len(targets)} {target}: " + ", ".join(
                 f"{m} P={results[family][m][-1]['precision']:.2f} R={results[family][m][-1]['recall']:.2f}"

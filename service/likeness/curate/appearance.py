@@ -141,11 +141,13 @@ def colour_distances(colours: Sequence[Sequence[float] | None], reference: Seque
 
 
 def colour_outliers(distances: np.ndarray, reference: Sequence[int], *, z: float, min_delta: float,
-                    min_reference: int = 5) -> tuple[np.ndarray, float]:
+                    min_reference: int = 5, max_consensus: float | None = None) -> tuple[np.ndarray, float]:
     """Boolean mask of off-colour rows, and the distance limit used (inf: the rule could not run).
 
     Off when the distance exceeds ``median + z * 1.4826 * MAD`` of the reference rows' distances
-    and ``min_delta``. Fewer than ``min_reference`` measured reference rows: no consensus, nothing off.
+    and ``min_delta``. No consensus, nothing off: fewer than ``min_reference`` measured reference
+    rows, or their median distance to the consensus above ``max_consensus`` (the character's own
+    images do not agree on these colours, so none of them drifted from anything).
     """
     d = np.asarray(distances, np.float64)
     ref = d[np.asarray(list(reference), np.int64)] if len(reference) else d[:0]
@@ -153,6 +155,8 @@ def colour_outliers(distances: np.ndarray, reference: Sequence[int], *, z: float
     if ref.size < min_reference or z <= 0:
         return np.zeros(d.shape, bool), float("inf")
     med = float(np.median(ref))
+    if max_consensus is not None and med > max_consensus:
+        return np.zeros(d.shape, bool), float("inf")
     mad = 1.4826 * float(np.median(np.abs(ref - med)))
     limit = max(med + z * mad, min_delta)
     with np.errstate(invalid="ignore"):

@@ -293,6 +293,9 @@ def curate(
         summary={"n_images": len(items), "n_selected": len(chosen), "reason_counts": {k: v for k, v in counts.items() if v},
                  # Images whose measured zoom or yaw disagrees with their prompt label (measures.label_disagrees).
                  "label_disagreements": sum(1 for it in items if it.measures.get("label_disagrees")),
+                 # The character's images' median distance to their hair/wardrobe consensus: above
+                 # CurateConfig.drift_consensus_max there is no consensus and that drift rule rejected nothing.
+                 "drift_consensus": dict(ctx.drift_consensus),
                  "face_backend": models["face_backend"], "clip_backend": models["clip_backend"],
                  "spec": spec.name if spec is not None else None,
                  "seconds_analyse": round(t_analyse, 3), "seconds_total": round(time.perf_counter() - t0, 3)},

@@ -18,7 +18,7 @@ from likeness import scores
 from likeness.backends.protocols import ClipModel
 from likeness.curate.appearance import colour_distances, colour_outliers
 from likeness.curate.background import background_outliers, background_scores, clip_background_probability
-from likeness.curate.checks import REASON_CODES, CurateConfig, is_rear_angle, near_duplicate_pairs
+from likeness.curate.checks import DRIFT_CODES, REASON_CODES, CurateConfig, is_rear_angle, near_duplicate_pairs
 from likeness.curate.framing import label_disagreements
 from likeness.curate.selection import Candidate, cluster_identities, identity_verdicts, select_k
 from likeness.generate.manifest import GalleryImage
@@ -43,6 +43,9 @@ class _Item:
     scores: dict[str, float | None] = field(default_factory=dict)
     cluster: int = -1
     duplicate_of: str = ""
+    # Drift rule code -> its sentence, for every drift rule the image failed (not only the first):
+    # a drifted image kept to fill K says everything that drifted.
+    drift: dict[str, str] = field(default_factory=dict)
     # (zoom index, angle index) in the grid, the zoom as measured where it maps to a grid word (framing_pass).
     cell: tuple[int, int] = (-1, -1)
 
@@ -77,6 +80,8 @@ class PassContext:
     rear: list[int] = field(default_factory=list)
     chosen: list[int] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    # Median distance of the character's images to their hair / wardrobe consensus (the drift passes).
+    drift_consensus: dict[str, float] = field(default_factory=dict)
 
     @staticmethod
     def reject(it: _Item, code: str, reason: str) -> bool:
@@ -92,6 +97,20 @@ class PassContext:
     def alive(items: Sequence[_Item]) -> list[_Item]:
         """Items no pass has decided yet."""
         return [it for it in items if not it.code]
+
+    @staticmethod
+    def drifted(it: _Item, code: str, reason: str) -> None:
+        """Record a drift rule's verdict: rejects when nothing decided ``it`` yet, and always notes the drift
+        of an image that so far only drift rules rejected (the fill from drift needs every drift named)."""
+        if it.code and it.code not in DRIFT_CODES:
+            return
+        it.drift[code] = reason
+        PassContext.reject(it, code, reason)
+
+    @staticmethod
+    def soft(it: _Item) -> bool:
+        """Undecided, or rejected by drift rules only (still a candidate to fill K from)."""
+        return not it.code or it.code in DRIFT_CODES
 
 
 Pass = Callable[[list[_Item], PassContext], None]
@@ -215,7 +234,7 @@ def background_outlier_pass(items: list[_Item], ctx: PassContext) -> None:
                               min_drop=cfg.background_min_drop)
     for n, i in enumerate(ctx.usable):
         if off[n]:
-            ctx.reject(items[i], "off_background", (
+            ctx.drifted(items[i], "off_background", (
                 f"background is unlike the character's set: score {bg[n]:.2f} (median of the identity images "
                 f"{float(np.median(bg[ref])) if ref else float('nan'):.2f})"))
 
@@ -229,15 +248,17 @@ def _off_colour_pass(region: str, code: str, what: str, z: float, min_distance: 
     pos = {i: n for n, i in enumerate(idx)}
     ref = [pos[i] for i in ref_items]
     dist, _consensus = colour_distances(colours, ref)
-    off, limit = colour_outliers(dist, ref, z=z, min_delta=min_distance)
+    off, limit = colour_outliers(dist, ref, z=z, min_delta=min_distance, max_consensus=ctx.cfg.drift_consensus_max)
     ref_d = dist[np.asarray(ref, np.int64)] if ref else dist[:0]
     ref_d = ref_d[~np.isnan(ref_d)]
     med = float(np.median(ref_d)) if ref_d.size else float("nan")
+    if ref_d.size:
+        ctx.drift_consensus[region] = round(med, 4)
     for n, i in enumerate(idx):
         if not np.isnan(dist[n]):
             items[i].scores[f"{region}_distance"] = round(float(dist[n]), 4)
         if off[n]:
-            ctx.reject(items[i], code, (
+            ctx.drifted(items[i], code, (
                 f"{what} has other colours than in the character's images: colour distance {dist[n]:.2f} from "
                 f"their consensus (limit {limit:.2f}; the character's images are typically {med:.2f}), so the "
                 f"prompt's {region} was not followed"))
@@ -259,7 +280,9 @@ def utility_pass(items: list[_Item], ctx: PassContext) -> None:
     """Weighted identity/background/quality utility of every undecided item (rejects nothing)."""
     cfg = ctx.cfg
     wsum = cfg.weight_identity + cfg.weight_background + cfg.weight_quality or 1.0
-    for it in ctx.alive(items):
+    for it in items:
+        if not ctx.soft(it):
+            continue
         idn = (float(scores.identity_score(it.scores["identity"], ctx.scale)) if it.faces
                else float(it.scores.get("clip_identity") or 0.0))
         q = float(it.measures.get("quality", 0.0)) if it.faces else 0.0
@@ -274,7 +297,9 @@ def near_duplicate_pass(items: list[_Item], ctx: PassContext) -> None:
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    alive = [i for i in ctx.members if not items[i].code]
+    # Drifted images too: one that copies a kept image must not fill K. A group keeps an image that
+    # passed every rule before a drifted one.
+    alive = [i for i in ctx.members if ctx.soft(items[i])]
     pairs = near_duplicate_pairs(np.stack([items[i].embedding for i in alive]) if alive else np.zeros((0, 1)),
                                  [items[i].thumb for i in alive], ctx.cfg,
                                  face_boxes=[items[i].measures.get("face_box") for i in alive])
@@ -291,16 +316,19 @@ def near_duplicate_pass(items: list[_Item], ctx: PassContext) -> None:
     for g in groups.values():
         if len(g) < 2:
             continue
-        best = min(g, key=lambda n: (-items[alive[n]].scores["utility"], items[alive[n]].row.id))
+        best = min(g, key=lambda n: (bool(items[alive[n]].code), -items[alive[n]].scores["utility"],
+                                     items[alive[n]].row.id))
         for n in g:
             if n == best:
                 continue
             it = items[alive[n]]
             pair = evidence.get((min(n, best), max(n, best)))
             how = f": {pair.evidence()}" if pair is not None else " (in the same group of copies)"
-            if ctx.reject(it, "near_duplicate", f"near-duplicate of kept image {items[alive[best]].row.id}, "
-                                                f"the same picture re-encoded, resized, cropped or mirrored{how}"):
-                it.duplicate_of = items[alive[best]].row.id
+            why = (f"near-duplicate of kept image {items[alive[best]].row.id}, "
+                   f"the same picture re-encoded, resized, cropped or mirrored{how}")
+            it.duplicate_of = items[alive[best]].row.id
+            if not ctx.reject(it, "near_duplicate", why):
+                it.reason += f"; also a {why}"  # drifted and a copy: never a candidate to fill K
 
 
 def framing_pass(items: list[_Item], ctx: PassContext) -> None:
@@ -349,6 +377,30 @@ def select_pass(items: list[_Item], ctx: PassContext) -> None:
         if i not in chosen_set:
             ctx.reject(items[i], "not_selected", f"passed every check, but {len(chosen)} images with higher scores "
                                                  f"or in emptier grid cells were chosen")
+    if cfg.fill_from_drift and len(chosen) < cfg.k:
+        _fill_from_drift(items, ctx, len(chosen))
+
+
+# What each drift rule says drifted, in the reason of an image kept to fill K and in measures["drifted"].
+_DRIFT_WORDS = {"off_background": "background", "off_hair": "hair", "off_wardrobe": "clothes"}
+
+
+def _fill_from_drift(items: list[_Item], ctx: PassContext, n_strict: int) -> None:
+    """Fill K from faces only drift rules rejected (CurateConfig.fill_from_drift), best identity first."""
+    cfg = ctx.cfg
+    pool = [i for i in ctx.members if items[i].code in DRIFT_CODES and not items[i].duplicate_of]
+    pool.sort(key=lambda i: (-float(items[i].scores.get("identity") or 0.0), items[i].row.id))
+    fill = pool[:cfg.k - n_strict]
+    for rank, i in enumerate(fill):
+        it = items[i]
+        what = [_DRIFT_WORDS[c] for c in DRIFT_CODES if c in it.drift]
+        it.measures["drifted"] = what
+        detail = "; ".join(it.drift[c] for c in DRIFT_CODES if c in it.drift)
+        it.code, it.reason = "selected_drifted", (
+            f"kept to fill K ({n_strict} of {cfg.k} passed every check): the same person and passed every "
+            f"identity and quality check, but its {' and '.join(what)} drifted ({detail}); "
+            f"choice {n_strict + rank + 1} of {n_strict + len(fill)}")
+    ctx.chosen = ctx.chosen + fill
 
 
 # The passes in order; a new rule is a new function here (docs/curation.md lists them).

@@ -58,6 +58,7 @@ REASONS = {
     "off_hair": "hair colours unlike the character's images",
     "off_wardrobe": "clothes colours unlike the character's images",
     "rear_kept": "rear shot without a face, kept on a real CLIP's evidence",
+    "selected_drifted": "kept to fill K: the same person, but its background, hair or clothes drifted",
     "near_duplicate": "a copy, crop or mirror of a kept image",
     "not_selected": "passed every check; K images were chosen before it",
     "not_curated": "missing from curation.json",
