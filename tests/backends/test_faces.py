@@ -361,3 +361,44 @@ def test_faces_at_every_zoom_extreme_closeups_and_full_body(analyzer, realdata: 
         tiny = analyzer.analyze([np.asarray(small)])[0]
         assert tiny and 25 <= tiny[0].bbox[2] - tiny[0].bbox[0] <= 60  # ~29 px wide
     assert max(widths) >= 0.8, "the test must reach faces wider than 80% of the frame"
+
+
+def test_images_in_flight_give_the_same_faces_as_one_at_a_time(face_pack: Path, realdata: Path, load):
+    """workers=2 (two images at once, one onnxruntime thread each) gives what workers=1 gives."""
+    from likeness.backends.faces import InsightFaceAnalyzer
+
+    paths = ["faces/Jeff_Bezos/deepface_img20.jpg", "faces/_multi_person/fr_two_people.jpg",
+             "faces/_negative_no_face/skimage_coffee.png", "faces/Elon_Musk/deepface_img18.jpg",
+             "faces/Barack_Obama/fr_obama.jpg"]
+    imgs = [load(realdata / p) for p in paths]
+    one = InsightFaceAnalyzer(face_pack, device="cpu", workers=1).analyze(imgs)
+    two = InsightFaceAnalyzer(face_pack, device="cpu", workers=2)
+    assert two.workers == 2
+    got = two.analyze(imgs)
+    assert [len(x) for x in got] == [len(x) for x in one] and not got[2]
+    for a, b in zip(one, got):
+        for fa, fb in zip(a, b):
+            assert np.allclose(fa.bbox, fb.bbox, atol=1e-3)
+            np.testing.assert_allclose(fa.embedding, fb.embedding, atol=1e-4)
+
+
+def test_det_sides_are_checked_and_rounded_to_buckets(analyzer, realdata: Path, load):
+    from likeness.backends.faces import DET_SIDES
+
+    img = load(realdata / "faces/Barack_Obama/fr_obama.jpg")
+    with pytest.raises(InvalidInput, match="one per image"):
+        analyzer.analyze([img, img], det_sides=[320])
+    with pytest.raises(InvalidInput, match=">= 32"):
+        analyzer.analyze([img], det_sides=[8])
+    assert analyzer._det_side(img, 300) == 320 and analyzer._det_side(img, None) == analyzer.det_size
+    assert analyzer._det_side(img, 5000) == analyzer.det_size and 640 in DET_SIDES
+    # A face found at a smaller detection size is the same face.
+    (small,), (full,) = analyzer.analyze([img], det_sides=[320]), analyzer.analyze([img])
+    assert small and full and float(small[0].embedding @ full[0].embedding) > 0.9
+
+
+def test_workers_out_of_range_is_invalid(face_pack: Path):
+    from likeness.backends.faces import InsightFaceAnalyzer
+
+    with pytest.raises(InvalidInput, match="workers"):
+        InsightFaceAnalyzer(face_pack, device="cpu", workers=0)

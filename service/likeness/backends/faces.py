@@ -10,7 +10,13 @@ small real pack in ``../shared/realdata/models`` (SCRFD-500M + MobileFaceNet,
 Speed: insightface has no batched detector, so detection runs per image; the
 aligned 112x112 crops of *all* faces of *all* images are then embedded in
 batches (``ArcFaceONNX.get_feat``), chunked to the batch size the ONNX graph
-accepts (1 for the CPU MobileFaceNet export, dynamic for buffalo_l).
+accepts (1 for the CPU MobileFaceNet export, dynamic for buffalo_l). On the
+CPU each onnxruntime session has one thread and ``workers`` images are in
+flight at once (threads: onnxruntime, OpenCV and numpy release the GIL): for
+models this small, two single-threaded runs side by side beat one run on two
+threads. A caller that knows how large the faces are (curation knows each
+image's zoom) passes ``det_sides``: detection then runs on a smaller copy, and
+falls back to the full size when it finds nothing.
 
 Nothing is downloaded: insightface's ``FaceAnalysis(name=...)`` downloads when
 ``name`` is not an existing folder, so the pack folder is checked first
@@ -21,7 +27,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Sequence
@@ -40,6 +48,10 @@ log = logging.getLogger(__name__)
 # Recognition batches for graphs with a dynamic batch axis: large enough to
 # fill a GPU, small enough for a 2-core CPU's cache.
 _RECOGNITION_BATCH = 64
+# Detection input sides a caller may ask for (``det_sides``). insightface 2.1 builds one
+# static-shape onnxruntime session per input size (~0.2 s each, and memory), so sides are
+# rounded up to one of these few buckets instead of following every image's own size.
+DET_SIDES = (256, 320, 384, 448, 512, 640)
 
 
 def _check_image(img: np.ndarray, i: int) -> np.ndarray:
@@ -92,6 +104,7 @@ class InsightFaceAnalyzer:
         det_size: int = 640,
         det_thresh: float = 0.5,
         device: str = "auto",
+        workers: int | None = None,
     ) -> None:
         pack = Path(pack)
         if not pack.is_dir():
@@ -121,6 +134,14 @@ class InsightFaceAnalyzer:
         self._app.prepare(ctx_id=ctx_id, det_thresh=det_thresh, det_size=(det_size, det_size))
         self._det = self._app.models["detection"]
         self._rec = self._app.models["recognition"]
+        if workers is not None and not 1 <= int(workers) <= 64:
+            raise InvalidInput(f"workers {workers} must be 1..64 (images analysed at once; default: 2 on a CPU)")
+        on_cpu = self.providers[0] == "CPUExecutionProvider"
+        # Images in flight at once; on a CPU one onnxruntime thread each (see the module doc).
+        self.workers = int(workers) if workers is not None else (min(2, _cpus()) if on_cpu else 1)
+        if on_cpu:
+            _single_threaded(self._det)
+            _single_threaded(self._rec)
         self.pack = pack.resolve()
         self.det_size = det_size
         self.embedding_dim = int(self._rec.output_shape[-1])
@@ -140,57 +161,34 @@ class InsightFaceAnalyzer:
         """Aligned 112x112 BGR crops -> (N, D) L2-normalised float32, in batches."""
         if not crops_bgr:
             return np.zeros((0, self.embedding_dim), np.float32)
-        outs = []
         step = self.recognition_batch
-        for start in range(0, len(crops_bgr), step):
-            outs.append(np.asarray(self._rec.get_feat(list(crops_bgr[start:start + step])), np.float32))
+        outs = self._map(lambda start: np.asarray(self._rec.get_feat(list(crops_bgr[start:start + step])), np.float32),
+                         range(0, len(crops_bgr), step))
         feats = np.concatenate(outs, axis=0).reshape(len(crops_bgr), -1)
         norms = np.linalg.norm(feats, axis=1, keepdims=True)
         return (feats / np.maximum(norms, 1e-12)).astype(np.float32)
 
-    def analyze(self, images: Sequence[np.ndarray]) -> list[list[FaceRecord]]:
+    def analyze(self, images: Sequence[np.ndarray], det_sides: Sequence[int | None] | None = None
+                ) -> list[list[FaceRecord]]:
         """RGB uint8 HxWx3 arrays -> every face per image, largest first.
 
-        Detection per image, then one batched recognition pass over every
-        aligned crop (same numbers as one-by-one; tested).
+        Detection per image (``workers`` at once), then batched recognition
+        over every aligned crop (same numbers as one-by-one; tested).
+        ``det_sides[i]`` (optional): run image ``i``'s first detection with
+        its longer side at most this (rounded up to :data:`DET_SIDES`; None:
+        ``det_size``); when that finds no face, detection runs again at
+        ``det_size``, then on the padded copy.
         """
-        size = int(self._rec.input_size[0])
+        if det_sides is not None and len(det_sides) != len(images):
+            raise InvalidInput(f"det_sides has {len(det_sides)} entries for {len(images)} images; give one per image")
+        images = [_check_image(img, i) for i, img in enumerate(images)]
+        sides = [self._det_side(img, None if det_sides is None else det_sides[i]) for i, img in enumerate(images)]
+        per_image = self._map(lambda i: self._detect_one(images[i], sides[i]), range(len(images)))
         found: list[tuple[int, np.ndarray, np.ndarray, float]] = []
         crops: list[np.ndarray] = []
-        for i, img in enumerate(images):
-            img = _check_image(img, i)
-            bgr = np.ascontiguousarray(img[:, :, ::-1])
-            boxes, kps = self._det.detect(bgr, max_num=0, metric="default")
-            if boxes.shape[0] == 0:
-                # A face filling most of the frame (an extreme closeup) is too large for the
-                # detector's anchors at this size: at det_size 640 SCRFD-500M found 0 of 12 faces
-                # wider than 57% of the frame, and 12 of 12 up to 78% on a copy padded to twice the
-                # size (issue 11). Retry once on such a copy; boxes and landmarks map back by the
-                # offset, and the face is aligned from the padded copy (no black wedges).
-                padded, (dy, dx) = _pad_twice(bgr)
-                boxes, kps = self._det.detect(padded, max_num=0, metric="default")
-                if boxes.shape[0] == 0:
-                    continue
-                boxes = boxes.copy()
-                boxes[:, [0, 2]] -= dx
-                boxes[:, [1, 3]] -= dy
-                h, w = img.shape[:2]
-                boxes[:, [0, 2]] = np.clip(boxes[:, [0, 2]], 0, w)
-                boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, h)
-                src, kps = padded, kps.copy()
-                kps_src = kps.copy()
-                kps[:, :, 0] -= dx
-                kps[:, :, 1] -= dy
-            else:
-                src, kps_src = bgr, kps
-            areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-            image_area = float(img.shape[0] * img.shape[1])
-            for j in np.argsort(-areas, kind="stable"):
-                with warnings.catch_warnings():
-                    # insightface calls a scikit-image API deprecated in 0.26; harmless.
-                    warnings.simplefilter("ignore", FutureWarning)
-                    crops.append(face_align.norm_crop(src, landmark=kps_src[j], image_size=size))
-                found.append((i, boxes[j], kps[j], float(areas[j]) / image_area))
+        for i, (faces, image_crops) in enumerate(per_image):
+            found.extend((i, box, kp, ratio) for box, kp, ratio in faces)
+            crops.extend(image_crops)
         embeddings = self.embed_aligned(crops)
         result: list[list[FaceRecord]] = [[] for _ in images]
         for (i, box, kp, ratio), emb in zip(found, embeddings):
@@ -203,6 +201,65 @@ class InsightFaceAnalyzer:
             ))
         return result
 
+    def _map(self, fn: Callable, items: Sequence) -> list:
+        """``[fn(x) for x in items]`` with ``workers`` in flight (in order)."""
+        items = list(items)
+        if self.workers <= 1 or len(items) <= 1:
+            return [fn(x) for x in items]
+        return list(_pool(self.workers).map(fn, items))
+
+    def _det_side(self, img: np.ndarray, wanted: int | None) -> int:
+        """The first detection's input side: ``det_size``, or ``wanted`` rounded up to a bucket when smaller."""
+        if wanted is None:
+            return self.det_size
+        if int(wanted) < 32:
+            raise InvalidInput(f"det_sides entry {wanted} must be >= 32 (or None for det_size {self.det_size})")
+        side = next((b for b in DET_SIDES if b >= int(wanted)), self.det_size)
+        return min(side, self.det_size)
+
+    def _detect_one(self, img: np.ndarray, side: int) -> tuple[list, list]:
+        """One image: ([(box, landmarks, area share)], [aligned crops]), largest face first."""
+        bgr = np.ascontiguousarray(img[:, :, ::-1])
+        boxes, kps = self._det.detect(bgr, input_size=(side, side), max_num=0, metric="default")
+        if boxes.shape[0] == 0 and side != self.det_size:
+            # A caller's smaller size found nothing: the face may be smaller than it said.
+            boxes, kps = self._det.detect(bgr, input_size=(self.det_size, self.det_size), max_num=0,
+                                          metric="default")
+        if boxes.shape[0] == 0:
+            # A face filling most of the frame (an extreme closeup) is too large for the
+            # detector's anchors at this size: at det_size 640 SCRFD-500M found 0 of 12 faces
+            # wider than 57% of the frame, and 12 of 12 up to 78% on a copy padded to twice the
+            # size (issue 11). Retry once on such a copy; boxes and landmarks map back by the
+            # offset, and the face is aligned from the padded copy (no black wedges).
+            padded, (dy, dx) = _pad_twice(bgr)
+            boxes, kps = self._det.detect(padded, input_size=(self.det_size, self.det_size), max_num=0,
+                                          metric="default")
+            if boxes.shape[0] == 0:
+                return [], []
+            boxes = boxes.copy()
+            boxes[:, [0, 2]] -= dx
+            boxes[:, [1, 3]] -= dy
+            h, w = img.shape[:2]
+            boxes[:, [0, 2]] = np.clip(boxes[:, [0, 2]], 0, w)
+            boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, h)
+            src, kps = padded, kps.copy()
+            kps_src = kps.copy()
+            kps[:, :, 0] -= dx
+            kps[:, :, 1] -= dy
+        else:
+            src, kps_src = bgr, kps
+        size = int(self._rec.input_size[0])
+        areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        image_area = float(img.shape[0] * img.shape[1])
+        faces, crops = [], []
+        for j in np.argsort(-areas, kind="stable"):
+            with warnings.catch_warnings():
+                # insightface calls a scikit-image API deprecated in 0.26; harmless.
+                warnings.simplefilter("ignore", FutureWarning)
+                crops.append(face_align.norm_crop(src, landmark=kps_src[j], image_size=size))
+            faces.append((boxes[j], kps[j], float(areas[j]) / image_area))
+        return faces, crops
+
 
 def _pad_twice(bgr: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
     """The image centred on a canvas twice its size, filled with its mean border colour; (canvas, (dy, dx))."""
@@ -213,6 +270,30 @@ def _pad_twice(bgr: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
     dy, dx = h // 2, w // 2
     canvas[dy:dy + h, dx:dx + w] = bgr
     return canvas, (dy, dx)
+
+
+def _cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@lru_cache(maxsize=4)
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """One shared thread pool per size (threads are cheap to keep, costly to start per call)."""
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="faces")
+
+
+def _single_threaded(model) -> None:
+    """Give an insightface model a CPU session with one intra-op thread (its outputs do not change)."""
+    opts = onnxruntime.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    # SCRFD derives its per-size sessions from this one's options (insightface 2.1).
+    model.session = onnxruntime.InferenceSession(model.model_file, sess_options=opts,
+                                                 providers=["CPUExecutionProvider"])
 
 
 def _gpu_index(device: str) -> int:

@@ -17,8 +17,11 @@ wherever it runs (up to float rounding between thread counts).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence as SequenceABC
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -26,16 +29,31 @@ import numpy as np
 
 from likeness.backends.protocols import ClipModel, FaceAnalyzer
 from likeness.curate.appearance import region_colours
-from likeness.curate.background import border_features
+from likeness.curate.background import _BORDER_SIDE
 from likeness.curate.checks import CurateConfig, check_faces
 from likeness.errors import InvalidInput
 from likeness.files import safe_join
 from likeness.images import load_image_bytes
+from likeness.scores import _srgb_to_lab
+
+# Border band width, as a share of the side: scores.lab_border_stats' default (what
+# background.border_features measures).
+_BAND = 0.08
 
 # Smallest image side worth analysing: the detector cannot find a face below it.
 MIN_SIDE = 32
 # Grey thumbnail side kept per image for near-duplicate keypoints.
 THUMB_SIDE = 512
+# First face-detection input side per manifest zoom word (the face analyzer's ``det_sides``;
+# absent: the profile's face_det_size, 640). Measured on the 400-image LFW bench pool
+# (scripts/bench_curate.py, 80 images per zoom, 64 with a face) against detection at 640:
+# extreme closeups at 320 find the same 64 faces with cosine >= 0.980 to the 640 embedding and
+# need no padded retry (at 640, 16 of 64 did: 2.9x the time); closeups to medium shots at 512
+# (the images' own size: 0.64x the pixels of 640) give cosine >= 0.93 (p5 0.955-0.967), the
+# spread detection at any other size shows, while 256-384 there swapped the main face for a
+# background face in 1-2 images. Full-body faces (24-40 px) stay at 640, where they are
+# upsampled (at 512: cosine min 0.894).
+ZOOM_DET_SIDE = {"extreme closeup": 320, "medium closeup": 512, "closeup": 512, "medium shot": 512}
 
 
 @dataclass(frozen=True)
@@ -160,36 +178,98 @@ def _decode(item: AnalysisInput, max_side: int) -> tuple[Any, dict[str, Any], st
     return img, measures, "", ""
 
 
-def analyse_shard(shard: AnalysisShard, faces: FaceAnalyzer, clip: ClipModel | None) -> list[ImageAnalysis]:
-    """Decode once, then faces (batched), CLIP (batched), border colours, thumbnails, face checks."""
+def border_bands(image: np.ndarray) -> np.ndarray:
+    """:func:`likeness.curate.background.border_features`, converting only the border bands to CIELAB.
+
+    Same downsized copy, same bands, same per-pixel conversion: the same numbers
+    (tested for equality), for ~a third of the pixels' colour conversion.
+    """
     from PIL import Image
 
+    h, w = image.shape[:2]
+    scale = _BORDER_SIDE / max(1, min(h, w))
+    if scale < 1.0:
+        image = np.asarray(Image.fromarray(image).resize((max(1, round(w * scale)), max(1, round(h * scale))),
+                                                         Image.BILINEAR))
+    h, w = image.shape[:2]
+    bh, bw = max(1, int(round(h * _BAND))), max(1, int(round(w * _BAND)))
+    sides = [image[:bh], image[h - bh:], image[:, :bw], image[:, w - bw:]]
+    return np.concatenate([_srgb_to_lab(s[..., :3]).reshape(-1, 3).mean(axis=0) for s in sides]).astype(np.float32)
+
+
+def _prepare(item: AnalysisInput, max_side: int) -> tuple[Any, np.ndarray | None, dict[str, Any], str, str]:
+    """One image decoded: (image or None, its RGB array, measures, code, reason)."""
+    img, measures, code, reason = _decode(item, max_side)
+    return img, (None if img is None else np.asarray(img)), measures, code, reason
+
+
+def _thumb(img: Any) -> np.ndarray:
+    from PIL import Image
+
+    s = min(1.0, THUMB_SIDE / max(img.size))
+    grey = img.convert("L")
+    if s < 1.0:
+        grey = grey.resize((max(1, round(img.size[0] * s)), max(1, round(img.size[1] * s))), Image.BILINEAR)
+    return np.asarray(grey)
+
+
+def _workers(faces: FaceAnalyzer) -> int:
+    """Images in flight for the per-image work: as many as the face analyzer runs at once."""
+    return max(1, int(getattr(faces, "workers", 1) or 1))
+
+
+def _in_flight(n: int, fn: Any, items: Sequence[Any]) -> list[Any]:
+    """``[fn(x) for x in items]`` on ``n`` threads (decoding, resizing and numpy release the GIL)."""
+    if n <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    return list(_pool(n).map(fn, items))
+
+
+@lru_cache(maxsize=4)
+def _pool(n: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=n, thread_name_prefix="curate")
+
+
+def _det_sides(faces: FaceAnalyzer, zooms: Sequence[str]) -> dict[str, Any]:
+    """``det_sides=`` for an analyzer that takes it (per-zoom detection size), else nothing."""
+    try:
+        takes = "det_sides" in inspect.signature(faces.analyze).parameters
+    except (TypeError, ValueError):
+        takes = False
+    return {"det_sides": [ZOOM_DET_SIDE.get(z) for z in zooms]} if takes else {}
+
+
+def analyse_shard(shard: AnalysisShard, faces: FaceAnalyzer, clip: ClipModel | None) -> list[ImageAnalysis]:
+    """Decode once, then faces (batched), CLIP (batched), border colours, thumbnails, face checks."""
     cfg = shard.config
+    n = _workers(faces)
     out: dict[int, ImageAnalysis] = {}
     decoded = []
-    for item in shard.items:
-        img, measures, code, reason = _decode(item, cfg.max_side)
+    for item, (img, arr, measures, code, reason) in zip(
+            shard.items, _in_flight(n, lambda it: _prepare(it, cfg.max_side), shard.items)):
         if img is None:
             out[item.index] = ImageAnalysis(item.index, code, reason, measures=measures)
         else:
-            decoded.append((item, img, measures))
-    arrays = [np.asarray(img) for _, img, _ in decoded]
-    found = faces.analyze(arrays) if arrays else []
-    embs = clip.embed_images([img for _, img, _ in decoded], batch_size=cfg.batch_size) if (clip is not None and decoded) else None
-    for n, ((item, img, measures), arr, recs) in enumerate(zip(decoded, arrays, found)):
-        s = min(1.0, THUMB_SIDE / max(img.size))
-        thumb = np.asarray(img.convert("L").resize((max(1, round(img.size[0] * s)), max(1, round(img.size[1] * s))),
-                                                   Image.BILINEAR))
+            decoded.append((item, img, arr, measures))
+    arrays = [arr for _, _, arr, _ in decoded]
+    found = faces.analyze(arrays, **_det_sides(faces, [it.zoom for it, *_ in decoded])) if arrays else []
+    embs = clip.embed_images([img for _, img, _, _ in decoded], batch_size=cfg.batch_size) if (clip is not None and decoded) else None
+
+    def finish(k: int) -> ImageAnalysis:
+        (item, img, arr, measures), recs = decoded[k], found[k]
         code = reason = ""
         if recs:
             chk = check_faces(cfg, recs, arr, item.zoom, item.zoom_index)
             measures.update(chk.measures)
             if chk.reason_code:
                 code, reason = chk.reason_code, chk.reason
-        out[item.index] = ImageAnalysis(
-            item.index, code, reason, faces=tuple(recs), thumb=thumb, border=border_features(arr),
-            clip=np.asarray(embs[n], np.float32) if embs is not None else None, measures=measures,
+        return ImageAnalysis(
+            item.index, code, reason, faces=tuple(recs), thumb=_thumb(img), border=border_bands(arr),
+            clip=np.asarray(embs[k], np.float32) if embs is not None else None, measures=measures,
             regions=region_colours(arr, recs[0].bbox) if recs else {})
+
+    for a in _in_flight(n, finish, range(len(decoded))):
+        out[a.index] = a
     return [out[item.index] for item in shard.items]
 
 
