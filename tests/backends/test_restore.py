@@ -90,10 +90,22 @@ def photo(realdata: Path) -> Image.Image:
 @pytest.fixture(scope="session")
 def gfpgan_run(nets, analyzer, photo):
     """One GFPGAN restoration of the photo (17 s on 2 CPU threads): (input, output, the face found)."""
-    restorer = R.FaceRestorer(nets["GFPGAN"], analyzer, "GFPGAN")
-    (out,) = restorer.restore([photo], R.RestoreSettings("GFPGAN"))
+    module = nets["GFPGAN"].model
+    seen: list[dict] = []
+    real_forward = module.forward
+
+    def spy(x, **kwargs):
+        seen.append(kwargs)
+        return real_forward(x, **kwargs)
+
+    module.forward = spy
+    try:
+        restorer = R.FaceRestorer(nets["GFPGAN"], analyzer, "GFPGAN")
+        (out,) = restorer.restore([photo], R.RestoreSettings("GFPGAN"))
+    finally:
+        del module.forward
     (faces,) = analyzer.analyze([np.asarray(photo)])
-    return photo, out, faces
+    return photo, out, faces, seen
 
 
 # ---------------------------------------------------------------- weights and architectures
@@ -152,7 +164,9 @@ def test_missing_weights_say_which_file_goes_where(tmp_path, monkeypatch):
 
 
 def test_gfpgan_restores_only_the_face_region_of_a_real_photo(gfpgan_run):
-    src, out, faces = gfpgan_run
+    src, out, faces, seen = gfpgan_run
+    # The stored noise buffers, not fresh global-RNG noise: the same image restores the same way.
+    assert seen == [{"return_rgb": False, "randomize_noise": False}]
     assert out.size == src.size and out.mode == src.mode
     assert len(faces) == 1
     a, b = np.asarray(src).astype(np.int16), np.asarray(out).astype(np.int16)
@@ -354,6 +368,12 @@ def test_generation_restores_every_image_before_saving(tiny_models, models_with_
         # The tiny model draws noise: no face is found, so the pixels are the unrestored ones.
         twin = Path(plain.gallery_dir) / "images" / png.name
         assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(twin)))
+    # Through executor workers (each loads its own pipeline, as builds and Ray do): restored too.
+    from likeness.executor import LocalExecutor
+
+    calls.clear()
+    workers = generate_gallery(_tiny_spec("GFPGAN"), tmp_path / "workers", "cpu-tiny", executor=LocalExecutor())
+    assert workers.generated == 2 and sum(n for n, _ in calls) == 2
     # Resuming with restoration switched off would mix restored and plain images: refused.
     with pytest.raises(InvalidInput, match="restore_faces"):
         generate_gallery(_tiny_spec(""), tmp_path / "restored", "cpu-tiny", per_cell=2)
