@@ -39,7 +39,9 @@ Printed: per family and method, precision (kept images that are correct target p
 kept dup counts as correct only when its original was not kept), recall (correct kept / K),
 K filled (kept / K), means and the worst pool; for likeness also the reason codes of wrong
 rejections (a target rejected for anything but "not_selected", or as a near-duplicate of a copy
-that was not kept; a non-target rejected for a reason that is not its own) and how many pools warned. JSON on stdout, the table on stderr.
+that was not kept; a non-target rejected for a reason that is not its own), how many pools warned and
+how many images were kept only to fill K (``selected_drifted``); per pool, every wrong decision with its
+reason (``per_pool.<family>.likeness[].wrong``). JSON on stdout, the table on stderr.
 """
 
 from __future__ import annotations
@@ -339,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, list]] = {}
     reasons: dict[str, Counter] = {}
     warned: Counter = Counter()
+    drift_filled: Counter = Counter()
     for family in args.families.split(","):
         results[family] = {m: [] for m in methods}
         reasons[family] = Counter()
@@ -357,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
                 reasons[family].update(wrong_reasons(res.images, images))
                 # Each wrong decision in full (what a user would read in curation.json), to see why.
                 results[family]["likeness"][-1]["wrong"] = wrong_decisions(res.images, images)
+                # Kept only to fill K (a drift rule rejected them: CurateConfig.fill_from_drift).
+                drift_filled[family] += sum(d.reason_code == "selected_drifted" for d in res.images)
                 warned[family] += bool(res.warnings)
             print(f"  {family} {n + 1}/{len(targets)} {target}: " + ", ".join(
                 f"{m} P={results[family][m][-1]['precision']:.2f} R={results[family][m][-1]['recall']:.2f}"
@@ -366,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\nfamily   method        precision (worst)   recall (worst)   K filled (worst)", file=sys.stderr)
     for family, per in results.items():
         summary[family] = {"pools": len(targets), "likeness_warned": warned[family],
+                           "likeness_drift_filled": drift_filled[family],
                            "likeness_wrong_reasons": dict(reasons[family].most_common())}
         for m, rows in per.items():
             agg = {f: (float(np.mean([r[f] for r in rows])), float(np.min([r[f] for r in rows])))
@@ -374,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{family:8} {m:13} {agg['precision'][0]:.3f} ({agg['precision'][1]:.2f})      "
                   f"{agg['recall'][0]:.3f} ({agg['recall'][1]:.2f})    {agg['k_filled'][0]:.3f} ({agg['k_filled'][1]:.2f})",
                   file=sys.stderr)
-        print(f"{family:8} likeness warned in {warned[family]}/{len(targets)} pools; wrong rejection reasons: "
+        print(f"{family:8} likeness warned in {warned[family]}/{len(targets)} pools; {drift_filled[family]} images "
+              f"kept to fill K although a drift rule rejected them (selected_drifted); wrong rejection reasons: "
               f"{dict(reasons[family].most_common()) or 'none'}", file=sys.stderr)
     doc = {"profile": prof.name, "seconds": round(time.perf_counter() - t0, 1), "families": summary,
            "per_pool": results}
