@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from likeness.errors import InvalidInput
-from likeness.noise import PhiloxGenerator, box_muller, check_source, cuda_threads, philox4x32_10, randn
+from likeness.noise import ImageNoise, PhiloxGenerator, box_muller, check_source, cuda_threads, philox4x32_10, randn
 
 # Random123's published known-answer vectors for philox4x32-10 (its kat_vectors file; the same
 # three appear in TensorFlow's and others' Philox tests): counter, key -> output.
@@ -127,3 +127,67 @@ def test_matches_torch_randn_on_cuda(shape):
         # float32 sin/cos/log on the GPU vs numpy differ by a few ulps; 1e-5 absolute is ~40 ulps at |x|~4.
         np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
     assert torch.equal(randn("GPU", 7, shape, "cuda").cpu(), torch.randn(shape, generator=torch.Generator("cuda").manual_seed(7), device="cuda").cpu())
+
+
+# ---------------------------------------------------------------- the source in generation
+
+
+def test_image_noise_streams_continue_each_source():
+    """ImageNoise's first draw is randn's; later draws continue the same generator (the per-step noise)."""
+    for source in ("CPU", "GPU", "NV"):
+        st = ImageNoise(source, 9)
+        first, second = st.randn((4, 8, 8)), st.randn((4, 8, 8))
+        assert torch.equal(first, randn(source, 9, (4, 8, 8))), source
+        assert not torch.equal(first, second), source
+    cpu = ImageNoise("CPU", 9)
+    g = torch.Generator("cpu").manual_seed(9)
+    for _ in range(3):
+        assert torch.equal(cpu.randn((2, 3)), torch.randn((2, 3), generator=g))
+    assert cpu.torch_generator is not None and ImageNoise("NV", 9).torch_generator is None
+
+
+def test_draw_latents_follows_the_sampling_source():
+    from likeness.backends.diffusion import draw_latents
+
+    for source in ("CPU", "GPU", "NV"):
+        latents, streams = draw_latents([3, 4], 64, 64, source=source)
+        assert latents.shape == (2, 4, 8, 8) and len(streams) == 2
+        for i, seed in enumerate((3, 4)):
+            assert torch.equal(latents[i], randn(source, seed, (4, 8, 8))), source
+
+
+def test_spec_infotext_plan_and_proto_carry_the_source(tmp_path, tiny_models):
+    """[sampling] rng: checked at load, written as A1111 writes it (no field for GPU), recorded in the
+    plan (a resume cannot mix sources), carried over gRPC; a tiny-UNet gallery drawn from NV noise
+    differs from CPU noise and says RNG: NV."""
+    import numpy as np
+    from PIL import Image
+
+    from likeness.generate.gallery import generate_gallery, infotext_for
+    from likeness.generate.infotext import parse_infotext, read_parameters, rng_source
+    from likeness.generate.plan import PlannedImage
+    from likeness.serve.servicer import spec_from_pb, spec_to_pb
+    from likeness.config import to_dict
+    from likeness.spec import SamplingConfig, spec_from_dict
+
+    item = PlannedImage(id="g0", zoom_index=-1, angle_index=-1, index_in_cell=0, zoom="", angle="",
+                        prompt="a cat", negative_prompt="", seed=7)
+    texts = {s: parse_infotext(infotext_for(item, SamplingConfig(rng=s), "m")) for s in ("CPU", "GPU", "NV")}
+    assert texts["CPU"].extra["RNG"] == "CPU" and texts["NV"].extra["RNG"] == "NV"
+    assert "RNG" not in texts["GPU"].extra and rng_source(texts["GPU"]) == "GPU"
+
+    base = {"name": "Rng", "token": "r4ng", "template": "photo of r4ng, {zoom}, {angle}", "per_cell": 1,
+            "zooms": ["closeup"], "angles": ["front shot"], "profile": "cpu-tiny",
+            "sampling": {"steps": 2, "width": 64, "height": 64, "seed": 5}}
+    with pytest.raises(InvalidInput, match="rng"):
+        spec_from_dict({**base, "sampling": {**base["sampling"], "rng": "quantum"}})
+    nv = spec_from_dict({**base, "sampling": {**base["sampling"], "rng": "NV"}})
+    assert spec_from_pb(spec_to_pb(to_dict(nv))).sampling.rng == "NV"
+
+    generate_gallery(spec_from_dict(base), tmp_path / "cpu", "cpu-tiny", batch_size=1)
+    generate_gallery(nv, tmp_path / "nv", "cpu-tiny", batch_size=1)
+    (a,), (b,) = (sorted((tmp_path / d / "images").glob("*.png")) for d in ("cpu", "nv"))
+    assert rng_source(parse_infotext(read_parameters(b.read_bytes()))) == "NV"
+    assert not np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+    with pytest.raises(InvalidInput, match="rng"):
+        generate_gallery(spec_from_dict(base), tmp_path / "nv", "cpu-tiny", batch_size=1)

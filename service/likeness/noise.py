@@ -2,8 +2,8 @@
 
 A1111 records where an image's noise came from in its infotext:
 
-- ``RNG: CPU`` — ``torch.randn`` on a CPU generator seeded with the seed (what Likeness draws
-  today, :func:`likeness.backends.diffusion.draw_latents`).
+- ``RNG: CPU`` — ``torch.randn`` on a CPU generator seeded with the seed (Likeness's default;
+  ``[sampling] rng`` chooses, :func:`likeness.backends.diffusion.draw_latents` draws).
 - ``RNG: GPU`` or no field (A1111's default) — ``torch.randn`` on the CUDA device: NVIDIA's
   Philox 4x32-10 counter-based generator followed by curand's Box-Muller transform.
 - ``RNG: NV`` — A1111's CPU re-creation of that CUDA generator, so a CUDA image can be redrawn
@@ -153,3 +153,43 @@ def randn(source: str, seed: int, shape: Sequence[int], device: Any = "cpu", *, 
         return torch.randn(tuple(shape), generator=torch.Generator(dev).manual_seed(seed), device=dev, dtype=torch.float32)
     gen = PhiloxGenerator(seed, "cuda" if name == "GPU" else "nv", threads)
     return torch.from_numpy(gen.randn(shape)).to(dev)
+
+
+class ImageNoise:
+    """One image's noise stream from A1111's ``source``, as A1111's per-image RNG draws it.
+
+    The first :meth:`randn` is the image's initial noise (equal to :func:`randn`); later calls
+    continue the same generator, which is where A1111's ancestral and SDE samplers take their
+    per-step noise from (its ``ImageRNG.next``). ``CPU``: a CPU ``torch.Generator`` seeded with
+    the seed. ``GPU``: a CUDA generator on a CUDA ``device``, else :class:`PhiloxGenerator`
+    (``mode="cuda"``). ``NV``: :class:`PhiloxGenerator` in ``mode="nv"``. Values are float32
+    tensors on ``device``.
+    """
+
+    def __init__(self, source: str, seed: int, device: Any = "cpu", *, threads: int | None = None) -> None:
+        import torch
+
+        self.source, self.seed = check_source(source), _check_seed(seed)
+        self.device = torch.device(device)
+        self._torch_gen: Any = None
+        self._philox: PhiloxGenerator | None = None
+        if self.source == "CPU":
+            self._torch_gen = torch.Generator("cpu").manual_seed(self.seed)
+        elif self.source == "GPU" and self.device.type == "cuda":
+            self._torch_gen = torch.Generator(self.device).manual_seed(self.seed)
+        else:
+            self._philox = PhiloxGenerator(self.seed, "cuda" if self.source == "GPU" else "nv", threads)
+
+    @property
+    def torch_generator(self) -> Any:
+        """The torch generator behind a ``CPU`` (or ``GPU`` on CUDA) stream; None for Philox re-creations."""
+        return self._torch_gen
+
+    def randn(self, shape: Sequence[int]) -> Any:
+        import torch
+
+        if self._philox is not None:
+            return torch.from_numpy(self._philox.randn(shape)).to(self.device)
+        gen = self._torch_gen
+        out = torch.randn(tuple(shape), generator=gen, device=gen.device, dtype=torch.float32)
+        return out.to(self.device)

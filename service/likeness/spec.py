@@ -59,6 +59,11 @@ class SamplingConfig:
     # empty chunks to the other's length. Off by default, as in A1111 (it moved the final latents by
     # 14-15% with examples/emily.toml's 106-token negative); when on, infotext records "Pad conds: True".
     pad_conds: bool = False
+    # A1111's noise source ("Random number generator source"): "CPU" = a CPU torch generator per image,
+    # the same numbers on every machine and GPU (Likeness's default: builds and tests reproduce on CPU);
+    # "GPU" = torch's CUDA Philox generator, A1111's default (drawn by likeness.noise's re-creation when
+    # the device is not CUDA); "NV" = A1111's CPU re-creation of it. Infotext records "RNG: <source>".
+    rng: Literal["CPU", "GPU", "NV"] = "CPU"
     # --- A1111's "Restore faces" (likeness.backends.restore), applied to every image before it is saved.
     # "" = off (A1111's default), or the restorer: "CodeFormer" / "GFPGAN" (weights in models/Codeformer/,
     # models/GFPGAN/; infotext "Face restoration: CodeFormer"). The workflow's galleries are made with it on.

@@ -36,6 +36,7 @@ import torch
 
 from likeness.backends import choose
 from likeness.errors import FailedPrecondition, InvalidInput, ModelMissing
+from likeness.noise import ImageNoise
 from likeness.profiles import Profile, models_dir
 from likeness.spec import SamplerName, SamplingConfig
 
@@ -397,12 +398,14 @@ def _fit_vae(pipe: Any, batch: int, width: int, height: int) -> None:
         pipe.vae.disable_slicing()
 
 
-def draw_latents(seeds: Sequence[int], width: int, height: int, channels: int = 4) -> tuple[torch.Tensor, list[torch.Generator]]:
-    """Initial noise per image from its own CPU generator (float32), and the generators."""
-    gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-    shape = (1, channels, height // 8, width // 8)
-    latents = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in gens])
-    return latents, gens
+def draw_latents(seeds: Sequence[int], width: int, height: int, channels: int = 4, *, source: str = "CPU",
+                 device: Any = "cpu") -> tuple[torch.Tensor, list[ImageNoise]]:
+    """Initial noise per image from its own generator of A1111's noise ``source`` (float32, on
+    ``device``), and the per-image noise streams (whose later draws are the samplers' per-step noise)."""
+    streams = [ImageNoise(source, int(s), device) for s in seeds]
+    shape = (channels, height // 8, width // 8)
+    latents = torch.stack([st.randn(shape) for st in streams])
+    return latents, streams
 
 
 def _same_length(kwargs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -508,7 +511,11 @@ def denoise(
         # DPM++ SDE: one Brownian tree per image, seeded with the image's seed (as A1111 does).
         pipe.scheduler.noise_sampler_seed = [int(s) for s in seeds] if n > 1 else int(seeds[0])
     device = pipeline_device(pipe)
-    latents, gens = draw_latents(seeds, sampling.width, sampling.height, pipe.unet.config.in_channels)
+    latents, streams = draw_latents(seeds, sampling.width, sampling.height, pipe.unet.config.in_channels,
+                                    source=sampling.rng, device=device)
+    # Per-step noise of ancestral schedulers continues each image's torch generator; a Philox
+    # re-creation (GPU off CUDA, NV) has none, so a CPU generator seeded with the seed stands in.
+    gens = [st.torch_generator or torch.Generator("cpu").manual_seed(int(s)) for st, s in zip(streams, seeds)]
     latents = latents.to(device=device, dtype=pipe.unet.dtype)
     if device.type == "cuda":
         latents = latents.contiguous(memory_format=torch.channels_last)

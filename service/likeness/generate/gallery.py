@@ -107,6 +107,10 @@ def _plan_settings(spec: CharacterSpec, profile: str, model: str) -> dict[str, A
         # restored and plain ones. None when off, so plans written before the option still match.
         "restore_faces": ({"model": s.restore_faces, "visibility": s.restore_visibility,
                            "codeformer_weight": s.codeformer_weight} if s.restore_faces else None),
+        # The noise source and Pad conds change every image too; None at their defaults (CPU, off),
+        # so plans written before these options still match.
+        "rng": s.rng if s.rng != "CPU" else None,
+        "pad_conds": True if s.pad_conds else None,
     }
 
 
@@ -276,16 +280,17 @@ def infotext_for(item: PlannedImage, sampling: SamplingConfig, model: str, model
 
     ``ti_hashes`` maps the trigger word of each loaded embedding to A1111's short hash of the file
     it came from (:func:`likeness.generate.infotext.ti_hash`); those the prompt uses are written
-    as ``TI hashes``. ``RNG: CPU`` says where the initial noise came from
-    (:func:`likeness.backends.diffusion.draw_latents`: a CPU generator seeded with the seed, as
-    A1111's CPU source); A1111 writes no field for its GPU default.
+    as ``TI hashes``. ``RNG: CPU`` / ``RNG: NV`` say where the noise came from
+    (``sampling.rng``, :func:`likeness.backends.diffusion.draw_latents`); like A1111, no field is
+    written for its GPU default.
     """
     from likeness.generate.infotext import InfoText, format_infotext, format_ti_hashes
 
     extra: dict[str, str] = {}
     if sampling.pad_conds:
         extra["Pad conds"] = "True"  # A1111 writes the option only when it is on
-    extra["RNG"] = "CPU"
+    if sampling.rng != "GPU":
+        extra["RNG"] = sampling.rng  # A1111 writes RNG only for a source other than its GPU default
     used = used_ti_hashes(item, ti_hashes)
     if used:
         extra["TI hashes"] = format_ti_hashes(used)

@@ -43,7 +43,7 @@ _FORMAT_ENUM = {"a1111-pt": pb.A1111_PT, "safetensors": pb.SAFETENSORS, "diffuse
 _SPEC_SCALARS = ("class_word", "wardrobe", "background", "template", "negative_prompt", "per_cell", "profile")
 _SPEC_LISTS = ("traits", "trait_synonyms", "zooms", "angles")
 _SAMPLING = ("sampler", "steps", "cfg_scale", "width", "height", "seed", "batch_size", "pad_conds",
-             "restore_faces", "restore_visibility", "codeformer_weight")
+             "restore_faces", "restore_visibility", "codeformer_weight", "rng")
 
 
 # ------------------------------------------------------------------ conversions

@@ -35,7 +35,7 @@ SAFETENSORS: EmbeddingFormat
 DIFFUSERS: EmbeddingFormat
 
 class Sampling(_message.Message):
-    __slots__ = ("sampler", "steps", "cfg_scale", "width", "height", "seed", "batch_size", "pad_conds", "restore_faces", "restore_visibility", "codeformer_weight")
+    __slots__ = ("sampler", "steps", "cfg_scale", "width", "height", "seed", "batch_size", "pad_conds", "restore_faces", "restore_visibility", "codeformer_weight", "rng")
     SAMPLER_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     CFG_SCALE_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,7 @@ class Sampling(_message.Message):
     RESTORE_FACES_FIELD_NUMBER: _ClassVar[int]
     RESTORE_VISIBILITY_FIELD_NUMBER: _ClassVar[int]
     CODEFORMER_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    RNG_FIELD_NUMBER: _ClassVar[int]
     sampler: str
     steps: int
     cfg_scale: float
@@ -58,7 +59,8 @@ class Sampling(_message.Message):
     restore_faces: str
     restore_visibility: float
     codeformer_weight: float
-    def __init__(self, sampler: _Optional[str] = ..., steps: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., seed: _Optional[int] = ..., batch_size: _Optional[int] = ..., pad_conds: _Optional[bool] = ..., restore_faces: _Optional[str] = ..., restore_visibility: _Optional[float] = ..., codeformer_weight: _Optional[float] = ...) -> None: ...
+    rng: str
+    def __init__(self, sampler: _Optional[str] = ..., steps: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., seed: _Optional[int] = ..., batch_size: _Optional[int] = ..., pad_conds: _Optional[bool] = ..., restore_faces: _Optional[str] = ..., restore_visibility: _Optional[float] = ..., codeformer_weight: _Optional[float] = ..., rng: _Optional[str] = ...) -> None: ...
 
 class CharacterSpec(_message.Message):
     __slots__ = ("name", "token", "class_word", "traits", "trait_synonyms", "wardrobe", "background", "template", "negative_prompt", "zooms", "angles", "per_cell", "sampling", "profile")
