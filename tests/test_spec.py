@@ -36,15 +36,31 @@ def test_example_spec_loads_with_workflow_defaults():
         ({"template": "photo {traits!z}"}, "template"),
         ({"zooms": []}, "zooms"),
         ({"sampling": {"steps": "30"}}, "sampling.steps"),
+        # Syntax A1111 would act on and Likeness would only encode as characters: refused at load.
+        ({"template": "photo of {traits} AND a cat, {zoom}, {angle}"}, "template"),
+        ({"template": "photo <lora:face:0.8> of {traits}, {zoom}, {angle}"}, "template"),
+        ({"wardrobe": "red coat <hypernet:cloth:1>"}, "template"),
+        ({"negative_prompt": "blurry, <lora:bad:1>"}, "negative_prompt"),
+        ({"angles": ["front shot", "side AND back"]}, "angles"),
+        ({"sampling": {"rng": "quantum"}}, "sampling.rng"),
     ],
     ids=["token-two-words", "unknown-sampler", "width-not-multiple-of-8", "per-cell-zero", "unknown-field",
-         "unknown-placeholder", "no-prompt-sr-value", "format-spec", "conversion", "no-zooms", "steps-as-text"],
+         "unknown-placeholder", "no-prompt-sr-value", "format-spec", "conversion", "no-zooms", "steps-as-text",
+         "template-AND", "template-lora", "wardrobe-hypernet", "negative-lora", "angle-AND", "unknown-rng"],
 )
 def test_invalid_specs_name_the_field(patch, field):
     data = {"name": "E", "token": "3m1ly", **patch}
     with pytest.raises(InvalidInput) as exc:
         spec_from_dict(data)
     assert f"spec.{field}" in str(exc.value)
+
+
+def test_prompt_syntax_that_works_still_loads():
+    # Lower-case "and", prompt editing, alternation, ComfyUI's embedding:name and AND in a negative
+    # prompt (A1111 reads AND only in prompts) are all fine.
+    spec = spec_from_dict({"name": "E", "token": "3m1ly", "negative_prompt": "cats AND dogs, embedding:bad-hands",
+                           "template": "photo of {traits} and [a cat:a dog:0.5], [red|blue] coat, {zoom}, {angle}"})
+    assert "[a cat:a dog:0.5]" in cell_prompts(spec, 0, 0)[0]
 
 
 def test_grid_counts_and_seeds():

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from likeness.config import bounded, check_seed, from_dict, to_dict
 from likeness.errors import InvalidInput
+from likeness.prompt_schedule import check_prompt
 
 SamplerName = Literal[
     "DPM++ 2M Karras",
@@ -190,6 +191,23 @@ def _validate(spec: CharacterSpec) -> None:
                 )
     if spec.token.lower() in {t.lower() for t in spec.traits}:
         raise InvalidInput("traits: must describe the face, not repeat the token")
+    _check_prompt_syntax(spec)
+
+
+def _check_prompt_syntax(spec: CharacterSpec) -> None:
+    """A template, field or negative prompt with syntax Likeness refuses (A1111's ``AND``, extra-network
+    tags like ``<lora:name:0.8>``) is an error at load, naming the field, not 100 s later at generation."""
+    fields = {"token": spec.token, "class_word": spec.class_word, "traits": ", ".join(spec.traits),
+              "wardrobe": spec.wardrobe, "background": spec.background}
+    names = {n for _, n, _, _ in string.Formatter().parse(spec.template) if n}
+    filled = spec.template.format(**fields, **({"zoom": "", "angle": ""} if "zoom" in names else {}))
+    texts = [("template", filled, False), ("negative_prompt", spec.negative_prompt, True)]
+    texts += [(name, v, False) for name in ("zooms", "angles") for v in getattr(spec, name)]
+    for name, text, negative in texts:
+        try:
+            check_prompt(text, negative=negative)
+        except InvalidInput as exc:
+            raise InvalidInput(f"{name}: {exc}") from exc
 
 
 def spec_from_dict(data: dict[str, Any], where: str = "spec") -> CharacterSpec:
