@@ -143,11 +143,11 @@ def _build(args: argparse.Namespace) -> int:
     if not args.resume:
         from likeness.build.options import build_options, effective_spec
         from likeness.preflight import check_build_request
-        from likeness.profiles import resolve_profile
+        from likeness.cli.commands.profile_choice import resolve_cli_profile
 
         # Before any folder is made; the service's StartBuild refuses the same requests, same words.
         eff = effective_spec(spec, build_options(options))
-        check_build_request(eff, resolve_profile(None, eff.profile, say=say))
+        check_build_request(eff, resolve_cli_profile(None, eff.profile))
     store = _store(args, args.resume) if args.resume else Store(args.data)
     if args.resume:
         build_id = store.get_build(args.resume).id

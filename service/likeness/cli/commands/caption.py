@@ -17,9 +17,9 @@ def _caption(args: argparse.Namespace) -> int:
     clip = None
     if not args.no_clip:
         from likeness.backends.clip import load_clip
-        from likeness.profiles import resolve_profile
+        from likeness.cli.commands.profile_choice import resolve_cli_profile
 
-        profile = resolve_profile(args.profile, spec.profile, say=say)
+        profile = resolve_cli_profile(args.profile, spec.profile, uses="clip")
         clip = load_clip(profile)  # ModelMissing says how to get it; --no-clip captions from metadata only
     result = caption_dataset(args.dataset, spec, clip=clip, vocabulary=vocabulary)
     say(f"wrote {len(result.files)} captions beside the images in {result.dataset_dir}")

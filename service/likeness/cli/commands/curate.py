@@ -30,10 +30,15 @@ def _curate(args: argparse.Namespace) -> int:
     if args.no_spread:
         overrides["spread_over_cells"] = False
     cfg = curate_config_from_dict(overrides)
+    from likeness.cli.commands.profile_choice import resolve_cli_profile
+
+    # Resolved here, aloud: curate_with_profile would choose the same profile without a word.
+    profile = resolve_cli_profile(args.profile, spec.profile if spec is not None else "",
+                                  uses="face pack" if args.no_clip else "clip")
     executor = executor_from_args(args)
     bar = progress_bar()
     try:
-        result = curate_with_profile(args.gallery, spec, args.out, cfg, profile=args.profile or None,
+        result = curate_with_profile(args.gallery, spec, args.out, cfg, profile=profile,
                                      use_clip=not args.no_clip, progress=bar, executor=executor)
     finally:
         bar.close()

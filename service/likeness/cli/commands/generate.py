@@ -20,11 +20,11 @@ def _generate(args: argparse.Namespace) -> int:
     if overrides:
         spec = spec.with_overrides(**overrides)
     from likeness.preflight import check_device
-    from likeness.profiles import resolve_profile
+    from likeness.cli.commands.profile_choice import resolve_cli_profile
 
     # Refused before plan.json is written: a plan made for a profile that cannot run here made the
     # retry with --profile cpu-tiny (as the message suggests) fail as "planned with other settings".
-    profile = resolve_profile(args.profile, spec.profile, say=say)
+    profile = resolve_cli_profile(args.profile, spec.profile)
     check_device(profile)
     executor = executor_from_args(args)
     bar = progress_bar()

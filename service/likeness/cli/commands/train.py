@@ -92,13 +92,13 @@ def _warn_uncaptioned(dataset: str, spec_path: str) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from likeness.profiles import resolve_profile
+    from likeness.cli.commands.profile_choice import resolve_cli_profile
     from likeness.spec import load_spec
     from likeness.train.trainer import BEST_FILE, train_embedding
 
     spec = load_spec(args.spec)
     config = _config(args)
-    profile = resolve_profile(args.profile, spec.profile, say=say)
+    profile = resolve_cli_profile(args.profile, spec.profile)
     say(f"training {spec.token!r} on {args.dataset} with profile {profile.name!r}; resumes from {args.out} if it holds checkpoints")
     _warn_uncaptioned(args.dataset, args.spec)
     bar = progress_bar()
