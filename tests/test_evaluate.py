@@ -142,3 +142,33 @@ def test_inputs_are_checked(build_dir: Path, models, tmp_path: Path) -> None:
         eval_config({"scene": ["x"]})
     with pytest.raises(FailedPrecondition, match="has not run"):
         read_evaluation(tmp_path / "nothing")
+
+
+def test_later_round_copies_the_baseline_and_sampler_is_in_the_key(build_dir: Path, models) -> None:
+    import dataclasses
+    import time
+
+    one = EvalConfig(scenes=DEFAULT_SCENES[:1], seeds=(7,))
+    t0 = time.perf_counter()
+    first = evaluate(build_dir, SPEC, _embedding(models["pipe"]), one, **models)
+    t_first = time.perf_counter() - t0
+    # Round 1: a new embedding in its own folder; round 0's baseline file (same key) is copied, not rendered.
+    r1 = build_dir / "rounds" / "1" / "eval"
+    t0 = time.perf_counter()
+    second = evaluate(build_dir, SPEC, _embedding(models["pipe"], seed=1), one, out_dir=r1,
+                      reuse_dirs=[build_dir / "eval"], **models)
+    t_second = time.perf_counter() - t0
+    print(f"round 0 evaluate {t_first:.2f} s, round 1 with reuse {t_second:.2f} s")
+    assert second.reused == 1 and first.reused == 0
+    base0 = next(im.file for im in first.images if im.arm == "baseline")
+    base1 = next(im.file for im in second.images if im.arm == "baseline")
+    assert base0 == base1
+    assert (r1 / base1).read_bytes() == (build_dir / "eval" / base0).read_bytes()
+    assert next(im.file for im in second.images if im.arm == "token") != next(
+        im.file for im in first.images if im.arm == "token")
+    # Another sampler makes another image: its key (file name) differs, so nothing is reused.
+    euler = dataclasses.replace(SPEC, sampling=dataclasses.replace(SPEC.sampling, sampler="Euler a"))
+    third = evaluate(build_dir, euler, _embedding(models["pipe"]), one, out_dir=build_dir / "euler",
+                     reuse_dirs=[build_dir / "eval"], **models)
+    assert third.reused == 0
+    assert {im.file for im in third.images}.isdisjoint({im.file for im in first.images})

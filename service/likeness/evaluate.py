@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -115,6 +116,8 @@ class EvaluationResult:
     # {"token": {...}, "baseline": {...}, "identity_gain": .., "clip_t_gain": ..}
     summary: dict[str, Any]
     path: Path
+    # Images copied from reuse_dirs instead of rendered.
+    reused: int = 0
 
     @property
     def scores(self) -> dict[str, float]:
@@ -185,6 +188,7 @@ def evaluate(
     clip: ClipModel,
     reference_images: Sequence[str | Path] | None = None,
     out_dir: str | Path | None = None,
+    reuse_dirs: Sequence[str | Path] = (),
     progress: ProgressFn | None = None,
     cancel: CancelToken | None = None,
     **overrides: Any,
@@ -195,7 +199,9 @@ def evaluate(
     unless ``reference_images`` is given; output goes to ``<build_dir>/eval``
     unless ``out_dir`` is given. ``embedding`` is a TrainedEmbedding (loaded
     into ``pipe`` here). ``overrides`` replace EvalConfig fields
-    (``scenes=``, ``seeds=``, ``steps=`` ...).
+    (``scenes=``, ``seeds=``, ``steps=`` ...). ``reuse_dirs``: earlier evaluation folders (a build's
+    earlier rounds): an image whose file name (= its key) is already there is copied, not rendered;
+    in practice the baseline arm, whose key has no embedding digest.
     """
     from likeness.backends.diffusion import denoise, schedule_steps
     from likeness.embeddings import load_into_pipeline
@@ -222,12 +228,24 @@ def evaluate(
     load_into_pipeline(pipe, embedding)
     digest = _vectors_digest(embedding)
     plan = _plan(spec, cfg)
+    # Every sampling setting that changes an image (sampler, rng, pad_conds, restore ...) is in its key;
+    # seed is per row, batch_size is not (an image's noise and conditioning do not depend on its batch).
+    image_settings = {k: v for k, v in to_dict(sampling).items() if k not in ("seed", "batch_size")}
     for row in plan:
-        key = json.dumps([row["prompt"], row["negative_prompt"], row["seed"], steps, guidance, width, height,
+        key = json.dumps([row["prompt"], row["negative_prompt"], row["seed"], image_settings,
                           digest if row["arm"] == "token" else "", str(getattr(pipe, "name_or_path", ""))])
         row["file"] = (f"images/{row['arm']}-s{row['scene_index']}-{row['seed']}-"
                        f"{hashlib.sha256(key.encode()).hexdigest()[:10]}.png")
     todo = [r for r in plan if not (out / r["file"]).is_file()]
+    reused = 0
+    for r in list(todo):
+        for d in reuse_dirs:
+            src = Path(d) / r["file"]
+            if src.is_file() and src.resolve() != (out / r["file"]).resolve():
+                atomic_save(out / r["file"], lambda tmp, src=src: shutil.copyfile(src, tmp))
+                todo.remove(r)
+                reused += 1
+                break
     done = len(plan) - len(todo)
     report(progress, "evaluate", done, len(plan), "generating evaluation scenes")
     # Prompts of one call are padded to the same number of 75-token chunks: group by that count so
@@ -296,7 +314,7 @@ def evaluate(
     path = atomic_write_json(out / layout.EVALUATION_FILE, doc)
     report(progress, "evaluate", len(plan), len(plan), "evaluation scored",
            **{k: v for k, v in (("identity_token", t["identity_mean"]), ("clip_t_token", t["clip_t_mean"])) if v is not None})
-    return EvaluationResult(tuple(images), summary, path)
+    return EvaluationResult(tuple(images), summary, path, reused)
 
 
 def read_evaluation(eval_dir: str | Path) -> dict[str, Any]:

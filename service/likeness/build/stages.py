@@ -243,8 +243,11 @@ def stage_evaluate(ctx: BuildContext, round_: int) -> dict[str, Any]:
         overrides["scenes"] = tuple(ctx.options.eval_scenes)
     if ctx.options.eval_steps:
         overrides["steps"] = ctx.options.eval_steps
+    # Earlier rounds' eval folders: the baseline arm (no embedding in its key) is copied, not re-rendered.
+    earlier = [ctx.round_dir(r) / layout.EVAL_DIR for r in range(round_)]
     res = evaluate(ctx.round_dir(round_), ctx.spec, _load_best(ctx, round_), EvalConfig(**overrides),
-                   pipe=_pipe(ctx), faces=_faces(ctx), clip=_clip(ctx), progress=ctx.progress, cancel=ctx.cancel)
+                   pipe=_pipe(ctx), faces=_faces(ctx), clip=_clip(ctx), reuse_dirs=earlier,
+                   progress=ctx.progress, cancel=ctx.cancel)
     return {"scores": dict(res.scores)}
 
 
