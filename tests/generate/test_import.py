@@ -288,3 +288,27 @@ def test_links_outside_the_import_roots_are_skipped_and_reasons_are_relative(tmp
     assert all(str(tmp_path) not in r for r in skipped.values()), skipped
     # Without roots (the CLI, on the user's own files) links are followed anywhere.
     assert import_gallery(root / "pool", tmp_path / "g2").imported == 3
+
+
+def test_an_rgb_png_with_parameters_is_copied_byte_for_byte_others_are_encoded(tmp_path: Path):
+    import numpy as np
+
+    src = tmp_path / "src"
+    src.mkdir()
+    pix = np.random.default_rng(0).integers(0, 256, (48, 40, 3), np.uint8)
+    meta = PngInfo()
+    meta.add_text("parameters", "photo of a woman, close-up\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 5, Size: 40x48")
+    buf = io.BytesIO()
+    Image.fromarray(pix).save(buf, format="PNG", pnginfo=meta, compress_level=9)
+    (src / "a.png").write_bytes(buf.getvalue())
+    Image.fromarray(pix).save(src / "b.jpg", quality=95)
+    import_gallery(src, tmp_path / "g")
+    out = sorted((tmp_path / "g" / "images").glob("*.png"))
+    assert len(out) == 2
+    copied = [p for p in out if p.read_bytes() == buf.getvalue()]
+    assert len(copied) == 1  # the PNG: the same bytes (compress_level 9 differs from our encoder's 4)
+    other = next(p for p in out if p not in copied)
+    with Image.open(other) as im:
+        assert im.format == "PNG" and im.size == (40, 48)  # the JPEG: converted, the layout is PNG
+    with Image.open(copied[0]) as im:
+        assert np.array_equal(np.asarray(im.convert("RGB")), pix)

@@ -350,7 +350,12 @@ def _import_locked(
         image_id = f"z{zi if zi >= 0 else 'x'}-a{ai if ai >= 0 else 'x'}-{k:04d}"
         text = raw or (format_infotext(InfoText(**{**to_dict(meta), "width": img.width, "height": img.height}))
                        if meta.prompt else "")
-        atomic_write_bytes(out / "images" / f"{image_id}.png", png_bytes(img, text or None))
+        # An RGB PNG whose parameters chunk is already the text we would write is copied byte for byte
+        # (no re-encode: same pixels, same parameters); anything else (JPEG/WebP, other modes, an eXIf
+        # chunk that may rotate it, infotext we rebuilt) is encoded as PNG: the gallery layout is PNG.
+        same = (info.format == "PNG" and info.mode == "RGB" and b"eXIf" not in data and bool(text)
+                and text == info.text.get("parameters"))
+        atomic_write_bytes(out / "images" / f"{image_id}.png", data if same else png_bytes(img, text or None))
         sources[image_id] = rel
         if record:
             records[image_id] = record
