@@ -11,6 +11,10 @@ stamp=.venv/.likeness-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e '.[dev,ray]'
+  # The peer of tests/backends/test_ksampling.py: k-diffusion itself, without its training/eval
+  # dependencies (dctorch pins numpy<2, clip-anytorch needs pkg_resources); the test imports only
+  # k_diffusion.sampling and k_diffusion.external, which need torchsde, torchdiffeq and scipy.
+  .venv/bin/python -m pip install -q --no-deps k-diffusion==0.1.1.post1 torchdiffeq==0.2.5
   touch "$stamp"
 fi
 HF_HUB_OFFLINE=1 .venv/bin/python scripts/build_tiny_models.py

@@ -482,14 +482,136 @@ def _conditioning_inputs(pipe: Any, kwargs: dict[str, torch.Tensor], sdxl: bool)
     return out
 
 
+def _call_conditioning(embeds: Any, per_call: bool, sdxl: bool, width: int, height: int) -> Callable[[int], Any]:
+    """Model call ``i``'s :class:`likeness.backends.ksampling.CallConditioning` from ``embeds`` (cached per
+    distinct set of rows: a prompt schedule switches a few times at most)."""
+    from likeness.backends.ksampling import CallConditioning
+
+    first = dict(embeds)
+    n = first["prompt_embeds"].shape[0]
+    time_ids = None
+    if sdxl:
+        # SDXL's size conditioning: original size = target size = the image, no crop (A1111's and
+        # diffusers' defaults), the same for the negative half.
+        pos = first["prompt_embeds"]
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=pos.dtype, device=pos.device).repeat(n, 1)
+    cache: dict[Any, Any] = {}
+
+    def at(call: int) -> Any:
+        key = embeds.rows_at(call) if per_call else None
+        if key not in cache:
+            kw = embeds.at(call) if per_call else first
+            added = uadded = None
+            if sdxl:
+                added = {"text_embeds": kw["pooled_prompt_embeds"], "time_ids": time_ids}
+                uadded = {"text_embeds": kw["negative_pooled_prompt_embeds"], "time_ids": time_ids}
+            cache.clear()  # one entry is enough: calls come in order
+            cache[key] = CallConditioning(kw["prompt_embeds"], kw["negative_prompt_embeds"], added, uadded)
+        return cache[key]
+
+    return at
+
+
+@torch.inference_mode()
+def _decode(pipe: Any, latents: torch.Tensor, sdxl: bool) -> list[Any]:
+    """Final latents to PIL images the way diffusers' own pipeline does after its loop (VAE scaling,
+    SDXL's fp16 upcast and latent mean/std, safety checker and watermark when present, postprocess)."""
+    vae = pipe.vae
+    device = pipeline_device(pipe)
+    if not sdxl:
+        image = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype), return_dict=False)[0]
+        image, nsfw = pipe.run_safety_checker(image, device, pipe.unet.dtype)
+        denorm = [True] * image.shape[0] if nsfw is None else [not flag for flag in nsfw]
+        return list(pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=denorm))
+    upcast = vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+    if upcast:
+        vae.to(dtype=torch.float32)
+    latents = latents.to(next(iter(vae.post_quant_conv.parameters())).dtype)
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is not None and std is not None:
+        mean_t = torch.tensor(mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+        std_t = torch.tensor(std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+        latents = latents * std_t / vae.config.scaling_factor + mean_t
+    else:
+        latents = latents / vae.config.scaling_factor
+    image = vae.decode(latents, return_dict=False)[0]
+    if upcast:
+        vae.to(dtype=torch.float16)
+    if getattr(pipe, "watermark", None) is not None:
+        image = pipe.watermark.apply_watermark(image)
+    return list(pipe.image_processor.postprocess(image, output_type="pil"))
+
+
+def k_schedule(pipe: Any) -> Any:
+    """The pipeline model's :class:`likeness.backends.ksampling.EpsSchedule` (from its scheduler config; cached)."""
+    from likeness.backends.ksampling import EpsSchedule, alphas_cumprod
+
+    cached = getattr(pipe, "_likeness_k_schedule", None)
+    if cached is None:
+        base = getattr(pipe, "_likeness_base_scheduler_config", None) or pipe.scheduler.config
+        cached = EpsSchedule(alphas_cumprod(base))
+        pipe._likeness_k_schedule = cached
+    return cached
+
+
+def denoise_latents(
+    pipe: Any, embeds: dict[str, torch.Tensor], seeds: Sequence[int], sampling: SamplingConfig, cancel: Any = None
+) -> torch.Tensor:
+    """The final latents (float32) of A1111's k-diffusion ``sampling.sampler`` for one batch.
+
+    :mod:`likeness.backends.ksampling` does the sampling: fractional timesteps, A1111's schedule
+    for the sampler, ``x = noise * sigmas[0]``, per-step noise from each image's stream (ancestral)
+    or a Brownian tree per image seeded with its seed (SDE). ``cancel`` is checked after every step.
+    """
+    from likeness.backends import ksampling
+
+    n = len(seeds)
+    per_call = _check_embeds(embeds, n, sampling)
+    if not ksampling.is_ksampler(sampling.sampler):
+        raise InvalidInput(f"sampler {sampling.sampler!r} runs on diffusers' scheduler, not k-diffusion; "
+                           f"use one of {', '.join(ksampling.KSAMPLERS)}")
+    device = pipeline_device(pipe)
+    noise, streams = draw_latents(seeds, sampling.width, sampling.height, pipe.unet.config.in_channels,
+                                  source=sampling.rng, device=device)
+    schedule = k_schedule(pipe)
+    sigmas = ksampling.sampler_sigmas(sampling.sampler, sampling.steps, schedule)
+    sdxl = "pooled_prompt_embeds" in embeds
+    model = ksampling.GuidedDenoiser(pipe.unet, schedule,
+                                     _call_conditioning(embeds, per_call, sdxl, sampling.width, sampling.height),
+                                     sampling.cfg_scale)
+
+    def step_end(_i: int) -> None:
+        if cancel is not None:
+            cancel.check()
+
+    with torch.inference_mode():
+        return ksampling.sample(sampling.sampler, model, noise, sigmas, streams=streams, seeds=[int(s) for s in seeds],
+                                source=sampling.rng, step_end=step_end)
+
+
+def _check_embeds(embeds: Any, n: int, sampling: SamplingConfig) -> bool:
+    """Whether ``embeds`` is scheduled per call; refuses a batch or step-count mismatch."""
+    if embeds["prompt_embeds"].shape[0] != n:
+        raise InvalidInput(f"got {embeds['prompt_embeds'].shape[0]} prompt embeddings for {n} seeds")
+    per_call = bool(getattr(embeds, "scheduled", False))
+    if per_call and embeds.steps != schedule_steps(sampling):
+        raise InvalidInput(
+            f"the prompts were scheduled for {embeds.steps} steps but {sampling.sampler!r} at {sampling.steps} steps "
+            f"runs {schedule_steps(sampling)}; encode them with steps=schedule_steps(sampling)"
+        )
+    return per_call
+
+
 def denoise(
     pipe: Any, embeds: dict[str, torch.Tensor], seeds: Sequence[int], sampling: SamplingConfig, cancel: Any = None
 ) -> list[Any]:
     """Run one batch: ``embeds`` from :func:`likeness.prompts.encode_prompts`, one seed per image.
 
-    When ``embeds`` is scheduled (A1111 prompt editing / alternation, encoded with
+    The samplers A1111 runs through k-diffusion (all but DDIM and UniPC) run as A1111 runs them
+    (:func:`denoise_latents`, :mod:`likeness.backends.ksampling`); DDIM and UniPC run on diffusers'
+    schedulers. When ``embeds`` is scheduled (A1111 prompt editing / alternation, encoded with
     ``steps=schedule_steps(sampling)``), the conditioning switches at the model call A1111
-    switches it: the step-end callback of call ``i`` installs call ``i + 1``'s.
+    switches it.
 
     Returns PIL images in the order of ``seeds``. Each image's noise comes
     from its own generator (see the module docstring), so the result does not
@@ -497,15 +619,23 @@ def denoise(
     is checked after every denoising step, so a cancelled call or a passed
     deadline stops within one step instead of one batch.
     """
+    from likeness.backends.ksampling import is_ksampler
+
     n = len(seeds)
-    if embeds["prompt_embeds"].shape[0] != n:
-        raise InvalidInput(f"got {embeds['prompt_embeds'].shape[0]} prompt embeddings for {n} seeds")
-    per_call = getattr(embeds, "scheduled", False)
-    if per_call and embeds.steps != schedule_steps(sampling):
-        raise InvalidInput(
-            f"the prompts were scheduled for {embeds.steps} steps but {sampling.sampler!r} at {sampling.steps} steps "
-            f"runs {schedule_steps(sampling)}; encode them with steps=schedule_steps(sampling)"
-        )
+    if is_ksampler(sampling.sampler):
+        _check_embeds(embeds, n, sampling)
+        _fit_vae(pipe, n, sampling.width, sampling.height)
+        latents = denoise_latents(pipe, embeds, seeds, sampling, cancel)
+        return _decode(pipe, latents, "pooled_prompt_embeds" in embeds)
+    return _denoise_diffusers(pipe, embeds, seeds, sampling, cancel)
+
+
+def _denoise_diffusers(
+    pipe: Any, embeds: dict[str, torch.Tensor], seeds: Sequence[int], sampling: SamplingConfig, cancel: Any = None
+) -> list[Any]:
+    """DDIM and UniPC (A1111 runs them outside k-diffusion): diffusers' pipeline and scheduler."""
+    n = len(seeds)
+    per_call = _check_embeds(embeds, n, sampling)
     set_sampler(pipe, sampling.sampler)
     if hasattr(pipe.scheduler, "noise_sampler_seed"):
         # DPM++ SDE: one Brownian tree per image, seeded with the image's seed (as A1111 does).
