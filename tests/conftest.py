@@ -44,6 +44,25 @@ def tiny_models() -> Path:
     return build_all(REPO / "models" / "tiny")
 
 
+# The tiny pipelines, loaded once per test module (a test may change their scheduler or weights).
+@pytest.fixture(scope="module")
+def sd15(tiny_models: Path):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_models / "sd15"), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def sdxl(tiny_models: Path):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_models / "sdxl"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @pytest.fixture(scope="session")
 def realdata() -> Path:
     """../shared/realdata (or $LIKENESS_REALDATA); skipped with the reason if absent."""

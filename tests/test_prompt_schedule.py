@@ -150,24 +150,6 @@ def test_parser_never_crashes_and_is_fast() -> None:
 # ------------------------------------------------------------------ encoding and the denoise loop
 
 
-@pytest.fixture(scope="module")
-def sd15(tiny_models: Path):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_models / "sd15"), safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture(scope="module")
-def sdxl(tiny_models: Path):
-    from diffusers import StableDiffusionXLPipeline
-
-    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_models / "sdxl"))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def test_each_distinct_text_is_encoded_once_and_matches_the_static_encoding(sd15) -> None:
     import torch
 

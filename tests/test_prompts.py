@@ -149,15 +149,6 @@ def test_textual_inversion_tokens_stay_whole(tiny_models: Path) -> None:
 # ------------------------------------------------------------------ encoding
 
 
-@pytest.fixture(scope="module")
-def sd15(tiny_models: Path):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_models / "sd15"), safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def test_unit_weights_equal_plain_diffusers(sd15) -> None:
     import torch
 

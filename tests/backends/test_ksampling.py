@@ -66,24 +66,6 @@ def _kdiffusion():
     return sampling, external
 
 
-@pytest.fixture(scope="module")
-def sd15(tiny_models: Path):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_models / "sd15"), safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture(scope="module")
-def sdxl(tiny_models: Path):
-    from diffusers import StableDiffusionXLPipeline
-
-    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_models / "sdxl"))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def compvis_alphas_cumprod(config) -> torch.Tensor:
     """What a CompVis checkpoint stores: ldm's make_beta_schedule("linear") in float64, as float32."""
     assert config["beta_schedule"] == "scaled_linear"
