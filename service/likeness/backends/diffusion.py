@@ -14,12 +14,12 @@ UNet/VAE, the whole batch decoded by the VAE at once (slicing only when memory
 is short), optional ``torch.compile`` of the UNet, batch size from free memory
 (:func:`auto_batch_size`). The CPU runs float32.
 
-Seeds (:func:`denoise`): every image has its own CPU ``torch.Generator``; its
-initial noise is drawn in float32 on the CPU and moved to the device, like
-A1111's "CPU" RNG source: an image is the same alone or in a batch, on any GPU
-or on the CPU (up to float rounding), and the ancestral/SDE samplers draw
-their per-step noise from the same per-image generator (or, for DPM++ SDE,
-a Brownian tree per image seeded with the image's seed).
+Seeds and sampling (:func:`denoise`): every image has its own noise stream of A1111's source
+(``[sampling] rng``: CPU, GPU or NV; :class:`likeness.noise.ImageNoise`), so an image is the same
+alone or in a batch. The samplers A1111 runs through k-diffusion run through our own
+re-implementation of that path (:mod:`likeness.backends.ksampling`: fractional timesteps,
+A1111's schedules, per-step noise from each image's stream, a Brownian tree per image for the
+SDE samplers); DDIM and UniPC run on diffusers' schedulers.
 """
 
 from __future__ import annotations
