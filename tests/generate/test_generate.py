@@ -148,7 +148,9 @@ def test_seed_reproducible_alone_or_in_batch(pipe, gallery):
     assert np.abs(pixels(alone.png) - pixels(out / f"images/{item.id}.png")).max() <= 2
 
 
-@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ SDE Karras"])
+# DDIM and UniPC run on diffusers' schedulers (backends.diffusion._denoise_diffusers), the rest on
+# the k-diffusion path: both paths are checked here.
+@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ SDE Karras", "DDIM", "UniPC"])
 def test_stochastic_samplers_are_per_image(pipe, sampler):
     from likeness.generate.gallery import render_images
 

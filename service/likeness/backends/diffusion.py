@@ -623,7 +623,6 @@ def denoise(
 
     n = len(seeds)
     if is_ksampler(sampling.sampler):
-        _check_embeds(embeds, n, sampling)
         _fit_vae(pipe, n, sampling.width, sampling.height)
         latents = denoise_latents(pipe, embeds, seeds, sampling, cancel)
         return _decode(pipe, latents, "pooled_prompt_embeds" in embeds)
@@ -637,14 +636,11 @@ def _denoise_diffusers(
     n = len(seeds)
     per_call = _check_embeds(embeds, n, sampling)
     set_sampler(pipe, sampling.sampler)
-    if hasattr(pipe.scheduler, "noise_sampler_seed"):
-        # DPM++ SDE: one Brownian tree per image, seeded with the image's seed (as A1111 does).
-        pipe.scheduler.noise_sampler_seed = [int(s) for s in seeds] if n > 1 else int(seeds[0])
     device = pipeline_device(pipe)
     latents, streams = draw_latents(seeds, sampling.width, sampling.height, pipe.unet.config.in_channels,
                                     source=sampling.rng, device=device)
-    # Per-step noise of ancestral schedulers continues each image's torch generator; a Philox
-    # re-creation (GPU off CUDA, NV) has none, so a CPU generator seeded with the seed stands in.
+    # diffusers wants a generator per image; DDIM (eta 0) and UniPC draw no per-step noise, so for a
+    # Philox re-creation (GPU off CUDA, NV), which has none, a seeded CPU generator stands in unused.
     gens = [st.torch_generator or torch.Generator("cpu").manual_seed(int(s)) for st, s in zip(streams, seeds)]
     latents = latents.to(device=device, dtype=pipe.unet.dtype)
     if device.type == "cuda":
