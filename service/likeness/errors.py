@@ -58,6 +58,14 @@ class Unauthenticated(LikenessError):
 
 
 class ResourceExhausted(LikenessError):
-    """Too large, too many, or out of memory."""
+    """Too large, too many, or out of memory.
+
+    ``retry_after_s``, when set, is how long the caller should wait before trying again (the
+    server sends it as gRPC's ``grpc-retry-pushback-ms`` trailer, which gRPC retry policies honour).
+    """
 
     exit_code = 9
+
+    def __init__(self, message: str = "", retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

@@ -275,8 +275,11 @@ def test_fifty_concurrent_calls(served, realdata):
                 except grpc.RpcError as exc:
                     assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
                     assert "retry" in exc.details()
+                    # gRFC A6's pushback trailer says how long to wait (what gRPC retry policies honour).
+                    pushback = dict(exc.trailing_metadata() or ())
+                    assert 50 <= int(pushback["grpc-retry-pushback-ms"]) <= 10_000, pushback
                     refused.append(i)
-                    time.sleep(0.05 * (1 + attempt % 5))
+                    time.sleep(int(pushback["grpc-retry-pushback-ms"]) / 1000)
             same, diff = r.images
             return same.face_found and diff.face_found and same.identity > diff.identity + 0.2 and same.same_identity \
                 and not diff.same_identity
@@ -293,9 +296,13 @@ def test_heavy_calls_are_bounded_and_refused_past_the_bound(tmp_path):
     rt = Runtime(tmp_path / "data", devices=["cpu"], default_profile="cpu-tiny", start_workers=False)
     sv = LikenessServicer(rt, max_watchers=2, max_heavy=2)
     with sv._heavy("Curate"), sv._heavy("Generate"):
-        with pytest.raises(errors.ResourceExhausted, match="ScoreConsistency: 2 heavy calls .* retry"):
+        with pytest.raises(errors.ResourceExhausted, match="ScoreConsistency: 2 heavy calls .* retry in") as info:
             with sv._heavy("ScoreConsistency"):
                 pass
+    # The hint follows the measured duration of heavy calls: no call yet -> the 1 s prior / 2 slots, +-50%.
+    assert 0.25 <= info.value.retry_after_s <= 0.75
+    sv._heavy_seconds = 40.0
+    assert sv.retry_after_s() == 10.0  # clamped: a client is never told to wait more than 10 s
     with sv._heavy("Curate"), sv._heavy("Curate"):  # the slots came back
         pass
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import signal
 import threading
+import time
 from concurrent import futures
 from contextlib import contextmanager
 from pathlib import Path
@@ -172,18 +174,33 @@ class LikenessServicer(pb_grpc.LikenessServicer):
         # so health and reads always find a thread (scripts/bench_serve_load.py measures it).
         self.max_heavy = max_heavy
         self._heavy_slots = threading.BoundedSemaphore(max_heavy)
+        self._heavy_seconds = 1.0  # running mean of a heavy call's duration (what a refusal's pushback is from)
+
+    def retry_after_s(self) -> float:
+        """How long a refused heavy call should wait: about when the next slot frees, with jitter.
+
+        A slot frees every (mean heavy duration / max_heavy) seconds on average; the jitter (0.5-1.5x)
+        keeps refused clients from coming back in step. Clamped to 50 ms - 10 s.
+        """
+        base = self._heavy_seconds / self.max_heavy
+        return min(10.0, max(0.05, base * random.uniform(0.5, 1.5)))
 
     @contextmanager
     def _heavy(self, rpc: str) -> Iterator[None]:
         if not self._heavy_slots.acquire(blocking=False):
+            wait = self.retry_after_s()
             raise ResourceExhausted(
                 f"{rpc}: {self.max_heavy} heavy calls (ScoreConsistency, Curate, Generate) are already running on "
-                "this server, the most it runs at once so that health checks and reads stay fast; retry in a few "
-                "seconds (with backoff), or run fewer calls in parallel")
+                f"this server, the most it runs at once so that health checks and reads stay fast; retry in "
+                f"{wait:.1f} s (the grpc-retry-pushback-ms trailer says when), or run fewer calls in parallel",
+                retry_after_s=wait)
+        t0 = time.monotonic()
         try:
             yield
         finally:
             self._heavy_slots.release()
+            # Exponential mean over the last ~10 calls; a plain float store, so no lock is needed.
+            self._heavy_seconds = 0.9 * self._heavy_seconds + 0.1 * (time.monotonic() - t0)
 
     @grpc_errors
     def CreateCharacter(self, request: pb.CreateCharacterRequest, context: grpc.ServicerContext) -> pb.Character:
