@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from likeness import layout
-from likeness.identity import folder_centroid, main_embeddings
+from likeness.identity import curated_centroid, folder_centroid, main_embeddings
 from likeness.backends.protocols import ClipModel, FaceAnalyzer, Pipeline
 from likeness.config import check_seed, from_dict, to_dict
 from likeness.errors import FailedPrecondition, InvalidInput
@@ -224,7 +224,9 @@ def evaluate(
     guidance = cfg.cfg_scale or spec.sampling.cfg_scale
     width, height = cfg.width or spec.sampling.width, cfg.height or spec.sampling.height
     sampling = dataclasses.replace(spec.sampling, steps=steps, cfg_scale=guidance, width=width, height=height)
-    centroid, n_ref = folder_centroid(faces, refs)
+    # The curated folder's own PNGs take curation's stored embeddings; caller-given references are analysed.
+    centroid, n_ref = (folder_centroid(faces, refs) if reference_images is not None
+                       else curated_centroid(faces, build_dir / layout.CURATED_DIR, refs))
     load_into_pipeline(pipe, embedding)
     digest = _vectors_digest(embedding)
     plan = _plan(spec, cfg)

@@ -5,7 +5,7 @@
     <data_dir>/builds/<build_id>/
       spec.json                      the effective spec and options
       gallery/   manifest.jsonl, plan.json, images/<id>.png, contact_sheet.png
-      curated/   curation.json, <id>.png + <id>.txt (captions)
+      curated/   curation.json, face_embeddings.safetensors, <id>.png + <id>.txt (captions)
       train/     checkpoints/step-<n>/, checkpoint_scores.json, best.json, validation/
       embeddings/<token>.pt, <token>.safetensors, diffusers/<token>.safetensors
       eval/      evaluation.json, images/*.png
@@ -31,6 +31,10 @@ EVAL_DIR = "eval"
 REPORT_DIR = "report"
 ROUNDS_DIR = "rounds"
 CURATION_FILE = "curation.json"
+# Beside curation.json: each selected image's main-face embedding as curation decided with it, keyed by
+# the sha256 of the PNG written, so training and evaluation reuse it instead of analysing the faces again
+# (likeness.identity.curated_centroid; written by likeness.curate.decide).
+FACE_EMBEDDINGS_FILE = "face_embeddings.safetensors"
 EVALUATION_FILE = "evaluation.json"
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"

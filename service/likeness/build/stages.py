@@ -194,11 +194,13 @@ def stage_train(ctx: BuildContext, round_: int) -> dict[str, Any]:
     if cfg.validation.enabled:
         # The build's already-loaded face pack and CLIP model, not a second copy per round.
         from likeness.train.data import read_dataset
-        from likeness.identity import folder_centroid
+        from likeness.identity import curated_centroid
         from likeness.train.checkpoint_scoring import ScoringValidator
 
         faces = _faces(ctx)
-        centroid, _ = folder_centroid(faces, [i.path for i in read_dataset(rd / layout.CURATED_DIR)])
+        # Curation's stored embeddings of these PNGs (issue 14): only changed or unknown files are analysed.
+        centroid, _ = curated_centroid(faces, rd / layout.CURATED_DIR,
+                                       [i.path for i in read_dataset(rd / layout.CURATED_DIR)])
         validator = ScoringValidator(ctx.spec, cfg.validation, faces=faces, clip=_clip(ctx), centroid=centroid,
                                      size=cfg.resolution or (1024 if profile.family == "sdxl" else 512),
                                      image_dir=rd / layout.TRAIN_DIR / "validation")

@@ -28,12 +28,16 @@ Pipeline (every rule and threshold is in docs/curation.md):
    views only by a real CLIP model at a calibrated threshold.
 7. Selection of K over the zoom x angle grid; set scores of the selection,
    the whole pool and a fixed-seed random K (``likeness.scores.set_scores``).
-8. ``<out>/<id>.png`` for the selected images and ``<out>/curation.json``,
-   both written atomically.
+8. ``<out>/<id>.png`` for the selected images, ``<out>/face_embeddings.safetensors``
+   (their main faces' embeddings, keyed by PNG sha256, for training's and
+   evaluation's centroid: ``likeness.identity.curated_centroid``) and
+   ``<out>/curation.json``, all written atomically.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import re
 import time
@@ -56,7 +60,8 @@ from likeness.curate.checks import (
     validate_config,
 )
 from likeness.errors import InvalidInput, NotFound
-from likeness.files import atomic_save, atomic_write_json, ensure_dir, read_json, safe_join
+from likeness.identity import write_face_embeddings
+from likeness.files import atomic_write_bytes, atomic_write_json, ensure_dir, read_json, safe_join
 from likeness.images import list_images, load_image
 from likeness.generate.manifest import GalleryImage, read_manifest
 from likeness.progress import CancelToken, ProgressFn, report
@@ -300,7 +305,7 @@ def curate(
                  "spec": spec.name if spec is not None else None,
                  "seconds_analyse": round(t_analyse, 3), "seconds_total": round(time.perf_counter() - t0, 3)},
     )
-    _write(root, out, items, chosen, result)
+    _write(root, out, items, chosen, result, models["recognition_sha256"])
     report(progress, "curate", len(items), len(items), "done", selected=len(chosen))
     return result
 
@@ -379,8 +384,10 @@ def _decision(it: _Item) -> ImageDecision:
     )
 
 
-def _write(root: Path, out: Path, items: list[_Item], chosen: list[int], result: CurationResult) -> None:
-    """Selected images as PNG (re-read at full resolution: K files, not the pool) and curation.json."""
+def _write(root: Path, out: Path, items: list[_Item], chosen: list[int], result: CurationResult,
+           recognition_sha256: str | None = None) -> None:
+    """Selected images as PNG (re-read at full resolution: K files, not the pool), their main faces'
+    embeddings (layout.FACE_EMBEDDINGS_FILE, keyed by each PNG's sha256) and curation.json."""
     out.mkdir(parents=True, exist_ok=True)
     old = out / CURATION_NAME
     if old.is_file():
@@ -393,9 +400,19 @@ def _write(root: Path, out: Path, items: list[_Item], chosen: list[int], result:
             p = out / f"{sid}.png"
             if p.is_file():
                 p.unlink()
+    rows = []
     for i in chosen:
         img, _ = load_image(safe_join(root, items[i].row.file))
-        atomic_save(safe_join(out, f"{items[i].row.id}.png"), lambda tmp, im=img: im.save(tmp, format="PNG", compress_level=1))
+        # Encoded in memory so the digest is of the very bytes written (no second read).
+        buf = io.BytesIO()
+        img.save(buf, format="PNG", compress_level=1)
+        data = buf.getvalue()
+        name = f"{items[i].row.id}.png"
+        atomic_write_bytes(safe_join(out, name), data)
+        if items[i].embedding is not None:  # no face (a kept rear view): no row, a reader analyses it
+            rows.append((name, hashlib.sha256(data).hexdigest(), items[i].embedding))
+    # Before curation.json: a kill in between leaves rows whose digests no longer match, never wrong ones.
+    write_face_embeddings(out / layout.FACE_EMBEDDINGS_FILE, rows, recognition_sha256)
     doc = {"schema_version": SCHEMA_VERSION, "gallery": str(root.resolve()), **result.to_dict()}
     atomic_write_json(out / CURATION_NAME, doc)
 
