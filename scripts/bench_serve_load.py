@@ -78,7 +78,7 @@ def _load(addr: str, realdata: str, n_heavy: int, go: mp.Event, stop: mp.Event, 
     lat: list[float] = []
     refused = [0]
     lock = threading.Lock()
-    with LikenessClient(addr) as c:
+    with LikenessClient(addr, retry_heavy=False) as c:  # the wait is done here, to count the refusals
         c.score_consistency([photos[0]], reference=photos[1:])  # load the face models before timing
         out.put("warm")
         go.wait()

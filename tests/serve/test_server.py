@@ -119,6 +119,11 @@ def test_every_error_maps_to_its_status(exc_type):
         """What grpc's context.abort raises: the call ends here."""
 
     class Ctx:
+        trailers = ()
+
+        def set_trailing_metadata(self, md):
+            self.trailers = md
+
         def abort(self, code, details):
             self.code, self.details = code, details
             raise Aborted()
@@ -140,6 +145,18 @@ def test_every_error_maps_to_its_status(exc_type):
     with pytest.raises(Aborted):
         list(stream(None, None, ctx))
     assert (ctx.code, ctx.details) == (STATUS_CODES[exc_type], "stream fix")
+    # RESOURCE_EXHAUSTED always says whether to retry (gRFC A6 pushback): -1 = no, else the wait in ms.
+    pushback = dict(ctx.trailers).get("grpc-retry-pushback-ms")
+    assert pushback == ("-1" if STATUS_CODES[exc_type] == grpc.StatusCode.RESOURCE_EXHAUSTED else None)
+    if exc_type is errors.ResourceExhausted:
+        @grpc_errors
+        def busy(self, request, context):
+            raise errors.ResourceExhausted("busy", retry_after_s=0.25)
+
+        ctx = Ctx()
+        with pytest.raises(Aborted):
+            busy(None, None, ctx)
+        assert dict(ctx.trailers) == {"grpc-retry-pushback-ms": "250"}
 
 
 def test_unexpected_error_is_internal_without_details():
@@ -254,7 +271,7 @@ def test_fifty_concurrent_calls(served, realdata):
     gate.open.set()
     jolie = sorted((realdata / "faces" / "Angelina_Jolie").glob("*.jpg"))[:3]
     other = sorted((realdata / "faces" / "Barack_Obama").glob("*.jpg"))[:1]
-    with LikenessClient(addr, token=TOKEN) as c:
+    with LikenessClient(addr, token=TOKEN, retry_heavy=False) as c:  # the test retries by itself
         b = c.start_build(spec=SPEC, options={"k": 3})
         c.wait_build(b.id, timeout=60)
         # Warm the face models once so the 50 calls measure concurrency, not loading.
@@ -288,6 +305,35 @@ def test_fifty_concurrent_calls(served, realdata):
             results = list(pool.map(call, range(50)))
     assert all(results), results
     assert refused, "25 concurrent heavy calls on a server that runs a few at once: some must be refused"
+
+
+def test_the_client_retries_refused_heavy_calls_after_the_pushback(tmp_path, face_pack, realdata):
+    """Past the bound the server refuses; LikenessClient's gRPC retry policy waits the pushback and gets through."""
+    rt = Runtime(tmp_path / "data", devices=["cpu"], default_profile="cpu-tiny", start_workers=False)
+    server, port, _ = create_server("127.0.0.1:0", rt, max_heavy=1)
+    server.start()
+    addr = f"127.0.0.1:{port}"
+    jolie = sorted((realdata / "faces" / "Angelina_Jolie").glob("*.jpg"))[:3]
+    try:
+        def run(retry: bool) -> list:
+            with LikenessClient(addr, retry_heavy=retry, timeout=120) as c:
+                c.score_consistency([jolie[0]], reference=jolie[1:])  # models loaded before the burst
+
+                def one(_):
+                    try:
+                        return c.score_consistency([jolie[0]], reference=jolie[1:]).images[0].same_identity
+                    except grpc.RpcError as exc:
+                        return exc.code()
+                with ThreadPoolExecutor(3) as pool:
+                    return list(pool.map(one, range(3)))
+
+        # Without retries three calls at once on a one-slot server: some are refused ...
+        assert grpc.StatusCode.RESOURCE_EXHAUSTED in run(False)
+        # ... with the client's retry policy every one gets its answer.
+        assert run(True) == [True, True, True]
+    finally:
+        server.stop(0)
+        rt.stop()
 
 
 def test_heavy_calls_are_bounded_and_refused_past_the_bound(tmp_path):

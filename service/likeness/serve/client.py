@@ -13,6 +13,7 @@ Calls return protobuf messages (likeness.serve.pb.likeness_pb2); gRPC errors are
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -25,6 +26,15 @@ from likeness.serve.pb import likeness_pb2_grpc as pb_grpc
 from likeness.spec import CharacterSpec
 
 DEFAULT_MAX_MESSAGE = 64 * 1024 * 1024
+# Heavy calls a busy server refuses with RESOURCE_EXHAUSTED and a grpc-retry-pushback-ms trailer
+# (docs/service.md): gRPC's own retry policy (gRFC A6) waits what the server says and tries again,
+# up to 5 attempts in all (gRPC's cap). Other RESOURCE_EXHAUSTED errors carry pushback -1: no retry.
+HEAVY_RETRY_CONFIG = json.dumps({"methodConfig": [{
+    "name": [{"service": pb.DESCRIPTOR.services_by_name["Likeness"].full_name, "method": m}
+             for m in ("ScoreConsistency", "Curate", "Generate")],
+    "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.1s", "maxBackoff": "10s", "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["RESOURCE_EXHAUSTED"]},
+}]})
 _FORMATS = {"a1111-pt": pb.A1111_PT, "safetensors": pb.SAFETENSORS, "diffusers": pb.DIFFUSERS}
 TERMINAL_STATES = (pb.SUCCEEDED, pb.FAILED, pb.CANCELLED)
 
@@ -58,9 +68,17 @@ class LikenessClient:
     """A channel plus typed helpers for every RPC."""
 
     def __init__(self, address: str, *, token: str = "", tls_ca: str = "", timeout: float | None = 60.0,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE) -> None:
-        options = [("grpc.max_send_message_length", max_message_bytes),
-                   ("grpc.max_receive_message_length", max_message_bytes)]
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE, retry_heavy: bool = True) -> None:
+        """``retry_heavy``: retry heavy calls a busy server refused, after the wait it asks for (False: raise at once)."""
+        options: list[tuple[str, Any]] = [("grpc.max_send_message_length", max_message_bytes),
+                                          ("grpc.max_receive_message_length", max_message_bytes)]
+        if retry_heavy:
+            # The retry buffer holds the request for another attempt; past its size (256 KiB by default, less
+            # than a few photos) gRPC commits the call and cannot retry it.
+            options += [("grpc.enable_retries", 1), ("grpc.service_config", HEAVY_RETRY_CONFIG),
+                        ("grpc.per_rpc_retry_buffer_size", max_message_bytes)]
+        else:
+            options.append(("grpc.enable_retries", 0))
         if tls_ca:
             creds = grpc.ssl_channel_credentials(Path(tls_ca).read_bytes())
             if token:

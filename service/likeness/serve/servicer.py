@@ -174,7 +174,8 @@ class LikenessServicer(pb_grpc.LikenessServicer):
         # so health and reads always find a thread (scripts/bench_serve_load.py measures it).
         self.max_heavy = max_heavy
         self._heavy_slots = threading.BoundedSemaphore(max_heavy)
-        self._heavy_seconds = 1.0  # running mean of a heavy call's duration (what a refusal's pushback is from)
+        # Running mean of a heavy call's duration (what a refusal's pushback is from); 1 s until one is measured.
+        self._heavy_seconds: float | None = None
 
     def retry_after_s(self) -> float:
         """How long a refused heavy call should wait: about when the next slot frees, with jitter.
@@ -182,7 +183,7 @@ class LikenessServicer(pb_grpc.LikenessServicer):
         A slot frees every (mean heavy duration / max_heavy) seconds on average; the jitter (0.5-1.5x)
         keeps refused clients from coming back in step. Clamped to 50 ms - 10 s.
         """
-        base = self._heavy_seconds / self.max_heavy
+        base = (self._heavy_seconds or 1.0) / self.max_heavy
         return min(10.0, max(0.05, base * random.uniform(0.5, 1.5)))
 
     @contextmanager
@@ -200,7 +201,8 @@ class LikenessServicer(pb_grpc.LikenessServicer):
         finally:
             self._heavy_slots.release()
             # Exponential mean over the last ~10 calls; a plain float store, so no lock is needed.
-            self._heavy_seconds = 0.9 * self._heavy_seconds + 0.1 * (time.monotonic() - t0)
+            took = time.monotonic() - t0
+            self._heavy_seconds = took if self._heavy_seconds is None else 0.9 * self._heavy_seconds + 0.1 * took
 
     @grpc_errors
     def CreateCharacter(self, request: pb.CreateCharacterRequest, context: grpc.ServicerContext) -> pb.Character:

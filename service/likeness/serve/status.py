@@ -47,11 +47,13 @@ def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
     code, message = status_for(exc)
     if code == grpc.StatusCode.INTERNAL:
         log.exception("unexpected error in a gRPC call", exc_info=exc)
-    retry_after = getattr(exc, "retry_after_s", None)
-    if retry_after is not None:
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         # gRFC A6's pushback trailer: a client whose channel has a retry policy for this code waits this
-        # long before its next attempt; other clients can read it from the trailing metadata.
-        context.set_trailing_metadata((("grpc-retry-pushback-ms", str(max(0, round(retry_after * 1000)))),))
+        # long before its next attempt (other clients can read it); -1 means "do not retry" (too large,
+        # too many: trying again cannot help).
+        retry_after = getattr(exc, "retry_after_s", None)
+        ms = "-1" if retry_after is None else str(max(0, round(retry_after * 1000)))
+        context.set_trailing_metadata((("grpc-retry-pushback-ms", ms),))
     context.abort(code, message)
 
 
