@@ -161,8 +161,19 @@ def cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def best_profile(preferred: tuple[str, ...] = ("sdxl", "sd15")) -> tuple[Profile, str]:
-    """The best profile this machine can run, and a sentence saying why.
+class ChoiceSentence(str):
+    """The sentence saying why a profile was chosen, with the bare reason beside it (``.reason``)."""
+
+    reason: str
+
+    def __new__(cls, sentence: str, reason: str) -> "ChoiceSentence":
+        out = super().__new__(cls, sentence)
+        out.reason = reason
+        return out
+
+
+def best_profile(preferred: tuple[str, ...] = ("sdxl", "sd15")) -> tuple[Profile, ChoiceSentence]:
+    """The best profile this machine can run, and a sentence saying why (its ``.reason``: the bare why).
 
     A CUDA profile is chosen only when a GPU is present *and* its weights are
     on disk; otherwise ``cpu-tiny`` (tiny random weights: the pipeline runs for
@@ -174,24 +185,26 @@ def best_profile(preferred: tuple[str, ...] = ("sdxl", "sd15")) -> tuple[Profile
             try:
                 prof = load_profile(name)
                 prof.require("base_model")
-                return prof, f"using profile {name!r} on CUDA"
+                return prof, ChoiceSentence(f"using profile {name!r} on CUDA",
+                                            "a CUDA GPU and its weights were found")
             except (ModelMissing, InvalidInput) as exc:
                 reasons.append(str(exc))
     else:
         reasons.append("no CUDA GPU found")
     tiny = load_profile("cpu-tiny")
-    return tiny, (
+    reason = "; ".join(reasons)
+    return tiny, ChoiceSentence(
         "using profile 'cpu-tiny' (tiny random weights on the CPU: the pipeline runs end to end "
-        "but images are noise, not faces) because " + "; ".join(reasons)
-    )
+        "but images are noise, not faces) because " + reason, reason)
 
 
 def resolve_profile(explicit: Profile | str | None = None, spec_profile: str = "",
-                    say: Callable[[str], None] | None = None) -> Profile:
+                    say: Callable[[ChoiceSentence], None] | None = None) -> Profile:
     """The one profile rule: the explicit name, else the spec's, else the best this machine runs.
 
     ``say`` receives the sentence explaining an automatic choice (for example that
-    ``cpu-tiny`` was picked because no GPU was found), so no caller falls back silently.
+    ``cpu-tiny`` was picked because no GPU was found; its ``.reason`` is the bare why),
+    so no caller falls back silently.
     """
     if isinstance(explicit, Profile):
         return explicit

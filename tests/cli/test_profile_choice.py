@@ -62,3 +62,15 @@ def test_curate_says_which_profile_it_picked(tmp_path, tiny_models, capsys):
     assert rc != 0 and not any(x.startswith("warning:") for x in err.splitlines()) and err.startswith("error: ")
     rc, _, err = _run(capsys, ["curate", str(missing), "--out", str(tmp_path / "c"), "--no-clip"])
     assert err.startswith("using profile 'cpu-tiny' for its face pack (no CUDA GPU found)")
+
+
+def test_the_automatic_choice_carries_its_reason_apart_from_the_sentence():
+    from likeness.profiles import resolve_profile
+
+    said = []
+    assert resolve_profile(None, "", say=said.append).name == "cpu-tiny"
+    assert said[0].startswith("using profile 'cpu-tiny'") and said[0].endswith("because " + said[0].reason)
+    assert said[0].reason == "no CUDA GPU found"
+    said.clear()
+    resolve_profile("cpu-tiny", "", say=said.append)
+    assert said == []  # named: nothing was chosen, nothing is said

@@ -26,17 +26,16 @@ def resolve_cli_profile(explicit: Any = None, spec_profile: str = "", *,
     """
     from likeness.profiles import resolve_profile
 
-    why: list[str] = []
+    why: list[Any] = []  # the ChoiceSentence of an automatic choice
     prof = resolve_profile(explicit or None, spec_profile, say=why.append)
     if not why:  # named by the user or the spec: nothing was chosen for them
         return prof
     if not prof.random_weights:
         say(why[0])
     elif uses == "face pack":  # only its face models, real in every profile: nothing random is used
-        say(f"using profile {prof.name!r} for its face pack ({why[0].split(' because ', 1)[-1]})")
+        say(f"using profile {prof.name!r} for its face pack ({why[0].reason})")
     elif uses == "clip":
-        reason = why[0].split(" because ", 1)[-1] if " because " in why[0] else "it is the best available"
-        warn(f"warning: using profile {prof.name!r} because {reason}: its face pack is real, but its CLIP has "
+        warn(f"warning: using profile {prof.name!r} because {why[0].reason}: its face pack is real, but its CLIP has "
              "tiny random weights, so no CLIP evidence (background, rear views, tags) is used; "
              "pass --profile to choose")
     else:
