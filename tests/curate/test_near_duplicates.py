@@ -172,3 +172,47 @@ def test_near_dup_settings_are_validated() -> None:
         curate_config_from_dict({"near_dup_min_face_agreement": 1.5})
     assert list(itertools.islice(near_duplicate_pairs(np.zeros((1, 4), np.float32), [np.zeros((8, 8), np.uint8)],
                                                       CurateConfig()), 1)) == []
+
+
+def _whole_frame_agreement(a, b_gray, m):
+    """The pixel-agreement rule stated on whole frames: warp b onto a, blur both, compare the face box."""
+    import cv2
+
+    from likeness.curate import checks
+
+    h, w = a.gray.shape
+    warped = cv2.warpAffine(b_gray.astype(np.float32), m, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP)
+    valid = cv2.warpAffine(np.ones(b_gray.shape, np.float32), m, (w, h),
+                           flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP) > 0.5
+    x0, y0, x1, y1 = a.face_box
+    region = np.zeros((h, w), bool)
+    region[int(y0 * h):int(np.ceil(y1 * h)), int(x0 * w):int(np.ceil(x1 * w))] = True
+    valid &= region
+    pa = cv2.GaussianBlur(a.gray.astype(np.float32), (0, 0), checks._AGREE_BLUR)
+    pb = cv2.GaussianBlur(warped, (0, 0), checks._AGREE_BLUR)
+    return float(np.mean(np.abs(pa[valid] - pb[valid]) <= checks._AGREE_TOLERANCE))
+
+
+def test_windowed_agreement_and_early_stop_change_no_answer(realdata: Path, analyzer) -> None:
+    """The fast path (face window only, mirror skipped once a plain copy confirms) gives the whole-frame answers."""
+    from PIL import ImageOps
+
+    from likeness.curate import checks
+
+    src = _open(realdata / "faces" / "Barack_Obama" / "fr_obama.jpg")
+    crop = _open(realdata / "faces" / "Barack_Obama" / "fr_obama_partial_face.jpg")
+    fe = _generated(realdata)["face_editor"]
+    cfg = CurateConfig()
+    cases = [(src, crop), (crop, src), (src, ImageOps.mirror(src)), (fe[0], fe[5])]
+    for first, second in cases:
+        _, thumbs, _, boxes = _prepared(analyzer, [first, second])
+        a, b = orb_features(thumbs[0], boxes[0]), orb_features(thumbs[1], boxes[1])
+        full = same_picture(a, b)
+        m, _, _ = checks._similarity(a.plain, b.mirror if full.mirrored else b.plain)
+        b_gray = np.ascontiguousarray(b.gray[:, ::-1]) if full.mirrored else b.gray
+        assert full.agreement == pytest.approx(_whole_frame_agreement(a, b_gray, m), abs=1e-3)
+        fresh = orb_features(thumbs[1], boxes[1])
+        fast = same_picture(a, fresh, cfg)
+        assert checks.is_same_picture(fast, cfg) == checks.is_same_picture(full, cfg)
+        if checks.is_same_picture(fast, cfg) and not fast.mirrored:
+            assert "mirror" not in fresh.__dict__  # confirmed plain: the mirror's keypoints were never computed
