@@ -8,6 +8,7 @@ below: the first failing check names the reason.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Sequence
 
@@ -614,18 +615,25 @@ def near_duplicate_pairs(
     index = faiss.IndexFlatIP(x.shape[1])
     index.add(x)
     sims, nbrs = index.search(x, min(n, cfg.near_dup_neighbours + 1))
-    seen: set[tuple[int, int]] = set()
-    out = []
+    candidates: dict[tuple[int, int], float] = {}
     for i in range(n):
         for s, j in zip(sims[i], nbrs[i]):
             j = int(j)
             if j < 0 or j == i or s < cfg.near_dup_face_cosine:
                 continue
-            key = (min(i, j), max(i, j))
-            if key in seen:
-                continue
-            seen.add(key)
-            sp = same_picture(feats(key[0]), feats(key[1]), cfg)
-            if is_same_picture(sp, cfg):
-                out.append(NearDuplicate(key[0], key[1], float(s), sp))
+            candidates.setdefault((min(i, j), max(i, j)), float(s))
+    if not candidates:
+        return []
+    # OpenCV releases the GIL: keypoints, then the pairs, on a few threads (each pair is independent;
+    # the order of the answer does not depend on the threads).
+    from concurrent.futures import ThreadPoolExecutor
+
+    needed = sorted({i for key in candidates for i in key})
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="near-dup") as pool:
+        for i, f in zip(needed, pool.map(feats, needed)):
+            cache[i] = f
+        keys = list(candidates)
+        verdicts = list(pool.map(lambda key: same_picture(cache[key[0]], cache[key[1]], cfg), keys))
+    out = [NearDuplicate(key[0], key[1], candidates[key], sp) for key, sp in zip(keys, verdicts)
+           if is_same_picture(sp, cfg)]
     return sorted(out, key=lambda d: (d.i, d.j))
