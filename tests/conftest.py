@@ -75,6 +75,23 @@ def realdata() -> Path:
 
 
 @pytest.fixture(scope="session")
+def jolie_photos(tmp_path_factory: pytest.TempPathFactory, realdata: Path) -> Path:
+    """9 real photos of one person plus 2 others, downscaled to 320 px (curation speed, not correctness)."""
+    from PIL import Image
+
+    gallery = tmp_path_factory.mktemp("imports") / "jolie"
+    gallery.mkdir()
+    faces = realdata / "faces"
+    files = sorted((faces / "Angelina_Jolie").glob("*.jpg")) + [faces / "Barack_Obama" / "fr_obama1.jpg",
+                                                               sorted((faces / "Katy_Perry").glob("*.jpg"))[0]]
+    for p in files:
+        img = Image.open(p).convert("RGB")
+        img.thumbnail((320, 320))
+        img.save(gallery / f"{p.parent.name}_{p.stem}.jpg", quality=92)
+    return gallery
+
+
+@pytest.fixture(scope="session")
 def face_pack(realdata: Path) -> Path:
     pack = realdata / "models"
     if not (pack / "det_500m.onnx").is_file():

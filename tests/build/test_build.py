@@ -35,21 +35,9 @@ OPTIONS = {"k": 5, "training_steps": 4, "checkpoint_every": 2, "train_resolution
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory, realdata, face_pack, tiny_models) -> Path:
+def photos(jolie_photos, face_pack, tiny_models) -> Path:
     """9 photos of one person plus 2 others, downscaled (curation speed, not correctness)."""
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("imports")
-    gallery = root / "jolie"
-    gallery.mkdir()
-    faces = realdata / "faces"
-    files = sorted((faces / "Angelina_Jolie").glob("*.jpg")) + [faces / "Barack_Obama" / "fr_obama1.jpg",
-                                                               sorted((faces / "Katy_Perry").glob("*.jpg"))[0]]
-    for p in files:
-        img = Image.open(p).convert("RGB")
-        img.thumbnail((320, 320))
-        img.save(gallery / f"{p.parent.name}_{p.stem}.jpg", quality=92)
-    return gallery
+    return jolie_photos
 
 
 def _selected(build_dir: Path) -> list[str]:

@@ -51,20 +51,10 @@ class CountingFaces:
 
 
 @pytest.fixture(scope="module")
-def curated(tmp_path_factory: pytest.TempPathFactory, realdata: Path, analyzer) -> Path:
+def curated(tmp_path_factory: pytest.TempPathFactory, jolie_photos: Path, analyzer) -> Path:
     """A plain-folder curation of 9 photos of one person and 2 others, downscaled (speed), k=5."""
-    from PIL import Image
-
-    gallery = tmp_path_factory.mktemp("gallery")
-    faces = realdata / "faces"
-    files = sorted((faces / "Angelina_Jolie").glob("*.jpg")) + [faces / "Barack_Obama" / "fr_obama1.jpg",
-                                                               sorted((faces / "Katy_Perry").glob("*.jpg"))[0]]
-    for p in files:
-        img = Image.open(p).convert("RGB")
-        img.thumbnail((320, 320))
-        img.save(gallery / f"{p.parent.name}_{p.stem}.jpg", quality=92)
     out = tmp_path_factory.mktemp("curated")
-    res = curate(gallery, None, out, CurateConfig(k=5), faces=analyzer, clip=None)
+    res = curate(jolie_photos, None, out, CurateConfig(k=5), faces=analyzer, clip=None)
     assert len(res.selected) == 5
     return out
 
