@@ -202,3 +202,51 @@ def test_off_prompt_settings_are_validated() -> None:
         curate_config_from_dict({"off_hair_z": -1})
     with pytest.raises(InvalidInput, match="off_wardrobe_min_distance"):
         curate_config_from_dict({"off_wardrobe_min_distance": 2})
+
+
+def _region_colours_whole_frame(image, face_box):
+    """The region rule stated on the whole frame: CIELAB of every pixel, delta-E by a norm over bands."""
+    from likeness.curate import appearance as ap
+
+    h, w = image.shape[:2]
+    lab = ap._lab(image)
+    bh, bw = max(1, int(round(h * ap._BAND))), max(1, int(round(w * ap._BAND)))
+    mid = max(bh, int(round((float(face_box[1]) + float(face_box[3])) / 2)))
+    bands = np.stack([lab[:bh].reshape(-1, 3).mean(0), lab[:mid, :bw].reshape(-1, 3).mean(0),
+                      lab[:mid, w - bw:].reshape(-1, 3).mean(0)])
+    out = {}
+    for name in REGIONS:
+        x0, y0, x1, y1, inside = ap.region_box(face_box, name, w, h)
+        keep = np.ones((max(0, y1 - y0), max(0, x1 - x0)), bool)
+        if name in ap._EXCLUDE:
+            fx0, fy0, fx1, fy1 = (float(v) for v in face_box)
+            ex0, ey0, ex1, ey1 = ap._EXCLUDE[name]
+            keep[max(0, int(fy0 + ey0 * (fy1 - fy0)) - y0):max(0, int(fy0 + ey1 * (fy1 - fy0)) - y0),
+                 max(0, int(fx0 + ex0 * (fx1 - fx0)) - x0):max(0, int(fx0 + ex1 * (fx1 - fx0)) - x0)] = False
+        px = lab[y0:y1, x0:x1][keep]
+        if inside < ap._MIN_INSIDE or px.shape[0] < ap._MIN_PIXELS:
+            out[name] = None
+            continue
+        de = np.linalg.norm(px[:, None, :] - bands[None, :, :], axis=2).min(axis=1)
+        fg = px[de > ap._BACKDROP_DE]
+        use = fg if fg.shape[0] >= max(ap._MIN_PIXELS // 2, ap._MIN_FOREGROUND * px.shape[0]) else px
+        hists = [np.histogram(np.clip(use[:, c], lo, hi), bins=ap._BINS, range=(lo, hi))[0] for c, (lo, hi) in
+                 enumerate(ap._RANGES)]
+        out[name] = [round(float(v), 4) for v in np.concatenate([hh / max(1, hh.sum()) for hh in hists])]
+    return out
+
+
+def test_region_colours_convert_only_what_they_measure(realdata: Path, analyzer) -> None:
+    """Converting just the bands and regions (the fast path) gives the whole-frame rule's histograms exactly."""
+    from PIL import Image
+
+    files = sorted((realdata / "faces" / "Angelina_Jolie").glob("*.jpg"))[:6]
+    arrays = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+    checked = 0
+    for arr, faces in zip(arrays, analyzer.analyze(arrays)):
+        # The real face, and boxes that push each region off the frame's edges.
+        h, w = arr.shape[:2]
+        for box in [f.bbox for f in faces[:1]] + [(5, 5, w // 3, h // 3), (w // 2, h // 2, w - 2, h - 2)]:
+            assert region_colours(arr, box) == _region_colours_whole_frame(arr, box)
+            checked += 1
+    assert checked >= 12

@@ -83,13 +83,13 @@ def region_colours(image: np.ndarray, face_box: Sequence[float]) -> dict[str, li
     would be a colour nobody wears.
     """
     h, w = image.shape[:2]
-    lab = _lab(image)
     bh, bw = max(1, int(round(h * _BAND))), max(1, int(round(w * _BAND)))
     # Backdrop colours: the top band and the side bands above the face's centre. Not the bottom band
     # nor the sides lower down: from a medium shot on, the clothes and arms reach them.
+    # (CIELAB is per pixel: only the bands and the regions are converted, not the whole frame.)
     mid = max(bh, int(round((float(face_box[1]) + float(face_box[3])) / 2)))
-    bands = np.stack([lab[:bh].reshape(-1, 3).mean(0), lab[:mid, :bw].reshape(-1, 3).mean(0),
-                      lab[:mid, w - bw:].reshape(-1, 3).mean(0)])
+    bands = np.stack([_lab(image[:bh]).reshape(-1, 3).mean(0), _lab(image[:mid, :bw]).reshape(-1, 3).mean(0),
+                      _lab(image[:mid, w - bw:]).reshape(-1, 3).mean(0)])
     out: dict[str, list[float] | None] = {}
     for name in REGIONS:
         x0, y0, x1, y1, inside = region_box(face_box, name, w, h)
@@ -100,11 +100,18 @@ def region_colours(image: np.ndarray, face_box: Sequence[float]) -> dict[str, li
             ex0, ey0, ex1, ey1 = _EXCLUDE[name]
             keep[max(0, int(fy0 + ey0 * fh) - y0):max(0, int(fy0 + ey1 * fh) - y0),
                  max(0, int(fx0 + ex0 * fw) - x0):max(0, int(fx0 + ex1 * fw) - x0)] = False
-        px = lab[y0:y1, x0:x1][keep]
-        if inside < _MIN_INSIDE or px.shape[0] < _MIN_PIXELS:
+        if inside < _MIN_INSIDE or int(keep.sum()) < _MIN_PIXELS:
             out[name] = None
             continue
-        de = np.linalg.norm(px[:, None, :] - bands[None, :, :], axis=2).min(axis=1)
+        px = _lab(image[y0:y1, x0:x1])[keep]
+        # delta-E to the nearest backdrop colour, one band at a time over whole columns (the same sums
+        # in the same order as a norm over a (pixels, bands, 3) array, without its small-axis reductions).
+        cols = [np.ascontiguousarray(px[:, c]) for c in range(3)]
+        d2 = None
+        for band in bands:
+            dk = (cols[0] - band[0]) ** 2 + (cols[1] - band[1]) ** 2 + (cols[2] - band[2]) ** 2
+            d2 = dk if d2 is None else np.minimum(d2, dk)
+        de = np.sqrt(d2)
         fg = px[de > _BACKDROP_DE]
         use = fg if fg.shape[0] >= max(_MIN_PIXELS // 2, _MIN_FOREGROUND * px.shape[0]) else px
         hists = []
