@@ -312,3 +312,42 @@ def test_an_rgb_png_with_parameters_is_copied_byte_for_byte_others_are_encoded(t
         assert im.format == "PNG" and im.size == (40, 48)  # the JPEG: converted, the layout is PNG
     with Image.open(copied[0]) as im:
         assert np.array_equal(np.asarray(im.convert("RGB")), pix)
+
+
+def test_png_chunk_walk_finds_exif_only_as_a_chunk(tmp_path: Path):
+    """eXIf bytes inside text or pixels are not an eXIf chunk; a real one is found; non-PNGs give None."""
+    import numpy as np
+
+    from likeness.generate.importer import png_chunk_types
+
+    pix = np.random.default_rng(1).integers(0, 256, (16, 16, 3), np.uint8)
+    meta = PngInfo()
+    meta.add_text("parameters", "a prompt that says eXIf\nSteps: 20, Seed: 1")
+    buf = io.BytesIO()
+    Image.fromarray(pix).save(buf, format="PNG", pnginfo=meta)
+    plain = buf.getvalue()
+    assert b"eXIf" in plain  # the old whole-file scan would have re-encoded this file
+    types = png_chunk_types(plain)
+    assert types is not None and {b"IHDR", b"IDAT", b"IEND", b"tEXt"} <= types and b"eXIf" not in types
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90
+    buf = io.BytesIO()
+    Image.fromarray(pix).save(buf, format="PNG", exif=exif)
+    assert b"eXIf" in png_chunk_types(buf.getvalue())
+    assert png_chunk_types(b"\xff\xd8\xff\xe0 not a png") is None
+    assert png_chunk_types(plain[:-6]) is None  # cut inside IEND: not a whole file
+
+
+def test_png_chunk_walk_never_crashes_on_any_bytes():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from likeness.generate.importer import _PNG_SIGNATURE, png_chunk_types
+
+    @settings(max_examples=300, deadline=None, database=None)
+    @given(st.binary(max_size=200))
+    def check(tail: bytes) -> None:
+        out = png_chunk_types(_PNG_SIGNATURE + tail)
+        assert out is None or b"IEND" in out
+
+    check()

@@ -259,6 +259,29 @@ def import_gallery(
         return _import_locked(src_p, out, spec, progress, cancel, allowed, index)
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_chunk_types(data: bytes) -> set[bytes] | None:
+    """The chunk types of a PNG file, walked by their lengths up to IEND; None if ``data`` is not a whole PNG.
+
+    Only the 8-byte headers are read (no CRCs, no inflating): it answers "is there an eXIf chunk?"
+    without mistaking those four bytes inside compressed pixel data or text for a chunk.
+    """
+    if not data.startswith(_PNG_SIGNATURE):
+        return None
+    types: set[bytes] = set()
+    pos = len(_PNG_SIGNATURE)
+    while pos + 8 <= len(data):
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        kind = data[pos + 4:pos + 8]
+        types.add(kind)
+        pos += 12 + length
+        if kind == b"IEND":
+            return types if pos <= len(data) else None
+    return None
+
+
 def _inside(path: Path, roots: Sequence[Path]) -> bool:
     return any(path == r or r in path.parents for r in roots)
 
@@ -353,7 +376,8 @@ def _import_locked(
         # An RGB PNG whose parameters chunk is already the text we would write is copied byte for byte
         # (no re-encode: same pixels, same parameters); anything else (JPEG/WebP, other modes, an eXIf
         # chunk that may rotate it, infotext we rebuilt) is encoded as PNG: the gallery layout is PNG.
-        same = (info.format == "PNG" and info.mode == "RGB" and b"eXIf" not in data and bool(text)
+        chunks = png_chunk_types(data) if info.format == "PNG" else None
+        same = (info.mode == "RGB" and chunks is not None and b"eXIf" not in chunks and bool(text)
                 and text == info.text.get("parameters"))
         atomic_write_bytes(out / "images" / f"{image_id}.png", data if same else png_bytes(img, text or None))
         sources[image_id] = rel
