@@ -402,3 +402,14 @@ def test_workers_out_of_range_is_invalid(face_pack: Path):
 
     with pytest.raises(InvalidInput, match="workers"):
         InsightFaceAnalyzer(face_pack, device="cpu", workers=0)
+
+
+def test_recognition_model_is_hashed_once_per_analyzer(face_pack: Path, monkeypatch):
+    from likeness.backends import faces as faces_mod
+
+    calls = []
+    real = faces_mod.file_sha256
+    monkeypatch.setattr(faces_mod, "file_sha256", lambda path: calls.append(path) or real(path))
+    an = faces_mod.InsightFaceAnalyzer(face_pack, det_size=640, device="cpu")
+    first = an.recognition_sha256
+    assert an.recognition_sha256 == first == real(str(an.recognition_model)) and len(calls) == 1

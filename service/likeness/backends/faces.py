@@ -30,7 +30,7 @@ import logging
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -153,8 +153,10 @@ class InsightFaceAnalyzer:
         """The recognition .onnx file (its sha256 keys the calibration table)."""
         return Path(self._rec.model_file)
 
-    @property
+    @cached_property
     def recognition_sha256(self) -> str:
+        # Hashed once per analyzer: every ScoreConsistency call, curation and each centroid read it, and
+        # buffalo_l's w600k_r50.onnx is 166 MB.
         return file_sha256(str(self.recognition_model))
 
     def embed_aligned(self, crops_bgr: Sequence[np.ndarray]) -> np.ndarray:

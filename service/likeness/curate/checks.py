@@ -600,14 +600,6 @@ def near_duplicate_pairs(
     n = len(images)
     if face_boxes is not None and len(face_boxes) != n:
         raise ValueError(f"{len(face_boxes)} face boxes for {n} images")  # a programming error, not user input
-    cache: dict[int, PictureFeatures] = {}
-
-    def feats(i: int) -> PictureFeatures:
-        # Lazily: only images with a similar face pay for keypoints.
-        if i not in cache:
-            cache[i] = orb_features(images[i], face_boxes[i] if face_boxes is not None else None)
-        return cache[i]
-
     if n < 2:
         return []
     x = np.ascontiguousarray(embeddings, np.float32)
@@ -628,12 +620,13 @@ def near_duplicate_pairs(
     # the order of the answer does not depend on the threads).
     from concurrent.futures import ThreadPoolExecutor
 
+    # Only images with a similar face pay for keypoints.
     needed = sorted({i for key in candidates for i in key})
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="near-dup") as pool:
-        for i, f in zip(needed, pool.map(feats, needed)):
-            cache[i] = f
+        feats = dict(zip(needed, pool.map(
+            lambda i: orb_features(images[i], face_boxes[i] if face_boxes is not None else None), needed)))
         keys = list(candidates)
-        verdicts = list(pool.map(lambda key: same_picture(cache[key[0]], cache[key[1]], cfg), keys))
+        verdicts = list(pool.map(lambda key: same_picture(feats[key[0]], feats[key[1]], cfg), keys))
     out = [NearDuplicate(key[0], key[1], candidates[key], sp) for key, sp in zip(keys, verdicts)
            if is_same_picture(sp, cfg)]
     return sorted(out, key=lambda d: (d.i, d.j))
