@@ -164,3 +164,15 @@ def test_one_face_never_reports_identity_one() -> None:
     assert one.identity_consistency == 0.0
     two = scores.set_scores(list(_unit([1.0, 0.0, 0.0], [1.0, 0.1, 0.0])))
     assert two.identity_consistency > 0.9
+
+
+def test_srgb_to_lab_of_uint8_is_the_formula_on_every_value():
+    """The uint8 path linearises by table lookup: the same numbers as the transfer function per pixel,
+    and known CIELAB values (white L=100, black 0, sRGB red L 53.24 a 80.09 b 67.20)."""
+    from likeness.scores import _srgb_to_lab
+
+    v = np.arange(256, dtype=np.uint8)
+    every = np.stack(np.meshgrid(v, v[::-1], v[::3], indexing="ij"), axis=-1)
+    assert np.array_equal(_srgb_to_lab(every), _srgb_to_lab(every.astype(np.float64)))
+    lab = _srgb_to_lab(np.array([[255, 255, 255], [0, 0, 0], [255, 0, 0]], np.uint8))
+    np.testing.assert_allclose(lab, [[100, 0, 0], [0, 0, 0], [53.24, 80.09, 67.20]], atol=0.02)

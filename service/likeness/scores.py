@@ -185,10 +185,20 @@ def quality(det_score: float, area_ratio: float, sharp: float, zoom: str | None 
 
 # --- background ------------------------------------------------------------
 
+def _srgb_linear(c: np.ndarray) -> np.ndarray:
+    """sRGB values in [0, 1] -> linear light (the sRGB transfer function)."""
+    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+
+
+# The transfer function of every uint8 value: a uint8 image is linearised by indexing, with the very
+# numbers the formula gives (the power per pixel was ~60% of a conversion's time).
+_SRGB_LINEAR_U8 = _srgb_linear(np.arange(256, dtype=np.float64) / 255.0)
+
+
 def _srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
     """sRGB uint8 (..., 3) -> CIELAB (D65), the standard formulas."""
-    c = np.asarray(rgb, np.float64) / 255.0
-    lin = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    rgb = np.asarray(rgb)
+    lin = _SRGB_LINEAR_U8[rgb] if rgb.dtype == np.uint8 else _srgb_linear(np.asarray(rgb, np.float64) / 255.0)
     m = np.array([[0.4124564, 0.3575761, 0.1804375],
                   [0.2126729, 0.7151522, 0.0721750],
                   [0.0193339, 0.1191920, 0.9503041]])

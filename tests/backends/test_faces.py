@@ -413,3 +413,28 @@ def test_recognition_model_is_hashed_once_per_analyzer(face_pack: Path, monkeypa
     an = faces_mod.InsightFaceAnalyzer(face_pack, det_size=640, device="cpu")
     first = an.recognition_sha256
     assert an.recognition_sha256 == first == real(str(an.recognition_model)) and len(calls) == 1
+
+
+def test_a_faceless_image_is_retried_at_det_size_only_when_the_first_size_shrank_it(face_pack: Path, realdata: Path,
+                                                                                     load):
+    """No face at a first size >= the image's own side: straight to the padded copy (upsampling to
+    det_size can only add faces below min_face_px); a first size that shrank it retries at det_size too."""
+    from PIL import Image
+
+    from likeness.backends.faces import InsightFaceAnalyzer
+
+    an = InsightFaceAnalyzer(face_pack, det_size=640, device="cpu", workers=1)
+    sizes = []
+    real = an._det.detect
+    an._det.detect = lambda img, input_size, **kw: sizes.append((img.shape[0], input_size[0])) or real(
+        img, input_size=input_size, **kw)
+    coffee = np.asarray(Image.fromarray(load(realdata / "faces/_negative_no_face/skimage_coffee.png")).resize((512, 512)))
+    assert an.analyze([coffee], det_sides=[512]) == [[]]
+    assert sizes == [(512, 512), (1024, 640)]
+    sizes.clear()
+    assert an.analyze([coffee], det_sides=[320]) == [[]]
+    assert sizes == [(512, 320), (512, 640), (1024, 640)]
+    sizes.clear()
+    # A face is still found where it is (the first size, one call).
+    face = np.asarray(Image.fromarray(load(realdata / "faces/Barack_Obama/fr_obama.jpg")).resize((512, 512)))
+    assert an.analyze([face], det_sides=[512])[0] and sizes == [(512, 512)]

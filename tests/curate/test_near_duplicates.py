@@ -216,3 +216,59 @@ def test_windowed_agreement_and_early_stop_change_no_answer(realdata: Path, anal
         assert checks.is_same_picture(fast, cfg) == checks.is_same_picture(full, cfg)
         if checks.is_same_picture(fast, cfg) and not fast.mirrored:
             assert "mirror" not in fresh.__dict__  # confirmed plain: the mirror's keypoints were never computed
+
+
+def test_verifying_only_the_deciding_pairs_gives_the_same_groups_and_evidence(realdata: Path, analyzer,
+                                                                             monkeypatch) -> None:
+    """``prefer=``: the groups of copies and each member's verdict against its group's kept image are
+    those of verifying every candidate, from fewer verifications (real generated images, 5 copies each)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    from likeness.curate import checks
+
+    gen = _generated(realdata)
+    images = []
+    for src in (gen["face_editor"][0], gen["consistory_02"][0], gen["cutoff_441001"][0]):
+        images += [src, *_copies(src).values(), _copies(src)["crop"].resize((300, 300))]
+    _, thumbs, emb, boxes = _prepared(analyzer, images)
+    n = len(thumbs)
+    calls = []
+    real = checks.same_picture
+    monkeypatch.setattr(checks, "same_picture", lambda a, b, cfg=None: calls.append(1) or real(a, b, cfg))
+    cfg = CurateConfig()
+    full = near_duplicate_pairs(emb, thumbs, cfg, face_boxes=boxes)
+    n_full, calls[:] = len(calls), []
+    prefer = list(np.random.default_rng(3).permutation(n))
+    fast = near_duplicate_pairs(emb, thumbs, cfg, face_boxes=boxes, prefer=prefer)
+    assert len(calls) < n_full and len(fast) < len(full) and len(full) >= 3 * 10
+
+    def groups(pairs):
+        _, comp = connected_components(coo_matrix((np.ones(len(pairs)), ([p.i for p in pairs], [p.j for p in pairs])),
+                                                  shape=(n, n)), directed=False)
+        return {frozenset(np.flatnonzero(comp == c)) for c in set(comp)}
+
+    assert groups(fast) == groups(full) and sum(len(g) > 2 for g in groups(full)) == 3  # one group per source
+    by_key = {(p.i, p.j): p for p in full}
+    got = {(p.i, p.j): p for p in fast}
+    assert all(by_key[k] == p for k, p in got.items())
+    for g in groups(full):
+        best = min(g, key=lambda v: prefer[v])
+        for v in g - {best}:
+            key = (min(v, best), max(v, best))
+            assert (key in got) == (key in by_key), key
+    with pytest.raises(ValueError, match="preference keys"):
+        near_duplicate_pairs(emb, thumbs, cfg, face_boxes=boxes, prefer=[0])
+
+
+def test_mirror_and_blur_are_computed_once_per_image_from_any_thread() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(0)
+    gray = (rng.random((128, 160)) * 255).astype(np.uint8)
+    f = orb_features(gray)
+    with ThreadPoolExecutor(4) as pool:
+        mirrors = list(pool.map(lambda _: f.mirror, range(8)))
+    assert f.mirror is f.mirror and f.blurred is f.blurred
+    fresh = orb_features(np.ascontiguousarray(gray[:, ::-1])).plain
+    assert all(np.array_equal(m[1], fresh[1]) for m in mirrors)

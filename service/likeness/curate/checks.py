@@ -7,7 +7,6 @@ below: the first failing check names the reason.
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Sequence
@@ -438,17 +437,27 @@ class PictureFeatures:
     # Main face box as fractions of the width/height (x0, y0, x1, y1); None = compare the whole overlap.
     face_box: tuple[float, float, float, float] | None = None
 
-    @functools.cached_property
+    # Not functools.cached_property: on Python 3.11 it holds one lock per property for all instances,
+    # which serialised every image's mirror ORB across the near-duplicate threads. Two threads may
+    # compute the same value at once here; they get equal results and one is kept.
+    def _lazy(self, name: str, make: Any) -> Any:
+        value = self.__dict__.get(name)
+        if value is None:
+            value = self.__dict__[name] = make()
+        return value
+
+    @property
     def mirror(self) -> tuple[Any, Any]:
         import cv2
 
-        return cv2.ORB_create(nfeatures=_ORB_FEATURES).detectAndCompute(np.ascontiguousarray(self.gray[:, ::-1]), None)
+        return self._lazy("_mirror", lambda: cv2.ORB_create(nfeatures=_ORB_FEATURES).detectAndCompute(
+            np.ascontiguousarray(self.gray[:, ::-1]), None))
 
-    @functools.cached_property
+    @property
     def blurred(self) -> np.ndarray:
         import cv2
 
-        return cv2.GaussianBlur(self.gray.astype(np.float32), (0, 0), _AGREE_BLUR)
+        return self._lazy("_blurred", lambda: cv2.GaussianBlur(self.gray.astype(np.float32), (0, 0), _AGREE_BLUR))
 
 
 @dataclass(frozen=True)
@@ -585,6 +594,7 @@ class NearDuplicate:
 def near_duplicate_pairs(
     embeddings: np.ndarray, images: Sequence[np.ndarray], cfg: CurateConfig,
     face_boxes: Sequence[Sequence[float] | None] | None = None,
+    prefer: Sequence[Any] | None = None,
 ) -> list[NearDuplicate]:
     """Pairs of copies among ``images``, sorted by (i, j).
 
@@ -594,6 +604,17 @@ def near_duplicate_pairs(
     agree after aligning). ``face_boxes``: each image's main face box as
     fractions of its width/height (``measures["face_box"]``); without them the
     whole overlap is compared.
+
+    ``prefer`` (one sort key per image, smallest = the image a group of copies
+    keeps): only the pairs that decide the groups are verified. Candidates go
+    most similar first, in waves; a pair whose two images are already joined
+    through confirmed copies is skipped (it cannot change the groups), and at
+    the end each member's pair with its group's preferred image is verified
+    if it was skipped (its evidence is what that member's reason quotes). The
+    groups (connected components) and every (member, preferred) verdict are
+    those of checking every candidate; the list holds fewer pairs. On the
+    400-image bench pool (scripts/bench_curate.py) this verified 303 + the
+    evidence pairs of 1,296 candidates.
     """
     import faiss
 
@@ -622,11 +643,58 @@ def near_duplicate_pairs(
 
     # Only images with a similar face pay for keypoints.
     needed = sorted({i for key in candidates for i in key})
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="near-dup") as pool:
+    workers = min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="near-dup") as pool:
         feats = dict(zip(needed, pool.map(
             lambda i: orb_features(images[i], face_boxes[i] if face_boxes is not None else None), needed)))
-        keys = list(candidates)
-        verdicts = list(pool.map(lambda key: same_picture(feats[key[0]], feats[key[1]], cfg), keys))
-    out = [NearDuplicate(key[0], key[1], candidates[key], sp) for key, sp in zip(keys, verdicts)
+        def verify(keys: list[tuple[int, int]]) -> dict[tuple[int, int], SamePicture]:
+            return dict(zip(keys, pool.map(lambda key: same_picture(feats[key[0]], feats[key[1]], cfg), keys)))
+
+        if prefer is None:
+            verdicts = verify(list(candidates))
+        else:
+            if len(prefer) != n:
+                raise ValueError(f"{len(prefer)} preference keys for {n} images")  # a programming error
+            verdicts = _verify_deciding_pairs(candidates, verify, cfg, prefer, wave=2 * workers)
+    out = [NearDuplicate(key[0], key[1], candidates[key], sp) for key, sp in verdicts.items()
            if is_same_picture(sp, cfg)]
     return sorted(out, key=lambda d: (d.i, d.j))
+
+
+def _verify_deciding_pairs(candidates: dict[tuple[int, int], float], verify: Any, cfg: CurateConfig,
+                           prefer: Sequence[Any], wave: int) -> dict[tuple[int, int], SamePicture]:
+    """:func:`near_duplicate_pairs` with ``prefer``: the verdicts of the pairs that decide the groups."""
+    parent: dict[int, int] = {}
+
+    def root(v: int) -> int:
+        while parent.get(v, v) != v:
+            parent[v] = parent.get(parent[v], parent[v])
+            v = parent[v]
+        return v
+
+    # Most similar first: copies join early and later candidates inside a group are skipped. The waves
+    # depend only on earlier verdicts, so the answer does not depend on the threads.
+    order = sorted(candidates, key=lambda k: (-candidates[k], k))
+    verdicts: dict[tuple[int, int], SamePicture] = {}
+    at = 0
+    while at < len(order):
+        batch = []
+        while at < len(order) and len(batch) < wave:
+            key = order[at]
+            at += 1
+            if root(key[0]) != root(key[1]):
+                batch.append(key)
+        for key, sp in verify(batch).items():
+            verdicts[key] = sp
+            if is_same_picture(sp, cfg):
+                parent[root(key[0])] = root(key[1])
+    groups: dict[int, list[int]] = {}
+    for v in {v for key in candidates for v in key}:
+        groups.setdefault(root(v), []).append(v)
+    evidence = []
+    for members in groups.values():
+        best = min(members, key=lambda v: (prefer[v], v))
+        evidence += [key for v in members if v != best
+                     for key in [(min(v, best), max(v, best))] if key in candidates and key not in verdicts]
+    verdicts.update(verify(sorted(evidence)))
+    return verdicts

@@ -292,6 +292,11 @@ def utility_pass(items: list[_Item], ctx: PassContext) -> None:
         it.scores["utility"] = round(u, 6)
 
 
+def _keeps_first(it: _Item) -> tuple[bool, float, str]:
+    """Which of a group of copies is kept: one that passed every rule, then the highest utility, then the id."""
+    return bool(it.code), -it.scores["utility"], it.row.id
+
+
 def near_duplicate_pass(items: list[_Item], ctx: PassContext) -> None:
     """Among the surviving faces, groups of copies (connected components, scipy) keep their best image."""
     from scipy.sparse import coo_matrix
@@ -302,7 +307,8 @@ def near_duplicate_pass(items: list[_Item], ctx: PassContext) -> None:
     alive = [i for i in ctx.members if ctx.soft(items[i])]
     pairs = near_duplicate_pairs(np.stack([items[i].embedding for i in alive]) if alive else np.zeros((0, 1)),
                                  [items[i].thumb for i in alive], ctx.cfg,
-                                 face_boxes=[items[i].measures.get("face_box") for i in alive])
+                                 face_boxes=[items[i].measures.get("face_box") for i in alive],
+                                 prefer=[_keeps_first(items[i]) for i in alive])
     if not pairs:
         return
     a_idx = np.array([p.i for p in pairs], np.int64)
@@ -316,8 +322,7 @@ def near_duplicate_pass(items: list[_Item], ctx: PassContext) -> None:
     for g in groups.values():
         if len(g) < 2:
             continue
-        best = min(g, key=lambda n: (bool(items[alive[n]].code), -items[alive[n]].scores["utility"],
-                                     items[alive[n]].row.id))
+        best = min(g, key=lambda n: _keeps_first(items[alive[n]]))
         for n in g:
             if n == best:
                 continue
