@@ -647,6 +647,7 @@ def near_duplicate_pairs(
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="near-dup") as pool:
         feats = dict(zip(needed, pool.map(
             lambda i: orb_features(images[i], face_boxes[i] if face_boxes is not None else None), needed)))
+
         def verify(keys: list[tuple[int, int]]) -> dict[tuple[int, int], SamePicture]:
             return dict(zip(keys, pool.map(lambda key: same_picture(feats[key[0]], feats[key[1]], cfg), keys)))
 
