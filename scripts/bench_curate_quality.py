@@ -363,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
                 # Kept only to fill K (a drift rule rejected them: CurateConfig.fill_from_drift).
                 drift_filled[family] += sum(d.reason_code == "selected_drifted" for d in res.images)
                 warned[family] += bool(res.warnings)
+                results[family]["likeness"][-1]["warnings"] = list(res.warnings)
             print(f"  {family} {n + 1}/{len(targets)} {target}: " + ", ".join(
                 f"{m} P={results[family][m][-1]['precision']:.2f} R={results[family][m][-1]['recall']:.2f}"
                 for m in methods), file=sys.stderr)

@@ -112,6 +112,21 @@ def test_sharpness_orders_blur_and_is_bounded():
     assert scores.sharpness(np.zeros((2, 2))) == 0.0
 
 
+def test_face_crop_at_its_own_size_is_never_enlarged():
+    rng = np.random.default_rng(1)
+    # Faint pixel noise (about +-6 grey levels), so sharpness stays far from its ceiling of 1.
+    image = rng.integers(120, 133, (200, 300, 3), dtype=np.uint8)
+    assert scores.face_gray_crop(image, (10, 20, 50, 70)).shape == (112, 112)
+    # A 40x50 box: squared at its shorter side, shrunk but never enlarged.
+    own = scores.face_gray_crop(image, (10, 20, 50, 70), enlarge=False)
+    assert own.shape == (40, 40)
+    # A box wider than 112 px on both sides: the same 112 px crop either way.
+    np.testing.assert_array_equal(scores.face_gray_crop(image, (0, 0, 150, 180), enlarge=False),
+                                  scores.face_gray_crop(image, (0, 0, 150, 180)))
+    # Enlarging by interpolation smooths: the enlarged crop of pixel noise reads much less sharp.
+    assert scores.sharpness(own) > 2 * scores.sharpness(scores.face_gray_crop(image, (10, 20, 50, 70)))
+
+
 def test_face_size_and_quality():
     assert scores.face_size_score(0.3, "extreme closeup") == 1.0
     lo = scores.ZOOM_FACE_AREA["full body"][1]

@@ -145,8 +145,12 @@ def sharpness(gray_crop: np.ndarray) -> float:
     return v / (v + SHARPNESS_HALF)
 
 
-def face_gray_crop(image: np.ndarray, bbox: Sequence[float], size: int = 112) -> np.ndarray:
-    """The face box of an RGB image as a ``size``x``size`` grey float array (for :func:`sharpness`)."""
+def face_gray_crop(image: np.ndarray, bbox: Sequence[float], size: int = 112, *, enlarge: bool = True) -> np.ndarray:
+    """The face box of an RGB image as a ``size``x``size`` grey float array (for :func:`sharpness`).
+
+    ``enlarge=False``: a face whose box is narrower than ``size`` on either side is squared at its
+    own shorter side instead (only ever shrunk), so no interpolation blur is added to a small face.
+    """
     from PIL import Image
 
     h, w = image.shape[:2]
@@ -154,6 +158,8 @@ def face_gray_crop(image: np.ndarray, bbox: Sequence[float], size: int = 112) ->
     x1, y1, x2, y2 = max(x1, 0), max(y1, 0), min(x2, w), min(y2, h)
     if x2 - x1 < 2 or y2 - y1 < 2:
         return np.zeros((0, 0))
+    if not enlarge:
+        size = min(size, x2 - x1, y2 - y1)
     crop = Image.fromarray(np.ascontiguousarray(image[y1:y2, x1:x2])).convert("L")
     return np.asarray(crop.resize((size, size), Image.BILINEAR), np.float64)
 

@@ -199,3 +199,27 @@ def test_colour_drift_needs_a_consensus() -> None:
     off, limit = colour_outliers(loose, range(6), z=3.0, min_delta=0.35, max_consensus=0.25)
     assert not off.any() and limit == float("inf")
     assert CurateConfig().drift_consensus_max == 0.25
+
+
+# --- blur: measured at the face's own size ---------------------------------------------------------
+
+def test_a_sharp_full_body_face_is_not_blurry_and_a_blurred_one_is(analyzer, realdata: Path) -> None:
+    """David Beckham's photo 17 as a full-body shot (a ~40 px face): enlarged to 112 px first it read
+    sharpness 0.11 and was rejected as blurry in the quality bench; at its own size it is sharp, while a
+    GaussianBlur(4) copy of the same frame is still blurry."""
+    from PIL import Image, ImageFilter
+
+    frame = _on_canvas(Image.open(_lfw(realdata, "David_Beckham", 17)), 100, top=60)
+    got, faces = _check(analyzer, frame)
+    side = faces[0].bbox[2] - faces[0].bbox[0]
+    assert side < 112
+    assert got.measures["sharpness"] < CurateConfig().min_sharpness + 0.05, "the enlarged crop reads soft"
+    assert got.measures["sharpness_own_size"] > 2 * got.measures["sharpness"]
+    assert got.reason_code != "blurry", got.reason
+    blurred, _ = _check(analyzer, frame.filter(ImageFilter.GaussianBlur(4)))
+    assert blurred.reason_code == "blurry", blurred.reason
+    assert "at the face's own" in blurred.reason
+    # A face of 112 px or more: one measure, one number.
+    close, faces = _check(analyzer, Image.open(_lfw(realdata, "David_Beckham", 17)).resize((512, 512)))
+    assert faces[0].bbox[2] - faces[0].bbox[0] >= 112
+    assert close.measures["sharpness_own_size"] == close.measures["sharpness"]
