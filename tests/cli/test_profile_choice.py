@@ -74,3 +74,22 @@ def test_the_automatic_choice_carries_its_reason_apart_from_the_sentence():
     said.clear()
     resolve_profile("cpu-tiny", "", say=said.append)
     assert said == []  # named: nothing was chosen, nothing is said
+
+
+def test_curate_says_when_the_set_is_short_of_k(tmp_path, jolie_photos, tiny_models, capsys):
+    """9 photos of one person and 2 others, K=20: the set is one person, only smaller. Curation never
+    fills K with a refused face, so it says so (also with -q) and still exits 0."""
+    rc, out, err = _run(capsys, ["curate", str(jolie_photos), "--out", str(tmp_path / "c"), "--k", "20",
+                                 "--no-clip", "--profile", "cpu-tiny", "-q"])
+    got = json.loads(out)
+    kept = len(got["selected"])
+    assert rc == 0 and 0 < kept < 20 and not got["warnings"]
+    short = got["summary"]["short_of_k"]
+    assert (short["kept"], short["k"], short["missing"]) == (kept, 20, 20 - kept)
+    (line,) = [x for x in err.splitlines() if "short" in x]
+    assert line.startswith(f"likeness curate: note: kept {kept} of K=20: {20 - kept} short")
+    assert "identity_outlier" in line and f"--k {kept}" in line
+    # K filled: nothing to say.
+    rc, out, err = _run(capsys, ["curate", str(jolie_photos), "--out", str(tmp_path / "c2"), "--k", "3",
+                                 "--no-clip", "--profile", "cpu-tiny", "-q"])
+    assert rc == 0 and json.loads(out)["summary"]["short_of_k"] is None and "short" not in err

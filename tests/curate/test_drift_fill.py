@@ -223,3 +223,16 @@ def test_a_sharp_full_body_face_is_not_blurry_and_a_blurred_one_is(analyzer, rea
     close, faces = _check(analyzer, Image.open(_lfw(realdata, "David_Beckham", 17)).resize((512, 512)))
     assert faces[0].bbox[2] - faces[0].bbox[0] >= 112
     assert close.measures["sharpness_own_size"] == close.measures["sharpness"]
+
+
+def test_short_of_k_names_the_commonest_refusals() -> None:
+    from likeness.curate.decide import short_of_k
+
+    assert short_of_k({"selected": 25}, 25, 25) is None
+    counts = {"selected": 20, "selected_drifted": 2, "blurry": 3, "identity_outlier": 9, "no_face": 9,
+              "near_duplicate": 1, "several_faces": 1, "off_hair": 0}
+    s = short_of_k(counts, 22, 25)
+    assert (s["kept"], s["k"], s["missing"]) == (22, 25, 3)
+    # Most frequent first, ties by name, at most four; kept codes and empty ones are not refusals.
+    assert "(rejected: 9 identity_outlier, 9 no_face, 3 blurry, 1 near_duplicate;" in s["message"]
+    assert "--k 22" in s["message"] and "selected" not in s["message"].split("rejected:")[1]

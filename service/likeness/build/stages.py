@@ -153,6 +153,7 @@ def stage_curate(ctx: BuildContext, round_: int) -> dict[str, Any]:
                                  + f" (see {rd / layout.CURATED_DIR / layout.CURATION_FILE})")
     selected = res.set_scores.get("selected", {})
     return {"selected": list(res.selected), "warnings": list(res.warnings),
+            "short_of_k": res.summary.get("short_of_k"),
             "scores": {k: float(v) for k, v in selected.items() if isinstance(v, (int, float)) and v is not None}}
 
 

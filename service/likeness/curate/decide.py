@@ -288,6 +288,7 @@ def curate(
         cancel.check()
     decisions = tuple(_decision(it) for it in items)
     counts = {code: sum(d.reason_code == code for d in decisions) for code in REASON_CODES}
+    short = short_of_k(counts, len(chosen), cfg.k)
     result = CurationResult(
         out_dir=str(out), selected=tuple(items[i].row.id for i in chosen), images=decisions, set_scores=set_block,
         clusters={**clusters.summary(), "threshold": round(float(threshold), 4),
@@ -298,6 +299,8 @@ def curate(
         summary={"n_images": len(items), "n_selected": len(chosen), "reason_counts": {k: v for k, v in counts.items() if v},
                  # Images whose measured zoom or yaw disagrees with their prompt label (measures.label_disagrees).
                  "label_disagreements": sum(1 for it in items if it.measures.get("label_disagrees")),
+                 # Fewer than K kept: how many, and why the rest were refused (None when K is filled).
+                 "short_of_k": short,
                  # The character's images' median distance to their hair/wardrobe consensus: above
                  # CurateConfig.drift_consensus_max there is no consensus and that drift rule rejected nothing.
                  "drift_consensus": dict(ctx.drift_consensus),
@@ -308,6 +311,24 @@ def curate(
     _write(root, out, items, chosen, result, models["recognition_sha256"])
     report(progress, "curate", len(items), len(items), "done", selected=len(chosen))
     return result
+
+
+def short_of_k(counts: dict[str, int], kept: int, k: int) -> dict[str, Any] | None:
+    """``{"kept", "k", "missing", "message"}`` when fewer than ``k`` images were kept, else None.
+
+    Curation never fills K with a face that failed identity, quality or the one-face rule
+    (docs/curation.md), so a short set is reported, not hidden: the message names the most
+    frequent rejections and what to do (a larger gallery, or a smaller K).
+    """
+    if kept >= k:
+        return None
+    refused = sorted(((n, c) for c, n in counts.items() if n and c not in KEPT_CODES and c != "not_selected"),
+                     key=lambda t: (-t[0], t[1]))
+    why = ", ".join(f"{n} {c}" for n, c in refused[:4]) or "no image"
+    return {"kept": kept, "k": k, "missing": k - kept, "message": (
+        f"kept {kept} of K={k}: {k - kept} short, since no other image passed every check "
+        f"(rejected: {why}; curation.json gives each image's reason). Generate more images of the "
+        f"character, or ask for a smaller K (--k {kept}).")}
 
 
 class _CachedClip:

@@ -51,6 +51,10 @@ def _curate(args: argparse.Namespace) -> int:
         "clusters": result.clusters,
         "warnings": list(result.warnings),
     })
+    short = result.summary.get("short_of_k")
+    if short:
+        # Not an error (the set is one person, only smaller): said on stderr, also with -q.
+        warn(f"likeness curate: note: {short['message']}")
     if result.warnings:
         # The curated set is written (for inspection), but it is not one consistent character: say why, exit 2.
         for w in result.warnings:
