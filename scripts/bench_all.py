@@ -92,6 +92,13 @@ def run_stage(stage: str, args: argparse.Namespace) -> dict:
     return res
 
 
+def _bound(r: dict) -> str:
+    """A stage's measured upper bound on its ratio, when its benchmark ran one (curate: the floor side)."""
+    if "floor_ratio" not in r:
+        return ""
+    return f"; bound: {r['floor_name']} alone is {fmt_spread(r['floor_ratio'])}x the alternative"
+
+
 def table(rows: list[dict], markdown: bool) -> str:
     head = ["stage", "ours", "alternative", "ratio ours/alt.", "pairs", "of physical limit", "alternative is", "settings"]
     lines = []
@@ -102,7 +109,8 @@ def table(rows: list[dict], markdown: bool) -> str:
         u = r["unit"]
         frac = f"{r['fraction_of_limit']:.1%}" if "fraction_of_limit" in r else "n/a"
         lines.append([r["stage"], f"{fmt_spread(r['ours_rate'])} {u}", f"{fmt_spread(r['alternative_rate'])} {u}",
-                      f"{fmt_spread(r['ratio'])}x", str(r["pairs"]), frac, r["alternative_name"], r["settings"]])
+                      f"{fmt_spread(r['ratio'])}x", str(r["pairs"]), frac, r["alternative_name"],
+                      r["settings"] + _bound(r)])
     if markdown:
         out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         out += ["| " + " | ".join(line) + " |" for line in lines]

@@ -30,6 +30,11 @@ Methods, on the same files and the same face pack:
   agglomerative clustering (cosine, average linkage, the same calibrated
   threshold), the largest cluster, and the K faces nearest its centroid.
 
+- **floor** (not a method: a bound): what ours cannot skip at its quality -- each PNG
+  decoded as ours decodes it (two in flight) and ``FaceAnalyzer.analyze`` at ours'
+  per-zoom detection sizes (``ZOOM_DET_SIDE``, with its retries), nothing else. No
+  curation that analyses faces as ours does can beat naive by more than naive/floor.
+
 Each method runs in **its own process** (scripts/bench_common.py), models
 loaded once (load time reported, not timed); then ``--pairs`` interleaved runs
 (naive, ours, naive, ours, ...). Printed: the median and spread of each
@@ -206,6 +211,33 @@ def ours_side(args):
                  "clip": getattr(clip, "name", None)}
 
 
+def floor_side(args):
+    """Decode + face analysis at ours' detection sizes only (no CLIP, checks or output); run(i) -> result."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from likeness.backends.faces import load_face_analyzer
+    from likeness.curate.analysis import ZOOM_DET_SIDE
+    from likeness.curate.decide import gallery_rows
+    from likeness.images import load_image
+    from likeness.profiles import load_profile
+
+    pool = Path(args.work)
+    faces = load_face_analyzer(load_profile(args.profile))
+    rows = gallery_rows(pool)
+    decode = ThreadPoolExecutor(max_workers=2)
+
+    def run(i: int) -> dict:
+        t0 = time.perf_counter()
+        found = 0
+        for start in range(0, len(rows), 32):  # ours' shard size on one machine
+            chunk = rows[start:start + 32]
+            arrays = list(decode.map(lambda r: np.asarray(load_image(pool / r.file)[0]), chunk))
+            found += sum(bool(f) for f in faces.analyze(arrays, det_sides=[ZOOM_DET_SIDE.get(r.zoom) for r in chunk]))
+        return {"seconds": time.perf_counter() - t0, "faces": found}
+
+    return run, {"images": len(rows)}
+
+
 def _side_argv(args, name: str, threshold: float, gpu: bool) -> list[str]:
     argv = [str(Path(__file__).resolve()), "--side", name, "--work", args.work, "--profile", args.profile,
             "--k", str(args.k), "--threshold", repr(threshold)]
@@ -230,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     raw = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(raw)
     if args.side:
-        return side_main(lambda: (ours_side if args.side == "ours" else naive_side)(args))
+        return side_main(lambda: {"ours": ours_side, "naive": naive_side, "floor": floor_side}[args.side](args))
     pairs_given = any(a == "--pairs" or a.startswith("--pairs=") for a in raw)
     if args.smoke:
         args.n = args.n or 25
@@ -265,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pool: {len(labels)} images in {time.perf_counter() - t0:.1f} s "
               f"({sum(v == 'target' for v in labels.values())} target)", file=sys.stderr)
         args.work = str(tmp / "pool")
-        sides = [SideProcess(name, _side_argv(args, name, threshold, gpu)) for name in ("naive", "ours")]
+        sides = [SideProcess(name, _side_argv(args, name, threshold, gpu)) for name in ("naive", "ours", "floor")]
         runs = interleave(sides, args.pairs, log=lambda s: print(s, file=sys.stderr))
     finally:
         for s in sides:
@@ -273,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     n = len(labels)
     summary = pairs_summary([r["seconds"] for r in runs["ours"]], [r["seconds"] for r in runs["naive"]], n)
+    # The bound: naive / floor per pair is the most any curation analysing faces as ours does could reach.
+    bound = pairs_summary([r["seconds"] for r in runs["floor"]], [r["seconds"] for r in runs["naive"]], n)
     counts = {k: sum(v == k for v in labels.values()) for k in ("target", "other", "rear")}
     last = {name: {k: v for k, v in rs[-1].items() if k != "seconds"} for name, rs in runs.items()}
     settings = (f"{n}-image labelled one-character LFW gallery ({counts['target']} target, {counts['other']} other, "
@@ -280,13 +314,18 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"stage": "curate", "unit": "images/s", "ours_name": "likeness curate (end to end)",
            "alternative_name": "FaceAnalysis.get per image + sklearn clustering", "settings": settings,
            "n_images": n, "k": args.k, "profile": profile.name, "pool_counts": counts, "threshold": threshold,
-           "smoke": args.smoke, "machine": info, "setup": {s.name: s.ready for s in sides}, "last_run": last, **summary}
+           "smoke": args.smoke, "machine": info, "setup": {s.name: s.ready for s in sides}, "last_run": last, **summary,
+           "floor_name": "decode + face analysis at ours' detection sizes", "floor_rate": bound["ours_rate"],
+           "floor_ratio": bound["ratio"], "floor_seconds": bound["ours_seconds"]}
     print(f"{settings}; {args.pairs} interleaved pairs, median [min-max]", file=sys.stderr)
     print(f"naive: {fmt_spread(summary['alternative_rate'])} images/s; kept {last['naive']['selected_target']}/"
           f"{last['naive']['selected']} target", file=sys.stderr)
     print(f"ours : {fmt_spread(summary['ours_rate'])} images/s; kept {last['ours']['selected_target']}/"
           f"{last['ours']['selected']} target", file=sys.stderr)
     print(f"ratio ours/naive: {fmt_spread(summary['ratio'])}", file=sys.stderr)
+    print(f"floor (decode + face analysis at ours' detection sizes, nothing else): {fmt_spread(bound['ours_rate'])} "
+          f"images/s = {fmt_spread(bound['ratio'])} x naive, the most a curation analysing faces as ours does "
+          f"could reach", file=sys.stderr)
     if "note" in summary:
         print(f"note: {summary['note']}", file=sys.stderr)
     text = json.dumps(doc, indent=2)

@@ -138,6 +138,9 @@ def test_bench_curate_smoke(tiny_models: Path, realdata: Path) -> None:
     res = _smoke(["scripts/bench_curate.py", "--smoke", "--profile", "cpu-tiny"])
     _check_result(res, "curate")
     assert res["n_images"] == 25 and res["pool_counts"]["target"] == 20 and res["pool_counts"]["rear"] == 5
+    # The bound ran beside both sides: its own process, interleaved, a rate and a ratio to naive.
+    assert set(res["setup"]) == {"naive", "ours", "floor"}
+    assert res["floor_rate"]["median"] > 0 and res["floor_ratio"]["n"] == 1 and len(res["floor_seconds"]) == 1
 
 
 def test_curate_pool_is_labelled_one_character_gallery(tmp_path: Path, realdata: Path) -> None:
@@ -171,6 +174,10 @@ def test_bench_all_table_marks_errors_and_spreads() -> None:
     text = table([row, {"stage": "curate", "error": "timed out after 5 s"}], markdown=True)
     assert "| train | 10 [10-10] steps/s | 5 [3.33-10] steps/s | 2 [1-3]x | 5 |" in text
     assert "| curate | error |" in text and "timed out" in text
+    # A stage that measured a bound (curate's floor side) names it beside its settings.
+    bound = {**row, "stage": "curate", "floor_name": "decode + faces", "floor_ratio": bench_common.spread([1.5] * 5)}
+    assert "| s; bound: decode + faces alone is 1.5 [1.5-1.5]x the alternative |" in table([bound], markdown=True)
+    assert "bound" not in table([row], markdown=True)
 
 
 # ---------------------------------------------------------------- scripts/bench_gpu.py
