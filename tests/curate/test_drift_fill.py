@@ -236,3 +236,6 @@ def test_short_of_k_names_the_commonest_refusals() -> None:
     # Most frequent first, ties by name, at most four; kept codes and empty ones are not refusals.
     assert "(rejected: 9 identity_outlier, 9 no_face, 3 blurry, 1 near_duplicate;" in s["message"]
     assert "--k 22" in s["message"] and "selected" not in s["message"].split("rejected:")[1]
+    # Nothing kept: no "--k 0" advice, only the larger gallery.
+    none = short_of_k({"no_face": 4}, 0, 25)
+    assert none["missing"] == 25 and "--k" not in none["message"] and "(rejected: 4 no_face;" in none["message"]

@@ -120,7 +120,7 @@ class CurateConfig:
     # is not enlarged first, since enlarging adds interpolation blur that is not in the picture. On
     # 150 random LFW devtrain photos framed at the 5 zooms of bench_curate_quality (faces ~38-343 px),
     # the enlarged 112 px crop read a sharp full-body face (~38 px) at 0.17 (1st percentile; median
-    # 0.29, against 0.41-0.44 at the other zooms) and rejected a sharp 40 px face of the bench at 0.11;
+    # 0.29, against 0.41-0.44 at the other zooms) and rejected a sharp 37 px face of the bench at 0.11;
     # at its own size the sharp faces' 1st percentile is 0.66 (full body) / 0.25 (medium shot, ~75 px)
     # and a GaussianBlur(4) copy of the same images is at most 0.043 / 0.054. Closeup, medium closeup:
     # sharp 1st percentile 0.23, blurred copies at most 0.21 / 0.11 (faces >= 112 px: unchanged).

@@ -325,10 +325,11 @@ def short_of_k(counts: dict[str, int], kept: int, k: int) -> dict[str, Any] | No
     refused = sorted(((n, c) for c, n in counts.items() if n and c not in KEPT_CODES and c != "not_selected"),
                      key=lambda t: (-t[0], t[1]))
     why = ", ".join(f"{n} {c}" for n, c in refused[:4]) or "no image"
+    smaller = f", or ask for a smaller K (--k {kept})" if kept else ""
     return {"kept": kept, "k": k, "missing": k - kept, "message": (
         f"kept {kept} of K={k}: {k - kept} short, since no other image passed every check "
         f"(rejected: {why}; curation.json gives each image's reason). Generate more images of the "
-        f"character, or ask for a smaller K (--k {kept}).")}
+        f"character{smaller}.")}
 
 
 class _CachedClip:
