@@ -639,6 +639,12 @@ def test_curate_over_grpc_reads_a_folder_of_links_like_a_build_and_speaks_relati
             assert not private.kept and "outside the import roots" in private.reasons[1]
             assert all(d.reasons[0] != "undecodable" for d in by_name.values()), [d.reasons for d in by_name.values()]
             assert sum(d.kept for d in by_name.values()) == 2
+            # K filled, one person: nothing to warn about; the K aimed for comes back.
+            assert (out.k, out.short_of_k, list(out.warnings)) == (2, "", [])
+            # K larger than the folder: the response says the set is short, and why (as the CLI does).
+            short = c.curate(gallery="jolie", k=10)
+            kept = sum(d.kept for d in short.decisions)
+            assert short.k == 10 and short.short_of_k.startswith(f"kept {kept} of K=10: {10 - kept} short")
             assert all(str(tmp_path) not in r for d in out.decisions for r in d.reasons)
             # A folder outside the roots: the message names the roots by name, not by server path.
             code, msg = _code(lambda: c.start_build(spec=SPEC, options={"import_gallery": "/etc"}))

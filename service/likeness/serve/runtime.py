@@ -111,6 +111,10 @@ class CurateDecision:
 class CurateResult:
     decisions: tuple[CurateDecision, ...]
     set_scores: dict[str, float]
+    # curation.json's warnings (not one consistent character) and summary.short_of_k's message.
+    warnings: tuple[str, ...] = ()
+    k: int = 0
+    short_of_k: str = ""
 
 
 @dataclass(frozen=True)
@@ -515,9 +519,11 @@ class Runtime:
             decisions.append(CurateDecision(index=len(decisions), name=s["file"], kept=False,
                                             reasons=("undecodable", s["reason"]), scores={}))
         selected = res.set_scores.get("selected", {})
+        short = res.summary.get("short_of_k") or {}
         return CurateResult(decisions=tuple(decisions),
                             set_scores={k2: float(v) for k2, v in selected.items()
-                                        if isinstance(v, (int, float)) and v is not None})
+                                        if isinstance(v, (int, float)) and v is not None},
+                            warnings=tuple(res.warnings), k=cfg.k, short_of_k=short.get("message", ""))
 
     # ---------------------------------------------------------- generation
     def generate(self, *, characters: Sequence[str] = (), prompt: str, negative_prompt: str = "",

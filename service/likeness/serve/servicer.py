@@ -290,7 +290,7 @@ class LikenessServicer(pb_grpc.LikenessServicer):
         with self._heavy("Curate"):
             out = self.rt.curate(images=_images(request.images), gallery=request.gallery, character=request.character,
                                  k=request.k, cancel=_cancel_on_done(context))
-        msg = pb.CurateResponse()
+        msg = pb.CurateResponse(warnings=list(out.warnings), k=out.k, short_of_k=out.short_of_k)
         for d in out.decisions:
             m = msg.decisions.add(index=d.index, name=d.name, kept=d.kept, reasons=list(d.reasons))
             m.scores.update(_floats(d.scores))

@@ -434,7 +434,7 @@ class CurateDecision(_message.Message):
     def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., kept: _Optional[bool] = ..., reasons: _Optional[_Iterable[str]] = ..., scores: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class CurateResponse(_message.Message):
-    __slots__ = ("decisions", "set_scores")
+    __slots__ = ("decisions", "set_scores", "warnings", "k", "short_of_k")
     class SetScoresEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -444,9 +444,15 @@ class CurateResponse(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     DECISIONS_FIELD_NUMBER: _ClassVar[int]
     SET_SCORES_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    SHORT_OF_K_FIELD_NUMBER: _ClassVar[int]
     decisions: _containers.RepeatedCompositeFieldContainer[CurateDecision]
     set_scores: _containers.ScalarMap[str, float]
-    def __init__(self, decisions: _Optional[_Iterable[_Union[CurateDecision, _Mapping]]] = ..., set_scores: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    k: int
+    short_of_k: str
+    def __init__(self, decisions: _Optional[_Iterable[_Union[CurateDecision, _Mapping]]] = ..., set_scores: _Optional[_Mapping[str, float]] = ..., warnings: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., short_of_k: _Optional[str] = ...) -> None: ...
 
 class GetEmbeddingRequest(_message.Message):
     __slots__ = ("character", "build_id", "format")
