@@ -37,7 +37,7 @@ Methods, on the same files and the same face pack:
 
 Each method runs in **its own process** (scripts/bench_common.py), models
 loaded once (load time reported, not timed); then ``--pairs`` interleaved runs
-(naive, ours, naive, ours, ...). Printed: the median and spread of each
+(naive, ours, floor, naive, ours, floor, ...). Printed: the median and spread of each
 side's images/s and of the per-pair ratio, how many of each side's K are
 target photos, the machine and its load; a JSON summary on stdout.
 """
