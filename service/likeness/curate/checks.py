@@ -350,12 +350,13 @@ def check_faces(cfg: CurateConfig, faces: Sequence[Any], image: np.ndarray, zoom
     main = faces[0]
     h, w = image.shape[:2]
     side = min(main.bbox[2] - main.bbox[0], main.bbox[3] - main.bbox[1])
-    crop = scores.face_gray_crop(image, main.bbox)
-    sharp = scores.sharpness(crop) if crop.size else 0.0
     # The blur rule's measure: the face at its own size, never enlarged (CurateConfig.min_sharpness).
-    # ``sharp`` (every face at 112 px) stays the one that compares faces and enters quality.
+    # ``sharp`` (every face at 112 px) stays the one that compares faces and enters quality; for a
+    # face of 112 px or more (or none left in the frame) the two crops are one.
     own = scores.face_gray_crop(image, main.bbox, enlarge=False)
-    focus = sharp if own.shape == crop.shape else (scores.sharpness(own) if own.size else 0.0)
+    crop = own if own.size == 0 or own.shape[0] == 112 else scores.face_gray_crop(image, main.bbox)
+    sharp = scores.sharpness(crop) if crop.size else 0.0
+    focus = sharp if own is crop else scores.sharpness(own)
     zoom_key = zoom or None
     m: dict[str, Any] = {
         "n_faces": float(len(faces)),
@@ -408,7 +409,7 @@ def check_faces(cfg: CurateConfig, faces: Sequence[Any], image: np.ndarray, zoom
             f"face is too small {where}: {main.area_ratio:.2%} of the image (minimum {floor:.2%}), "
             f"{side:.0f} px wide (minimum {cfg.min_face_px:.0f} px)"), m)
     if focus < cfg.min_sharpness:
-        at = f" at the face's own {own.shape[0]} px" if own.shape != crop.shape else ""
+        at = "" if own is crop else f" at the face's own {own.shape[0]} px"
         return FaceCheck("blurry", (
             f"face is blurry: sharpness {focus:.2f}{at} is below {cfg.min_sharpness:.2f}"), m)
     return FaceCheck(None, "", m)
@@ -708,7 +709,9 @@ def _verify_deciding_pairs(candidates: dict[tuple[int, int], float], verify: Any
     evidence = []
     for members in groups.values():
         best = min(members, key=lambda v: (prefer[v], v))
-        evidence += [key for v in members if v != best
-                     for key in [(min(v, best), max(v, best))] if key in candidates and key not in verdicts]
+        for v in members:
+            key = (min(v, best), max(v, best))
+            if v != best and key in candidates and key not in verdicts:
+                evidence.append(key)
     verdicts.update(verify(sorted(evidence)))
     return verdicts
