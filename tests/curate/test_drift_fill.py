@@ -82,22 +82,42 @@ def test_a_bystander_cut_by_the_frame_is_not_a_group_shot(analyzer, realdata: Pa
 
 
 def test_an_out_of_focus_background_face_is_not_a_group_shot(analyzer, realdata: Path) -> None:
-    """Cesar Gaviria with a blurred woman behind him (46% of his face's sharpness, 52% of its size, in the
-    quality benchmark's medium-closeup framing). The detector's confidence in her varies around the
-    confidence bar, so the bar is lowered here to isolate the focus test."""
-    import sys
+    """Taha Yassin Ramadan with a soldier standing behind him, visibly soft: 0.34 of his face's sharpness
+    at one scale. The same photo with the soldier's face sharpened stands for a second subject."""
+    from PIL import Image, ImageFilter
 
+    photo = Image.open(_lfw(realdata, "Taha_Yassin_Ramadan", 9)).convert("RGB")
+    got, faces = _check(analyzer, photo)
+    assert got.reason_code is None and got.measures.get("blurred_faces") == 1.0, got.reason
+    old, _ = _check(analyzer, photo, CurateConfig(several_faces_min_sharpness_ratio=0.0))
+    assert old.reason_code == "several_faces", old.reason
+    # Blurring the soldier's face further keeps him out; the main face blurred instead makes him the sharp one.
+    box = tuple(int(round(v)) for v in faces[1].bbox)
+    softer = photo.copy()
+    softer.paste(photo.crop(box).filter(ImageFilter.GaussianBlur(2)), box[:2])
+    assert _check(analyzer, softer)[0].measures.get("blurred_faces") == 1.0
+
+
+def test_a_sharp_partner_smaller_than_the_main_face_is_counted(analyzer, realdata: Path) -> None:
+    """Kate Capshaw cheek to cheek with her husband, his face clearly in focus. Enlarged to 112 px (the
+    old comparison) his smaller face read 0.46 of hers and passed for a blurred bystander; at one scale
+    it reads about 0.5, above the limit, and the photo is a couple."""
     from PIL import Image
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-    from bench_curate_quality import _frame
+    from likeness.curate.checks import focus_ratio
 
-    im = _frame(Image.open(_lfw(realdata, "Cesar_Gaviria", 5)), "medium closeup")
-    counted = dict(several_faces_min_det=0.5, several_faces_det_margin=0.5)
-    got, _ = _check(analyzer, im, CurateConfig(**counted))
-    assert got.reason_code is None and got.measures.get("blurred_faces") == 1.0, got.reason
-    old, _ = _check(analyzer, im, CurateConfig(**counted, several_faces_min_sharpness_ratio=0.0))
-    assert old.reason_code == "several_faces", old.reason
+    photo = Image.open(_lfw(realdata, "Kate_Capshaw", 2)).convert("RGB")
+    got, faces = _check(analyzer, photo)
+    assert got.reason_code == "several_faces", got.reason
+    a = np.asarray(photo)
+    ratio = focus_ratio(a, faces[0].bbox, faces[1].bbox)
+    assert ratio >= CurateConfig().several_faces_min_sharpness_ratio
+    # What the old comparison read: both faces enlarged to 112 px, his (the smaller) reads too soft.
+    from likeness import scores
+
+    enlarged = (scores.sharpness(scores.face_gray_crop(a, faces[1].bbox))
+                / scores.sharpness(scores.face_gray_crop(a, faces[0].bbox)))
+    assert enlarged < 0.5 and ratio > enlarged
 
 
 def test_real_group_photos_are_still_several_faces(analyzer, realdata: Path) -> None:
