@@ -259,3 +259,34 @@ def test_short_of_k_names_the_commonest_refusals() -> None:
     # Nothing kept: no "--k 0" advice, only the larger gallery.
     none = short_of_k({"no_face": 4}, 0, 25)
     assert none["missing"] == 25 and "--k" not in none["message"] and "(rejected: 4 no_face;" in none["message"]
+
+
+def test_a_profile_rejected_on_identity_says_its_pose(tmp_path: Path, analyzer, realdata: Path) -> None:
+    """George Clooney's 6 LFW devtrain photos: the 77-degree profile (0002) reads 0.29 to his identity,
+    below the membership threshold, and the reason says the face is turned (CurateConfig.profile_yaw);
+    the frontal photos are kept without that note, and the note can be moved past the profile."""
+    from PIL import Image
+
+    from likeness.curate.decide import curate
+    from likeness.generate.manifest import GalleryImage, write_manifest
+
+    folder = _lfw(realdata, "George_Clooney", 2).parent
+    (tmp_path / "g").mkdir()
+    rows = []
+    for p in sorted(folder.glob("*.jpg")):
+        Image.open(p).convert("RGB").resize((512, 512), Image.LANCZOS).save(tmp_path / "g" / f"{p.stem}.png")
+        rows.append(GalleryImage(id=p.stem, file=f"{p.stem}.png", seed=1, zoom="closeup", zoom_index=1,
+                                 angle="front shot", angle_index=0))
+    write_manifest(tmp_path / "g", rows)
+    res = curate(tmp_path / "g", None, tmp_path / "out", CurateConfig(k=6), faces=analyzer)
+    d = {x.id: x for x in res.images}
+    prof = d["George_Clooney_0002"]
+    assert prof.reason_code == "identity_outlier", prof.reason
+    assert abs(prof.measures["yaw"]) >= 50 and prof.measures.get("profile_unverified") is True
+    assert "turned" in prof.reason and "check it by eye" in prof.reason, prof.reason
+    kept = [x for x in res.images if x.decision == "kept"]
+    assert len(kept) == 5 and not any("turned" in x.reason for x in kept)
+    # The note follows the setting: past the profile's yaw, the same rejection carries no note.
+    res2 = curate(tmp_path / "g", None, tmp_path / "out2", CurateConfig(k=6, profile_yaw=89.0), faces=analyzer)
+    again = {x.id: x for x in res2.images}["George_Clooney_0002"]
+    assert again.reason_code == "identity_outlier" and "turned" not in again.reason

@@ -123,9 +123,17 @@ def identity_pass(items: list[_Item], ctx: PassContext) -> None:
     cluster_t = ctx.cluster_threshold or ctx.threshold
     member_t = ctx.member_threshold or ctx.threshold
     ctx.clusters = clusters = cluster_identities(emb, cluster_t)
-    for it, label, (_cos, why) in zip(passed, clusters.labels, identity_verdicts(emb, clusters, member_t)):
+    for it, label, (cos, why) in zip(passed, clusters.labels, identity_verdicts(emb, clusters, member_t)):
         it.cluster = int(label)
         if why:
+            yaw = it.measures.get("yaw")
+            if yaw is not None and abs(float(yaw)) >= ctx.cfg.profile_yaw and cos < member_t:
+                # CurateConfig.profile_yaw: the measured pose, so a user knows to check a side view by eye.
+                it.measures["profile_unverified"] = True
+                why += (f"; but the face is turned {abs(float(yaw)):.0f} degrees, and side views are where face "
+                        f"recognition is least sure (the CPU face pack on LFW: 6 of 15 faces turned 50+ degrees fall "
+                        f"below the threshold against their own identity): check it by eye, or curate with a face "
+                        f"pack trained for pose")
             ctx.reject(it, "identity_outlier", why)
     if clusters.centroid is not None:
         for it in items:
