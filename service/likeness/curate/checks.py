@@ -112,8 +112,8 @@ class CurateConfig:
     # behind the character (depth of field), not a second subject. Both faces are compared at one scale,
     # the smaller face's own size (capped at 112 px; :func:`focus_ratio`), since enlarging the smaller
     # face to 112 px first adds interpolation blur that reads as defocus: so measured (both at 112 px),
-    # a sharp partner (Kate_Capshaw_0002's) read 0.46 and two sharp LFW photos pasted side by side
-    # (the quality benchmark's group) 0.35-0.49, below the old limit 0.5, and such groups were kept.
+    # a sharp partner (Kate_Capshaw_0002's) read 0.46, and 3 of the quality benchmark's 62 groups (two
+    # sharp LFW photos pasted side by side) 0.35-0.49, below the old limit 0.5; one such group was kept.
     # At one scale, on second faces the rules above still count: every group image of
     # realdata/faces/_multi_person and realdata/generated/face_editor (13) is >= 0.62, every one of the
     # 62 benchmark groups >= 0.497 (next 0.599); of 14 whole second faces in 1,200 random LFW devtrain
