@@ -1,6 +1,6 @@
 """Curation quality on labelled pools, Likeness vs the naive baselines, side by side in one run.
 
-    python scripts/bench_curate_quality.py [--pools 31] [--families one,crowded] [--profile cpu-tiny] [--json out.json]
+    python scripts/bench_curate_quality.py [--pools 31] [--families one,crowded,oversampled] [--profile cpu-tiny] [--json out.json]
 
 Pools are built from LFW View-1's training split (../shared/realdata/lfw_view1_devtrain,
 deep-funneled 250x250 photos; nothing here was tuned on them by eye). For each *target*
@@ -23,6 +23,9 @@ manifest giving each image's zoom and angle label the way a generated gallery do
 K = the number of target photos (6-8), so a perfect curator keeps exactly the targets.
 "crowded" pools have the target as a minority of the faces (no clear majority):
 a curator should warn there, and the baselines show what happens when nobody checks.
+"oversampled" pools are the "one" pools, file for file, with K one below the target count:
+a gallery holding one good image more than K, as the workflow oversamples (400 images for
+K = 25), so a curator that refuses a bad target photo can still fill K with good ones.
 
 Methods, on the same files and the same face pack (CPU: SCRFD-500M + MobileFaceNet):
 
@@ -75,6 +78,7 @@ EXPECTED = {
     "decoy": {"no_face", "rear_rejected"},
 }
 GREY = (128, 128, 128)
+FAMILIES = ("one", "crowded", "oversampled")
 
 
 @dataclass
@@ -155,9 +159,15 @@ def identity_centroids(analyzer, root: Path, min_photos: int) -> dict[str, np.nd
     return out
 
 
+def pool_family(family: str) -> str:
+    """The family whose pool a family's pools are (``oversampled`` reuses ``one``'s files)."""
+    return "one" if family == "oversampled" else family
+
+
 def build_pool(root: Path, target: str, family: str, centroids: dict[str, np.ndarray],
                singles: list[str], dest: Path, rng: random.Random) -> tuple[list[PoolImage], int]:
     """Write one labelled pool (PNGs + manifest.jsonl) into ``dest``; returns its images and K."""
+    family = pool_family(family)
     from PIL import Image, ImageFilter, ImageOps
 
     from likeness.generate.manifest import GalleryImage, write_manifest
@@ -310,11 +320,15 @@ def wrong_decisions(decisions, images: list[PoolImage]) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pools", type=int, default=0, help="pools per family (0: every target with >= 6 photos)")
-    ap.add_argument("--families", default="one,crowded")
+    ap.add_argument("--families", default="one,crowded,oversampled")
     ap.add_argument("--profile", default="cpu-tiny")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="also write the JSON summary here")
     args = ap.parse_args(argv)
+    families = args.families.split(",")
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        ap.error(f"unknown --families {','.join(unknown)}: choose from {','.join(FAMILIES)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from PIL import Image
@@ -342,14 +356,16 @@ def main(argv: list[str] | None = None) -> int:
     reasons: dict[str, Counter] = {}
     warned: Counter = Counter()
     drift_filled: Counter = Counter()
-    for family in args.families.split(","):
+    for family in families:
         results[family] = {m: [] for m in methods}
         reasons[family] = Counter()
         for n, target in enumerate(targets):
-            rng = random.Random(f"{args.seed}:{family}:{target}")
+            rng = random.Random(f"{args.seed}:{pool_family(family)}:{target}")
             with tempfile.TemporaryDirectory() as tmp:
                 pool_dir = Path(tmp) / "pool"
                 images, k = build_pool(root, target, family, centroids, singles, pool_dir, rng)
+                if family == "oversampled":
+                    k -= 1
                 ids = [im.id for im in images]
                 embs = main_embeddings(analyzer, [Image.open(pool_dir / f"{i}.png") for i in ids])
                 res = curate_with_profile(pool_dir, None, Path(tmp) / "out", CurateConfig(k=k), profile=prof)
@@ -369,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
                 for m in methods), file=sys.stderr)
 
     summary: dict[str, dict] = {}
-    print("\nfamily   method        precision (worst)   recall (worst)   K filled (worst)", file=sys.stderr)
+    print("\nfamily      method        precision (worst)   recall (worst)   K filled (worst)", file=sys.stderr)
     for family, per in results.items():
         summary[family] = {"pools": len(targets), "likeness_warned": warned[family],
                            "likeness_drift_filled": drift_filled[family],
@@ -378,10 +394,10 @@ def main(argv: list[str] | None = None) -> int:
             agg = {f: (float(np.mean([r[f] for r in rows])), float(np.min([r[f] for r in rows])))
                    for f in ("precision", "recall", "k_filled")}
             summary[family][m] = {f: {"mean": round(a, 4), "worst": round(w, 4)} for f, (a, w) in agg.items()}
-            print(f"{family:8} {m:13} {agg['precision'][0]:.3f} ({agg['precision'][1]:.2f})      "
+            print(f"{family:11} {m:13} {agg['precision'][0]:.3f} ({agg['precision'][1]:.2f})      "
                   f"{agg['recall'][0]:.3f} ({agg['recall'][1]:.2f})    {agg['k_filled'][0]:.3f} ({agg['k_filled'][1]:.2f})",
                   file=sys.stderr)
-        print(f"{family:8} likeness warned in {warned[family]}/{len(targets)} pools; {drift_filled[family]} images "
+        print(f"{family:11} likeness warned in {warned[family]}/{len(targets)} pools; {drift_filled[family]} images "
               f"kept to fill K although a drift rule rejected them (selected_drifted); wrong rejection reasons: "
               f"{dict(reasons[family].most_common()) or 'none'}", file=sys.stderr)
     doc = {"profile": prof.name, "seconds": round(time.perf_counter() - t0, 1), "families": summary,

@@ -301,3 +301,43 @@ def test_bench_gpu_smoke_runs_every_phase_on_cpu(tiny_models: Path, tmp_path: Pa
     assert by["unet"]["result"]["gflop_per_sample_counted"] > 0 and "channels_last_b1" in by["vae"]["result"]
     assert by["recognition"]["result"]["nchw_b2"]["images_per_s"] > 0 and by["clip"]["result"]["b2"]["images_per_s"] > 0
     assert by["compile"]["result"]["unet_compile_seconds"] >= 0 and doc["summary"]
+
+
+def test_quality_bench_oversampled_pools_are_the_one_pools_with_k_below_the_targets(tmp_path: Path,
+                                                                                     realdata: Path) -> None:
+    """bench_curate_quality's "oversampled" family: the "one" pool file for file, scored at K = targets - 1."""
+    import random
+
+    import numpy as np
+
+    from bench_common import lfw_dir
+    from bench_curate_quality import build_pool, main, pool_family, score
+
+    root = lfw_dir(realdata)
+    names = ["George_Clooney", "Halle_Berry", "Charles_Moose", "Andy_Roddick"]
+    rng = np.random.default_rng(0)
+    centroids = {n: v / np.linalg.norm(v) for n, v in zip(names, rng.normal(size=(len(names), 8)))}
+    singles = sorted(p.name for p in root.iterdir() if p.is_dir())[:40]
+    pools = {}
+    for family in ("one", "oversampled"):
+        r = random.Random(f"0:{pool_family(family)}:George_Clooney")
+        pools[family] = build_pool(root, "George_Clooney", family, centroids, singles, tmp_path / family, r)
+    (one, k_one), (over, k_over) = pools["one"], pools["oversampled"]
+    assert k_one == k_over == len(list((root / "George_Clooney").glob("*.jpg")))
+    assert [(i.id, i.label, i.zoom) for i in one] == [(i.id, i.label, i.zoom) for i in over]
+    assert all((tmp_path / "one" / f"{i.id}.png").read_bytes() == (tmp_path / "oversampled" / f"{i.id}.png").read_bytes()
+               for i in one)
+    # Scored at K - 1: every target but one kept fills K with full precision and recall.
+    targets = [i.id for i in one if i.label == "target"]
+    s = score(targets[:-1], one, k_one - 1)
+    assert (s["precision"], s["recall"], s["k_filled"]) == (1.0, 1.0, 1.0)
+    short = score(targets[:-2], one, k_one - 1)
+    assert short["precision"] == 1.0 and short["k_filled"] == short["recall"] == (k_one - 2) / (k_one - 1)
+    # A kept copy of a kept target is a mistake; a copy kept instead of its original is not.
+    dup = next(i for i in one if i.label == "dup")
+    assert dup.source in targets[:-1]
+    assert score(targets[:-1] + [dup.id], one, k_one)["precision"] == (k_one - 1) / k_one
+    assert score([dup.id], one, 1)["precision"] == 1.0
+    with pytest.raises(SystemExit) as err:
+        main(["--families", "one,twins"])
+    assert err.value.code == 2
