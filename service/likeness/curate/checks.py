@@ -75,9 +75,9 @@ class CurateConfig:
     # 600 random LFW devtrain photos p1 0.69, 2 below 0.6 (0.54, a shouting face, and 0.55, a clear
     # one: both real faces of their person); realdata/faces 84 faces >= 0.68. No labelled image had a
     # main detection in 0.5-0.6 that is not a face. 13 of those 41 generated faces score below the
-    # old limit 0.6, which rejected them as "the detector is unsure". At 0.5 curation keeps every image of each of the
-    # 7 consistory sets and 7 of the 8 single-girl cutoff_ext images (the 8th has no face found; the
-    # with/without-extension pairs are not taken for copies).
+    # old limit 0.6, which rejected them as "the detector is unsure". At 0.5 curation keeps every
+    # image of each of the 7 consistory sets and 7 of the 8 single-girl cutoff_ext images (the 8th
+    # has no face found; the with/without-extension pairs are not taken for copies).
     min_det_score: float = 0.5
     # Minimum face area / image area per zoom word or zoom index ("0".."4");
     # a face much smaller than its framing asks for is a failed image.
@@ -421,7 +421,8 @@ def check_faces(cfg: CurateConfig, faces: Sequence[Any], image: np.ndarray, zoom
             m["cut_faces"] = float(len(rivals) - len(whole))
             rivals = whole
     if rivals and cfg.several_faces_min_sharpness_ratio > 0:
-        focused = [f for f in rivals if focus_ratio(image, main.bbox, f.bbox) >= cfg.several_faces_min_sharpness_ratio]
+        limit = cfg.several_faces_min_sharpness_ratio
+        focused = [f for f in rivals if focus_ratio(image, main.bbox, f.bbox) >= limit]
         if len(focused) < len(rivals):
             # Out-of-focus background faces (CurateConfig.several_faces_min_sharpness_ratio): measured, not counted.
             m["blurred_faces"] = float(len(rivals) - len(focused))
