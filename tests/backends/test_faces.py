@@ -438,3 +438,45 @@ def test_a_faceless_image_is_retried_at_det_size_only_when_the_first_size_shrank
     # A face is still found where it is (the first size, one call).
     face = np.asarray(Image.fromarray(load(realdata / "faces/Barack_Obama/fr_obama.jpg")).resize((512, 512)))
     assert an.analyze([face], det_sides=[512])[0] and sizes == [(512, 512)]
+
+
+def test_one_low_threshold_pass_gives_exactly_the_faces_of_a_pass_at_det_thresh(analyzer, realdata: Path, load):
+    """_detect runs the detector at NEAR_MISS_SCORE and keeps what reaches det_thresh: the same boxes and
+    landmarks as a plain pass at det_thresh (greedy NMS never lets a lower box suppress a higher one)."""
+    from likeness.backends.faces import NEAR_MISS_SCORE
+
+    files = sorted((realdata / "faces" / "_multi_person").iterdir()) + sorted((realdata / "faces" / "Joe_Biden").iterdir())
+    near_misses = 0
+    for f in files:
+        bgr = np.ascontiguousarray(load(f)[:, :, ::-1])
+        for side in (320, 640):
+            plain, plain_kps = analyzer._det.detect(bgr, input_size=(side, side), max_num=0, metric="default")
+            boxes, kps, near = analyzer._detect(bgr, side)
+            assert boxes.shape == plain.shape and np.array_equal(boxes, plain) and np.array_equal(kps, plain_kps), f
+            assert near == 0.0 or NEAR_MISS_SCORE <= near < analyzer.det_thresh
+            near_misses += near > 0
+    assert near_misses, "some of these photos hold a candidate below det_thresh (the test must see one)"
+
+
+def test_a_face_nearly_seen_is_looked_for_once_more_at_another_scale(face_pack: Path, realdata: Path, load):
+    """cutoff_ext's anime girl in org_271493.png: 0.47 at 640 and nothing on the padded copy, so she was
+    no_face; the near miss sends one more pass at RESCUE_SIDE, which finds her. A faceless photo with no
+    near miss pays no extra pass."""
+    from likeness.backends.faces import RESCUE_SIDE, InsightFaceAnalyzer
+
+    an = InsightFaceAnalyzer(face_pack, det_size=640, device="cpu", workers=1)
+    sides = []
+    real = an._det.detect
+    an._det.detect = lambda img, input_size, **kw: sides.append(input_size[0]) or real(img, input_size=input_size, **kw)
+    girl = load(realdata / "generated" / "cutoff_ext" / "org_271493.png")
+    faces = an.analyze([girl])[0]
+    assert sides == [640, 640, RESCUE_SIDE]
+    assert len(faces) == 1 and faces[0].det_score >= an.det_thresh
+    x1, y1, x2, y2 = faces[0].bbox
+    assert 30 < x1 < x2 < 210 and 60 < y1 < y2 < 260, faces[0].bbox  # her face, top left of the 512x768 frame
+    # Her face embeds like her other generations (the same seed with the cutoff extension).
+    other = an.analyze([load(realdata / "generated" / "cutoff_ext" / "cutoff_271493.png")])[0][0]
+    assert float(faces[0].embedding @ other.embedding) > 0.5
+    sides.clear()
+    brick = load(realdata / "faces" / "_negative_no_face" / "skimage_brick.png")
+    assert an.analyze([brick]) == [[]] and RESCUE_SIDE not in sides

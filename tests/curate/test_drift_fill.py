@@ -317,8 +317,9 @@ def test_drawn_anime_faces_are_not_refused_for_a_low_detector_score(tmp_path: Pa
     assert len(girl) == 8
     assert not any(d[i].reason_code in ("low_detection_score", "near_duplicate") for i in girl), \
         {i: d[i].reason for i in girl}
+    # All 8: org_271493's face is found by the near-miss retry (likeness.backends.faces.RESCUE_SIDE).
     kept = [i for i in girl if d[i].decision == "kept"]
-    assert len(kept) >= 7, {i: d[i].reason for i in girl}
+    assert len(kept) == 8, {i: d[i].reason for i in girl}
     assert {d[i].reason_code for i in d if i.startswith("sample")} == {"several_faces"}
     # The rule is still there for a photo-only pool: raised to 0.6, it refuses most of her.
     strict = curate(g, None, tmp_path / "strict", CurateConfig(k=25, min_det_score=0.6), faces=analyzer)

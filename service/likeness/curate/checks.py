@@ -76,8 +76,8 @@ class CurateConfig:
     # one: both real faces of their person); realdata/faces 84 faces >= 0.68. No labelled image had a
     # main detection in 0.5-0.6 that is not a face. 13 of those 41 generated faces score below the
     # old limit 0.6, which rejected them as "the detector is unsure". At 0.5 curation keeps every
-    # image of each of the 7 consistory sets and 7 of the 8 single-girl cutoff_ext images (the 8th
-    # has no face found; the with/without-extension pairs are not taken for copies).
+    # image of each of the 7 consistory sets and all 8 single-girl cutoff_ext images (one found by
+    # the detector's near-miss retry; the with/without-extension pairs are not taken for copies).
     min_det_score: float = 0.5
     # Minimum face area / image area per zoom word or zoom index ("0".."4");
     # a face much smaller than its framing asks for is a failed image.
