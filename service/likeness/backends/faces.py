@@ -60,9 +60,10 @@ DET_SIDES = (256, 320, 384, 448, 512, 640)
 # (../shared/realdata/generated, realdata/faces, the speed bench's 80 rear shots), 19 have such a
 # near miss. The retry at 448 finds a face in 2 of them: realdata/generated/cutoff_ext's anime girl
 # in org_271493.png (0.474 at 640, 0.66 at 448) and a cloud in comfyui's fennec_girl_flowers (0.51;
-# her drawn face is missed at every size). That image is rejected either way: no_face before, and
-# the cloud's "face" fails identity now. None of the 80 rear shots gains a face, so only ~12 of 80
-# pay one more 448 pass (~20 ms).
+# her drawn face is missed at every size). That image was no_face; beside the character's faces the
+# cloud now fails identity instead (cosine 0.17 next to consistory's set 01), a rejection either way.
+# None of the 80 rear shots gains a face; the ~12 of them with a near miss pay one more 448 pass
+# (~20 ms each).
 NEAR_MISS_SCORE = 0.3
 RESCUE_SIDE = 448
 
