@@ -62,7 +62,7 @@ DET_SIDES = (256, 320, 384, 448, 512, 640)
 # in org_271493.png (0.474 at 640, 0.66 at 448) and a cloud in comfyui's fennec_girl_flowers (0.51;
 # her drawn face is missed at every size). That image was no_face; beside the character's faces the
 # cloud now fails identity instead (cosine 0.17 next to consistory's set 01), a rejection either way.
-# None of the 80 rear shots gains a face; the ~12 of them with a near miss pay one more 448 pass
+# None of the 80 rear shots gains a face; the 11 of them with a near miss pay one more 448 pass
 # (~20 ms each).
 NEAR_MISS_SCORE = 0.3
 RESCUE_SIDE = 448
