@@ -365,13 +365,15 @@ def edge_margin(bbox: Sequence[float], frame: Sequence[float]) -> float:
     return min(x0 - fx0, y0 - fy0, fx1 - x1, fy1 - y1) / side
 
 
+def short_side(bbox: Sequence[float]) -> float:
+    """The shorter side of an x1, y1, x2, y2 box, in pixels (a face's size in the size and focus rules)."""
+    return min(float(bbox[2]) - float(bbox[0]), float(bbox[3]) - float(bbox[1]))
+
+
 def focus_ratio(image: np.ndarray, main_box: Sequence[float], other_box: Sequence[float]) -> float:
     """Sharpness of the face in ``other_box`` over the main face's, both at one scale: the smaller
     face's own size, capped at 112 px (CurateConfig.several_faces_min_sharpness_ratio). Neither crop
     is enlarged, so a smaller face does not read softer only for being smaller."""
-    def short_side(b: Sequence[float]) -> float:
-        return min(float(b[2]) - float(b[0]), float(b[3]) - float(b[1]))
-
     size = int(max(3.0, min(112.0, short_side(main_box), short_side(other_box))))
     main = scores.sharpness(scores.face_gray_crop(image, main_box, size))
     other = scores.sharpness(scores.face_gray_crop(image, other_box, size))
@@ -385,7 +387,7 @@ def check_faces(cfg: CurateConfig, faces: Sequence[Any], image: np.ndarray, zoom
     """
     main = faces[0]
     h, w = image.shape[:2]
-    side = min(main.bbox[2] - main.bbox[0], main.bbox[3] - main.bbox[1])
+    side = short_side(main.bbox)
     # The blur rule's measure: the face at its own size, never enlarged (CurateConfig.min_sharpness).
     # ``sharp`` (every face at 112 px) stays the one that compares faces and enters quality; for a
     # face of 112 px or more (or none left in the frame) the two crops are one.
